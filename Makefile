@@ -1,0 +1,36 @@
+# facedoor developer entry points. `make demo` and `make test` are the README's quick start.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+MODELS ?= models
+
+.PHONY: venv mosquitto models demo test bench clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[export,test]'
+	touch $@
+
+# Debian's Mosquitto broker: the tests and the demo start private instances of it.
+mosquitto:
+	@command -v mosquitto >/dev/null 2>&1 || { \
+	  echo "installing Debian's mosquitto"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null; }
+
+models: venv
+	$(BIN)/facedoor-export --out $(MODELS)
+
+demo: venv mosquitto
+	$(BIN)/facedoor demo
+
+test: venv mosquitto
+	$(BIN)/pytest
+
+bench: venv
+	@for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) $(MODELS) .pytest_cache

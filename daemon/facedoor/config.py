@@ -1,0 +1,203 @@
+"""Typed, validated configuration (YAML file -> pydantic models).
+
+Every section rejects unknown keys, wrong types and out-of-range values before anything
+starts, and `load_config` turns pydantic's report into one message per problem that names the
+file, the key path and what was expected. A config that does not validate never opens a door.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+
+DEFAULT_CONFIG_PATH = Path("/etc/facedoor/facedoor.yaml")
+DEFAULT_STATE_DIR = Path("/var/lib/facedoor")
+
+
+class ConfigError(ValueError):
+    """The configuration file is missing, unparsable or invalid; the message says where."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CameraConfig(_Section):
+    source: int | str = Field(0, description="V4L2 index or device path, RTSP/HTTP URL or video file")
+    width: int | None = Field(None, gt=0)
+    height: int | None = Field(None, gt=0)
+    fps: float | None = Field(None, gt=0)
+    loop: bool = Field(False, description="restart a video file at its end instead of stopping")
+    stall_timeout_s: float = Field(5.0, gt=0, le=300)
+    reopen_backoff_initial_s: float = Field(0.5, gt=0, le=60)
+    reopen_backoff_max_s: float = Field(10.0, gt=0, le=600)
+    realtime: bool = Field(
+        True, description="pace a video file at its own frame rate, as a live camera would deliver it"
+    )
+
+
+class RecognitionConfig(_Section):
+    threshold: float = Field(0.7, gt=0, le=4.0, description="a match is an L2 distance strictly below this")
+    encoder: Literal["facenet", "openface"] = "facenet"
+    detector: Literal["mtcnn", "yunet"] = "mtcnn"
+    yunet_model: Path | None = Field(None, description="YuNet ONNX file for detector: yunet")
+    align: Literal["similarity", "box"] = "similarity"
+    min_face_size: int = Field(40, ge=12, le=2000, description="smallest face side in pixels")
+    detect_score: float = Field(0.9, gt=0, lt=1)
+    threads: int | None = Field(None, ge=1, le=64, description="ONNX Runtime threads (default: all cores)")
+
+    @model_validator(mode="after")
+    def _yunet_needs_model(self) -> "RecognitionConfig":
+        if self.detector == "yunet" and self.yunet_model is None:
+            raise ValueError("detector: yunet needs recognition.yunet_model (a YuNet .onnx path)")
+        return self
+
+
+class PolicyConfig(_Section):
+    frames_required: int = Field(3, ge=1, le=100)
+    window_frames: int = Field(5, ge=1, le=100)
+    window_s: float = Field(2.0, gt=0, le=60)
+    cooldown_s: float = Field(10.0, ge=0, le=3600)
+    unknown_interval_s: float = Field(5.0, ge=0, le=3600, description="at most one unknown event per interval")
+
+    @model_validator(mode="after")
+    def _k_of_n(self) -> "PolicyConfig":
+        if self.frames_required > self.window_frames:
+            raise ValueError(
+                f"policy.frames_required ({self.frames_required}) must be <= "
+                f"policy.window_frames ({self.window_frames})"
+            )
+        return self
+
+
+class TLSConfig(_Section):
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+
+    @model_validator(mode="after")
+    def _cert_with_key(self) -> "TLSConfig":
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("mqtt.tls.cert and mqtt.tls.key must be given together")
+        return self
+
+
+class DiscoveryConfig(_Section):
+    enabled: bool = True
+    prefix: str = Field("homeassistant", min_length=1)
+
+
+class MQTTConfig(_Section):
+    host: str = Field("127.0.0.1", min_length=1)
+    port: int = Field(1883, ge=1, le=65535)
+    topic_prefix: str = Field("facedoor", min_length=1)
+    client_id: str | None = None
+    username: str | None = None
+    password_file: Path | None = None
+    keepalive_s: int = Field(30, ge=5, le=3600)
+    reconnect_min_s: float = Field(0.5, gt=0, le=60)
+    reconnect_max_s: float = Field(5.0, gt=0, le=300)
+    health_interval_s: float = Field(10.0, gt=0, le=3600)
+    tls: TLSConfig | None = None
+    discovery: DiscoveryConfig = DiscoveryConfig()
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _no_wildcards(cls, value: str) -> str:
+        if any(ch in value for ch in "+#") or value.startswith("/") or value.endswith("/"):
+            raise ValueError("must be a plain topic without wildcards or leading/trailing '/'")
+        return value
+
+    def password(self) -> SecretStr | None:
+        """The broker password read from `password_file` (never stored in the config itself)."""
+        if self.password_file is None:
+            return None
+        try:
+            return SecretStr(self.password_file.read_text().strip())
+        except OSError as exc:
+            raise ConfigError(f"mqtt.password_file: cannot read {self.password_file}: {exc.strerror}") from exc
+
+
+class UnlockActionConfig(_Section):
+    topic: str = Field(..., min_length=1, description="e.g. zigbee2mqtt/front_door/set")
+    payload: str = Field(..., description='sent with an unlock decision, e.g. {"state": "UNLOCK"}')
+    lock_payload: str | None = Field(None, description="sent relock_after_s later, when set")
+    relock_after_s: float | None = Field(None, gt=0, le=600)
+
+    @model_validator(mode="after")
+    def _relock_pair(self) -> "UnlockActionConfig":
+        if (self.lock_payload is None) != (self.relock_after_s is None):
+            raise ValueError("unlock_action.lock_payload and relock_after_s must be given together")
+        return self
+
+
+class AuditConfig(_Section):
+    enabled: bool = True
+    path: Path | None = Field(None, description="default: <state_dir>/audit.jsonl")
+    max_bytes: int = Field(50_000_000, ge=10_000)
+    max_age_days: float = Field(90.0, gt=0)
+    save_crops: bool = False
+
+
+class LoggingConfig(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["text", "json"] = "text"
+
+
+class FacedoorConfig(_Section):
+    door_id: str = Field("front", pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    state_dir: Path = DEFAULT_STATE_DIR
+    models: Path = DEFAULT_STATE_DIR / "models"
+    store: Path = DEFAULT_STATE_DIR / "store.db"
+    decision_ttl_s: float = Field(5.0, gt=0, le=60)
+    camera: CameraConfig = CameraConfig()
+    recognition: RecognitionConfig = RecognitionConfig()
+    policy: PolicyConfig = PolicyConfig()
+    mqtt: MQTTConfig = MQTTConfig()
+    unlock_action: UnlockActionConfig | None = None
+    audit: AuditConfig = AuditConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+    def topic(self, leaf: str) -> str:
+        """`<topic_prefix>/<door_id>/<leaf>`, e.g. facedoor/front/decision."""
+        return f"{self.mqtt.topic_prefix}/{self.door_id}/{leaf}"
+
+
+def _describe(err: dict[str, Any]) -> str:
+    path = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        return f"{path}: unknown key"
+    got = err.get("input")
+    shown = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
+    return f"{path}: {err['msg']}{shown}"
+
+
+def parse_config(raw: Any, source: str = "<config>") -> FacedoorConfig:
+    """Validate already-parsed YAML; a ConfigError lists every bad key of SOURCE."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of settings at the top level, got {type(raw).__name__}")
+    try:
+        return FacedoorConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(_describe(e) for e in exc.errors(include_url=False))
+        raise ConfigError(f"{source}: invalid configuration: {problems}") from None
+
+
+def load_config(path: str | Path | None) -> FacedoorConfig:
+    """Load and validate PATH; None means built-in defaults."""
+    if path is None:
+        return FacedoorConfig()
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read configuration ({exc.strerror})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    return parse_config(raw, str(path))
