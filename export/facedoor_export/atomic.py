@@ -1,0 +1,39 @@
+"""Write files under a temporary name and rename them, so no half-written output is ever seen."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from .errors import ExportError
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write DATA to PATH via a temp file in the same directory + fsync + rename."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise ExportError(f"cannot write to output directory {path.parent}: {exc.strerror}") from exc
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise ExportError(f"cannot write {path}: {exc.strerror or exc}") from exc
+        raise
+
+
+def check_writable(directory: Path) -> None:
+    """Create DIRECTORY if needed and prove a file can be created in it (before any slow work)."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as exc:
+        raise ExportError(
+            f"output directory {directory} is not writable: {exc.strerror or exc}"
+        ) from exc

