@@ -1,0 +1,321 @@
+"""The embedding store: one SQLite file (WAL) of identities and their face embeddings.
+
+Every embedding records the SHA-256 of the encoder that produced it and of the photo it came
+from. Embeddings of another encoder are never mixed into a gallery: the store refuses and says
+to re-enrol. Enrolment is one transaction (all photos or none). The daemon reads while the CLI
+writes (WAL, busy timeout). A file that is not a facedoor store, or is damaged, is reported as a
+StoreError naming it and is never written to.
+"""
+from __future__ import annotations
+
+import logging
+import sqlite3
+import unicodedata
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from facedoor.match import Gallery
+
+log = logging.getLogger(__name__)
+
+APPLICATION_ID = 0x46444F52  # "FDOR" in the SQLite header: marks the file as a facedoor store
+SCHEMA_VERSION = 1
+SQLITE_MAGIC = b"SQLite format 3\x00"
+BUSY_TIMEOUT_MS = 10_000
+MAX_NAME_LEN = 64
+
+_SCHEMA = """
+CREATE TABLE identities (
+    id      INTEGER PRIMARY KEY,
+    name    TEXT NOT NULL UNIQUE,
+    created TEXT NOT NULL
+);
+CREATE TABLE embeddings (
+    id             INTEGER PRIMARY KEY,
+    identity_id    INTEGER NOT NULL REFERENCES identities(id) ON DELETE CASCADE,
+    vector         BLOB NOT NULL,
+    dim            INTEGER NOT NULL,
+    encoder_sha256 TEXT NOT NULL,
+    image_sha256   TEXT NOT NULL,
+    created        TEXT NOT NULL,
+    UNIQUE (identity_id, encoder_sha256, image_sha256)
+);
+CREATE INDEX embeddings_identity ON embeddings(identity_id);
+"""
+
+
+class StoreError(RuntimeError):
+    """The store file is missing, foreign, damaged, or holds embeddings of another encoder."""
+
+
+@dataclass(frozen=True)
+class Identity:
+    """One enrolled person as `list` shows it; `stale` counts embeddings of another encoder."""
+
+    name: str
+    created: str
+    embeddings: int
+    stale: int
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def validate_name(name: str) -> str:
+    """An identity name: 1..64 printable characters, no leading/trailing space."""
+    if not name or name != name.strip():
+        raise StoreError(f"identity name {name!r}: must be non-empty without leading/trailing spaces")
+    if len(name) > MAX_NAME_LEN:
+        raise StoreError(f"identity name {name[:20]!r}...: longer than {MAX_NAME_LEN} characters")
+    if any(unicodedata.category(ch).startswith("C") for ch in name):
+        raise StoreError(f"identity name {name!r}: contains control characters")
+    return name
+
+
+class EmbeddingStore:
+    """A facedoor store file bound to one encoder (its SHA-256 from the model manifest)."""
+
+    def __init__(self, path: str | Path, encoder_sha256: str, *, create: bool = True, readonly: bool = False):
+        self.path = Path(path)
+        self.encoder_sha256 = encoder_sha256
+        self.readonly = readonly
+        exists = self.path.exists()
+        if not exists and (readonly or not create):
+            raise StoreError(f"{self.path}: no embedding store here (enrol someone with `facedoor enroll`)")
+        if exists:
+            self._check_header()
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        mode = "ro" if readonly else ("rw" if exists else "rwc")
+        try:
+            self._db = sqlite3.connect(
+                f"{self.path.resolve().as_uri()}?mode={mode}", uri=True,
+                timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False,
+            )
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path}: cannot open the embedding store ({exc})") from None
+        try:
+            self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            self._db.execute("PRAGMA foreign_keys = ON")
+            if exists:
+                self._check_contents()
+            else:
+                self._initialise()
+            if not readonly:
+                self._db.execute("PRAGMA journal_mode = WAL")
+                self._db.execute("PRAGMA synchronous = NORMAL")
+        except StoreError:
+            self._db.close()
+            raise
+        except sqlite3.Error as exc:
+            self._db.close()
+            raise StoreError(f"{self.path}: damaged embedding store ({exc}); restore a backup or move it away") from None
+
+    # -- opening -----------------------------------------------------------------------------
+
+    def _check_header(self) -> None:
+        """Refuse, before SQLite touches it, a file that is not SQLite or is shorter than its header says."""
+        try:
+            size = self.path.stat().st_size
+            with open(self.path, "rb") as fh:
+                header = fh.read(100)
+        except OSError as exc:
+            raise StoreError(f"{self.path}: cannot read the embedding store ({exc.strerror})") from None
+        if len(header) < 100 or not header.startswith(SQLITE_MAGIC):
+            raise StoreError(
+                f"{self.path}: not a facedoor embedding store (not an SQLite database); "
+                "it was left untouched: give another --store path or move the file away"
+            )
+        page_size = int.from_bytes(header[16:18], "big")
+        page_size = 65536 if page_size == 1 else page_size
+        pages = int.from_bytes(header[28:32], "big")
+        if pages and size < pages * page_size:
+            raise StoreError(
+                f"{self.path}: truncated embedding store ({size} bytes, header says {pages * page_size}); "
+                "it was left untouched: restore a backup or move it away"
+            )
+
+    def _check_contents(self) -> None:
+        app_id = self._db.execute("PRAGMA application_id").fetchone()[0]
+        if app_id != APPLICATION_ID:
+            raise StoreError(
+                f"{self.path}: an SQLite database, but not a facedoor embedding store "
+                f"(application_id {app_id:#x}); it was left untouched: give another --store path"
+            )
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if version != SCHEMA_VERSION:
+            raise StoreError(f"{self.path}: store schema version {version}, this facedoor reads {SCHEMA_VERSION}")
+        problems = [row[0] for row in self._db.execute("PRAGMA quick_check")]
+        if problems != ["ok"]:
+            raise StoreError(
+                f"{self.path}: damaged embedding store ({'; '.join(problems[:3])}); restore a backup or move it away"
+            )
+
+    def _initialise(self) -> None:
+        with self._transaction():
+            if self._db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
+                self._check_contents()  # another process created it first
+                return
+            for statement in filter(str.strip, _SCHEMA.split(";")):
+                self._db.execute(statement)
+            self._db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+            self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        log.info("created embedding store %s", self.path)
+
+    def _transaction(self, read: bool = False) -> "_Transaction":
+        return _Transaction(self._db, self.path, read)
+
+    # -- writing -----------------------------------------------------------------------------
+
+    def enroll(
+        self, name: str, embeddings: np.ndarray, image_sha256s: Sequence[str], *, replace: bool = False
+    ) -> int:
+        """Add NAME's embeddings (N, D) from N photos in one transaction; return how many are new.
+
+        Refused, with nothing written, when the store already holds embeddings of another encoder
+        for NAME (re-enrol with `replace=True`, which drops NAME's old embeddings first).
+        """
+        self._writable()
+        validate_name(name)
+        vectors = np.asarray(embeddings, dtype=np.float32)
+        if vectors.ndim != 2 or len(vectors) != len(image_sha256s) or len(vectors) == 0:
+            raise ValueError("enroll needs (N, D) embeddings and N image hashes, N >= 1")
+        if not np.all(np.isfinite(vectors)):
+            raise StoreError(f"identity {name!r}: refusing non-finite embeddings")
+        now = _now()
+        with self._transaction():
+            row = self._db.execute("SELECT id FROM identities WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                identity_id = self._db.execute(
+                    "INSERT INTO identities (name, created) VALUES (?, ?)", (name, now)
+                ).lastrowid
+            else:
+                identity_id = row[0]
+                if replace:
+                    self._db.execute("DELETE FROM embeddings WHERE identity_id = ?", (identity_id,))
+                else:
+                    self._refuse_foreign(identity_id, name)
+            before = self._db.total_changes
+            self._db.executemany(
+                "INSERT OR IGNORE INTO embeddings (identity_id, vector, dim, encoder_sha256, image_sha256, created)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                [
+                    (identity_id, v.astype("<f4").tobytes(), v.shape[0], self.encoder_sha256, sha, now)
+                    for v, sha in zip(vectors, image_sha256s)
+                ],
+            )
+            added = self._db.total_changes - before
+        log.info("enrolled %s: %d new embedding(s) in %s", name, added, self.path)
+        return added
+
+    def remove(self, name: str) -> int:
+        """Delete NAME and its embeddings; return how many embeddings went. Unknown NAME: StoreError."""
+        self._writable()
+        with self._transaction():
+            row = self._db.execute("SELECT id FROM identities WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                raise StoreError(f"no identity named {name!r} in {self.path}")
+            count = self._db.execute("SELECT count(*) FROM embeddings WHERE identity_id = ?", row).fetchone()[0]
+            self._db.execute("DELETE FROM embeddings WHERE identity_id = ?", row)
+            self._db.execute("DELETE FROM identities WHERE id = ?", row)
+        log.info("removed %s (%d embeddings) from %s", name, count, self.path)
+        return count
+
+    def _writable(self) -> None:
+        if self.readonly:
+            raise StoreError(f"{self.path}: opened read-only")
+
+    def _refuse_foreign(self, identity_id: int, name: str) -> None:
+        other = self._db.execute(
+            "SELECT count(*) FROM embeddings WHERE identity_id = ? AND encoder_sha256 != ?",
+            (identity_id, self.encoder_sha256),
+        ).fetchone()[0]
+        if other:
+            raise StoreError(
+                f"identity {name!r} in {self.path} has {other} embedding(s) from another encoder; "
+                f"re-enrol with `facedoor enroll --replace {name} IMAGE...` (embeddings are never mixed)"
+            )
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def identities(self) -> list[Identity]:
+        """Every enrolled identity with its embedding count, sorted by name."""
+        rows = self._query(
+            "SELECT i.name, i.created, "
+            " count(e.id), coalesce(sum(e.encoder_sha256 != ?), 0)"
+            " FROM identities i LEFT JOIN embeddings e ON e.identity_id = i.id"
+            " GROUP BY i.id ORDER BY i.name",
+            (self.encoder_sha256,),
+        )
+        return [Identity(name, created, count, stale) for name, created, count, stale in rows]
+
+    def gallery(self, threshold: float = 0.7) -> Gallery:
+        """All embeddings as a Gallery for matching; refuses a store that holds another encoder's."""
+        with self._transaction(read=True):
+            stale = self._db.execute(
+                "SELECT DISTINCT i.name FROM embeddings e JOIN identities i ON i.id = e.identity_id"
+                " WHERE e.encoder_sha256 != ? ORDER BY i.name",
+                (self.encoder_sha256,),
+            ).fetchall()
+            rows = self._db.execute(
+                "SELECT i.name, e.vector, e.dim FROM embeddings e JOIN identities i ON i.id = e.identity_id"
+                " ORDER BY e.id"
+            ).fetchall()
+        if stale:
+            names = ", ".join(n for (n,) in stale)
+            raise StoreError(
+                f"{self.path} holds embeddings from another encoder than the loaded one "
+                f"(identities: {names}); re-enrol them with `facedoor enroll --replace NAME IMAGE...` "
+                "or remove them: embeddings of different models are never mixed"
+            )
+        dims = {dim for _, _, dim in rows}
+        if len(dims) > 1 or any(len(blob) != 4 * dim for _, blob, dim in rows):
+            raise StoreError(f"{self.path}: damaged embedding rows (inconsistent vector sizes)")
+        dim = dims.pop() if dims else 0
+        matrix = np.frombuffer(b"".join(blob for _, blob, _ in rows), dtype="<f4").reshape(len(rows), dim)
+        return Gallery([name for name, _, _ in rows], matrix.astype(np.float32), threshold)
+
+    def _query(self, sql: str, params: tuple = ()) -> list[tuple]:
+        try:
+            return self._db.execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path}: cannot read the embedding store ({exc})") from None
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> "EmbeddingStore":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _Transaction:
+    """BEGIN IMMEDIATE (write) or DEFERRED (consistent read) ... COMMIT, ROLLBACK on any error."""
+
+    def __init__(self, db: sqlite3.Connection, path: Path, read: bool = False):
+        self.db, self.path, self.read = db, path, read
+
+    def __enter__(self) -> None:
+        try:
+            self.db.execute("BEGIN" if self.read else "BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path}: cannot start a transaction ({exc})") from None
+
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: object) -> None:
+        if exc_type is None:
+            try:
+                self.db.execute("COMMIT")
+                return
+            except sqlite3.Error as err:
+                self.db.execute("ROLLBACK")
+                raise StoreError(f"{self.path}: write failed, nothing stored ({err})") from None
+        self.db.execute("ROLLBACK")
+        if isinstance(exc, sqlite3.Error):
+            raise StoreError(f"{self.path}: store operation failed, nothing changed ({exc})") from None
