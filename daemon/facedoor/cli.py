@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 COMMAND_MODULES: tuple[str, ...] = (
     "facedoor.cli_recognition",
     "facedoor.audit",
+    "facedoor.homeassistant",
 )
 
 EXIT_OK, EXIT_NO_MATCH, EXIT_ERROR = 0, 1, 2
