@@ -294,3 +294,12 @@ def test_audit_entry_for_each_decision(mosquitto, tmp_path, link_factory) -> Non
     assert [e["delivered"] for e in entries] == [True, True, False]
     assert entries[0]["unlock_action"] is True and "unlock_action" not in entries[2]
     assert entries[0]["identity"] == "alice" and entries[0]["distance"] == 0.42 and entries[0]["frames"] == 3
+
+
+@pytest.mark.parametrize("name", ["zigbee2mqtt", "tasmota", "esphome"])
+def test_unlock_examples_are_valid_configs(name) -> None:
+    from facedoor.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "config" / f"unlock-{name}.yaml")
+    action = cfg.unlock_action
+    assert action is not None and action.payload and action.lock_payload and action.relock_after_s
