@@ -36,6 +36,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "facedoor.cli_recognition",
     "facedoor.audit",
     "facedoor.homeassistant",
+    "facedoor.service",
 )
 
 EXIT_OK, EXIT_NO_MATCH, EXIT_ERROR = 0, 1, 2
@@ -76,8 +77,16 @@ class CliContext:
             path = self.config.store
             if not create and not path.exists():
                 raise CliError(f"no embedding store at {path}: enrol someone first with `facedoor enroll NAME IMAGE...`")
-            self._store = EmbeddingStore(path, self.pipeline().encoder_sha256)
+            self._store = EmbeddingStore(path, self.encoder_sha256())
         return self._store
+
+    def encoder_sha256(self) -> str:
+        """The configured encoder's SHA-256: from the loaded pipeline, else the manifest (no hashing)."""
+        if self._pipeline is not None:
+            return self._pipeline.encoder_sha256
+        from facedoor.models import Manifest
+
+        return Manifest.load(self.config.models).entry(self.config.recognition.encoder).sha256
 
     def emit(self, record: dict[str, Any], text: str) -> None:
         """Report one result: RECORD as a JSON line with --json, else the human TEXT."""
