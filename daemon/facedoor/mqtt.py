@@ -111,7 +111,7 @@ class MqttLink:
         if self.connected:
             self._client.subscribe(topic, qos)
 
-    def publish(self, topic: str, payload: str | bytes, qos: int = 0, retain: bool = False,
+    def publish(self, topic: str, payload: str | bytes, qos: int = 1, retain: bool = False,
                 expiry_s: float | None = None) -> bool:
         """Publish now, or return False (and queue nothing) while the broker is unreachable."""
         if not self.connected:

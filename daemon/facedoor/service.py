@@ -8,25 +8,20 @@ a decision older than its TTL is never published. SIGHUP reloads the store's gal
 reload leaves an EMPTY gallery: nobody unlocks until a good reload); SIGTERM/SIGINT stop
 cleanly (retained `offline`, camera closed, exit 0).
 
-Integrations plug in without touching this path: modules named in `EXTENSION_MODULES` define
-`attach(service: DoorService) -> Callable[[], None] | None` (the optional return value is called
-at shutdown); they use `service.link` (MQTT hooks) and `service.add_decision_hook(fn)`, where
-`fn(payload: dict, delivered: bool, frame: Frame, face: Face | None)` runs after each decision.
+Beside each decision, `facedoor.integrations.Integrations` (unlock action, audit log, Home
+Assistant discovery) is told what was decided and whether it was delivered.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 import math
-import os
 import signal
 import threading
 import time
 import uuid
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from .camera import Camera, CameraError, CameraState, Frame, describe
@@ -38,14 +33,10 @@ from .policy import Decision, Observation, Policy
 from .sdnotify import Notifier, watchdog_interval_s
 
 if TYPE_CHECKING:
+    from .integrations import Integrations
     from .pipeline import Face, FacePipeline
 
 log = logging.getLogger(__name__)
-
-EXTENSION_MODULES: tuple[str, ...] = ()
-
-DecisionHook = Callable[[dict[str, Any], bool, Frame, "Face | None"], None]
-
 
 def _finite(x: float | None, digits: int = 4) -> float | None:
     return round(float(x), digits) if x is not None and math.isfinite(x) else None
@@ -59,18 +50,17 @@ class DoorService:
     """Owns the frame loop; everything it talks to is passed in (tests use real parts)."""
 
     def __init__(self, cfg: FacedoorConfig, pipeline: "FacePipeline", load_gallery: Callable[[], Gallery],
-                 camera: Camera, link: MqttLink, notifier: Notifier):
+                 camera: Camera, link: MqttLink, notifier: Notifier, integrations: "Integrations | None" = None):
         self.cfg = cfg
         self.pipeline = pipeline
         self.load_gallery = load_gallery
         self.camera = camera
         self.link = link
         self.notifier = notifier
+        self.integrations = integrations
         self.policy = Policy(cfg.policy)
         self.threshold = cfg.recognition.threshold
         self.gallery = load_gallery()
-        self._hooks: list[DecisionHook] = []
-        self._closers: list[Callable[[], None]] = []
         self._stop = threading.Event()
         self._reload = threading.Event()
         self._health_due = threading.Event()
@@ -84,10 +74,6 @@ class DoorService:
         link.add_on_connect(self._health_due.set)
 
     # --- wiring ------------------------------------------------------------------------------
-    def add_decision_hook(self, hook: DecisionHook) -> None:
-        """Call HOOK(payload, delivered, frame, face) after every decision (from the frame loop)."""
-        self._hooks.append(hook)
-
     def request_stop(self, *_: Any) -> None:
         self._stop.set()
 
@@ -158,7 +144,7 @@ class DoorService:
             self.publish_decision(decision, frame, face)
 
     def publish_decision(self, decision: Decision, frame: Frame, face: "Face | None") -> bool:
-        """Publish DECISION (unless late or offline), log it, run the hooks; True if delivered."""
+        """Publish DECISION (unless late or offline), log it, tell the integrations; True if delivered."""
         latency_ms = (time.monotonic() - frame.t_mono) * 1000
         ttl = self.cfg.decision_ttl_s
         payload = {
@@ -188,11 +174,12 @@ class DoorService:
             "identity": decision.identity, "distance": payload["distance"], "threshold": decision.threshold,
             "frames": f"{decision.frames}/{decision.window}", "faces": decision.faces,
             "latency_ms": payload["latency_ms"], "delivered": delivered}})
-        for hook in self._hooks:
+        if self.integrations is not None:
+            crop = _crop(frame, face) if self.cfg.audit.save_crops else None
             try:
-                hook(payload, delivered, frame, face)
+                self.integrations.on_decision(payload, delivered, crop)
             except Exception:
-                log.exception("decision hook %r failed", hook)
+                log.exception("integrations failed for decision %s", payload["id"])
         return delivered
 
     # --- housekeeping ------------------------------------------------------------------------
@@ -264,14 +251,24 @@ class DoorService:
     def close(self) -> None:
         """Stop cleanly: STOPPING=1, extensions, camera, then retained offline and disconnect."""
         self.notifier.stopping()
-        for closer in reversed(self._closers):
+        if self.integrations is not None:
             try:
-                closer()
+                self.integrations.close()
             except Exception:
-                log.exception("extension shutdown failed")
+                log.exception("integrations shutdown failed")
         self.camera.stop()
         self.link.stop()
         log.info("facedoor stopped", extra={"fields": {"event": "stopped", **self.counts}})
+
+
+def _crop(frame: Frame, face: "Face | None") -> Any:
+    """The face box cut from the frame (a copy), for the audit log."""
+    if face is None:
+        return None
+    h, w = frame.image.shape[:2]
+    x1, y1, x2, y2 = (int(round(v)) for v in face.box)
+    x1, y1, x2, y2 = max(0, x1), max(0, y1), min(w, x2), min(h, y2)
+    return frame.image[y1:y2, x1:x2].copy() if x2 > x1 and y2 > y1 else None
 
 
 def _empty(dim: int) -> Any:
@@ -285,6 +282,7 @@ def run_daemon(cfg: FacedoorConfig, source: int | str | None = None, loop: bool 
 
     Raises ConfigError/ModelError/StoreError/CameraError before READY (the CLI exits 2).
     """
+    from .integrations import Integrations
     from .pipeline import FacePipeline
     from .store import EmbeddingStore
 
@@ -299,7 +297,7 @@ def run_daemon(cfg: FacedoorConfig, source: int | str | None = None, loop: bool 
 
     camera = Camera(cfg.camera, source, loop)
     link = MqttLink(cfg, cfg.mqtt.password())
-    service = DoorService(cfg, pipeline, load_gallery, camera, link, notifier)
+    service = DoorService(cfg, pipeline, load_gallery, camera, link, notifier, Integrations(cfg, link))
     if not service.gallery.identities:
         log.warning("nobody is enrolled in %s: every face will be denied (enrol with `facedoor enroll`)",
                     cfg.store, extra={"fields": {"event": "empty_store"}})
@@ -309,10 +307,6 @@ def run_daemon(cfg: FacedoorConfig, source: int | str | None = None, loop: bool 
     camera.start()
     link.start()
     try:
-        for name in EXTENSION_MODULES:
-            closer = importlib.import_module(name).attach(service)
-            if closer is not None:
-                service._closers.append(closer)
         return service.run()
     finally:
         service.close()
