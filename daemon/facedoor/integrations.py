@@ -1,9 +1,9 @@
 """What happens beside each decision: unlock action, audit log, Home Assistant discovery.
 
-The service builds one `Integrations` before connecting to the broker (so the connect hooks
-are in place), calls `on_decision()` right after publishing each decision, and `close()` on
-shutdown. Nothing here can raise into the frame loop or delay it beyond one non-blocking
-publish: the audit log is written by its own thread.
+The service builds one `Integrations` on its MQTT link before connecting (so the connect hooks
+are in place), calls `on_decision()` right after publishing (or dropping) each decision, and
+`close()` on shutdown. Nothing here can raise into the frame loop or delay it beyond one
+non-blocking publish: the audit log is written by its own thread.
 """
 from __future__ import annotations
 
@@ -56,3 +56,4 @@ class Integrations:
             self.unlock.close()
         if self.audit is not None:
             self.audit.close()
+
