@@ -73,6 +73,25 @@ GROUPS: tuple[ModelGroup, ...] = (
         options=(Option("--openface-weights", metavar="DIR", type=Path,
                         help="directory holding conv1_w.csv ... dense_w.csv"),),
     ),
+    ModelGroup(
+        "vgg19", "facedoor_export.nst_export",
+        "VGG-19 (to conv5_1, average pooling) for facedoor-stylize: features + loss/gradient "
+        "graphs",
+        options=(Option("--vgg19-weights", metavar="PATH", type=Path,
+                        help="Keras vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5 "
+                             "(default: Keras downloads the ImageNet weights)"),
+                 Option("--vgg19-weights-hash", metavar="HEX",
+                        help="expected MD5 or SHA-256 of --vgg19-weights (default: the MD5 "
+                             "Keras pins for that file)"),
+                 Option("--vgg19-untrained", action="store_true",
+                        help="random weights, for tests (the manifest marks them untrained)"),
+                 Option("--vgg19-content-layers", metavar="NAMES",
+                        help="content layers in the graph (default conv4_2)"),
+                 Option("--vgg19-style-layers", metavar="NAMES",
+                        help="style layers in the graph (default conv1_1,conv2_1,conv3_1,"
+                             "conv4_1,conv5_1)")),
+        sources=("vgg19", "nst_graph"),
+    ),
 )
 
 
@@ -111,7 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
-    """Export the selected groups into args.out and rewrite its manifest; return the entries."""
+    """Export the selected groups into args.out and rewrite its manifest; return the entries.
+
+    New ONNX files stay under temp names until every group has succeeded, so a failed run
+    leaves the directory (files and manifest) as it was.
+    """
     groups = _parse_only(args.only)
     from .atomic import check_writable
 
@@ -125,13 +148,17 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     ctx = ExportContext(out=out, args=args, force=args.force, previous=previous)
     models = {name: entry for name, entry in previous.items()
               if (out / str(entry.get("file", ""))).is_file()}
-    for group in groups:
-        started = time.monotonic()
-        ctx.digest = manifest.source_digest(group.digest_modules(), ctx.opset)
-        module = importlib.import_module(group.module)
-        for name, entry in module.export(ctx):
-            models[name] = entry
-        print(f"{group.name}: done in {time.monotonic() - started:.1f} s")
+    try:
+        for group in groups:
+            started = time.monotonic()
+            ctx.digest = manifest.source_digest(group.digest_modules(), ctx.opset)
+            module = importlib.import_module(group.module)
+            for name, entry in module.export(ctx):
+                models[name] = entry
+            print(f"{group.name}: done in {time.monotonic() - started:.1f} s")
+        ctx.commit()
+    finally:
+        ctx.discard()
     path = manifest.write_manifest(out, models, ctx.opset)
     print(f"manifest: {path} ({', '.join(sorted(models))})")
     return models
