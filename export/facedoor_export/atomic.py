@@ -10,6 +10,16 @@ from .errors import ExportError
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write DATA to PATH via a temp file in the same directory + fsync + rename."""
+    tmp = write_temp(path, data)
+    try:
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise ExportError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
+def write_temp(path: Path, data: bytes) -> Path:
+    """Write DATA (fsynced) to a hidden temp file beside PATH and return the temp path."""
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
@@ -19,12 +29,12 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(exc, OSError):
             raise ExportError(f"cannot write {path}: {exc.strerror or exc}") from exc
         raise
+    return Path(tmp)
 
 
 def check_writable(directory: Path) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ import numpy as np
 
 from facedoor.models import sha256_file
 
-from .atomic import atomic_write_bytes
+from .atomic import write_temp
 from .errors import ExportError
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,24 @@ class ExportContext:
     previous: dict[str, dict[str, Any]] = field(default_factory=dict)
     digest: str = ""  # source digest of the group being exported (set by the CLI)
     opset: int = OPSET
+    staged: list[tuple[Path, Path]] = field(default_factory=list)  # (temp file, final path)
+
+    def stage(self, path: Path, data: bytes) -> Path:
+        """Write DATA beside PATH under a temp name; `commit()` renames it once all succeeded."""
+        tmp = write_temp(path, data)
+        self.staged.append((tmp, path))
+        return tmp
+
+    def commit(self) -> None:
+        """Rename every staged file to its final name (called just before the manifest is written)."""
+        while self.staged:
+            tmp, path = self.staged.pop(0)
+            os.replace(tmp, path)
+
+    def discard(self) -> None:
+        """Delete staged temp files after a failure, so nothing half-done is left behind."""
+        while self.staged:
+            self.staged.pop()[0].unlink(missing_ok=True)
 
     def fresh(self, name: str, weights_sha256: str) -> dict[str, Any] | None:
         """The previous manifest entry of NAME if its file, weights and export code are unchanged.
@@ -166,12 +185,12 @@ def export_onnx(
                "dtype": "float32"} for i in session.get_inputs()]
     outputs = [{"name": o.name, "shape": _shape(o.shape)} for o in session.get_outputs()]
     path = ctx.out / f"{name}.onnx"
-    atomic_write_bytes(path, data)
+    staged = ctx.stage(path, data)
     result = {
         **{k: v for k, v in entry.items() if k != "layout"},
         "file": path.name,
-        "sha256": sha256_file(path),
-        "size": path.stat().st_size,
+        "sha256": sha256_file(staged),
+        "size": staged.stat().st_size,
         "input": inputs[0],
         "outputs": outputs,
         "parity_max_abs_diff": worst,
@@ -182,6 +201,6 @@ def export_onnx(
     }
     if len(inputs) > 1:
         result["inputs"] = inputs
-    print(f"{name}: wrote {path} ({result['size']:,} bytes, sha256 {result['sha256'][:12]}...) "
+    print(f"{name}: built {path} ({result['size']:,} bytes, sha256 {result['sha256'][:12]}...) "
           f"in {result['export_seconds']} s")
     return result
