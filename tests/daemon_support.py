@@ -1,0 +1,189 @@
+"""Helpers for the daemon tests: an MQTT recorder, the daemon as a subprocess, an MJPEG camera."""
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Callable
+
+import cv2
+import numpy as np
+import paho.mqtt.client as mqtt
+import yaml
+from paho.mqtt.enums import CallbackAPIVersion
+
+FACEDOOR = Path(sys.executable).with_name("facedoor")
+
+
+class Subscriber:
+    """Records every message under TOPIC (with receive time, retain flag and expiry); reconnects."""
+
+    def __init__(self, host: str, port: int, topic: str = "facedoor/#"):
+        self.topic = topic
+        self.messages: list[dict[str, Any]] = []
+        self._cond = threading.Condition()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        self.client.reconnect_delay_set(0.1, 0.5)
+        self.client.on_connect = lambda c, u, f, r, p: c.subscribe(topic, qos=1)
+        self.client.on_message = self._on_message
+        self.client.connect_async(host, port, keepalive=10)
+        self.client.loop_start()
+
+    def _on_message(self, client: Any, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        expiry = getattr(msg.properties, "MessageExpiryInterval", None) if msg.properties else None
+        record = {"recv": time.time(), "topic": msg.topic, "payload": msg.payload.decode(errors="replace"),
+                  "retain": bool(msg.retain), "expiry": expiry, "qos": msg.qos}
+        with self._cond:
+            self.messages.append(record)
+            self._cond.notify_all()
+
+    def wait_for(self, predicate: Callable[[dict[str, Any]], bool], timeout: float) -> dict[str, Any] | None:
+        """The first recorded message satisfying PREDICATE, waiting up to TIMEOUT seconds."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for m in self.messages:
+                    if predicate(m):
+                        return m
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return None
+                self._cond.wait(remaining)
+
+    def on(self, leaf: str) -> list[dict[str, Any]]:
+        with self._cond:
+            return [m for m in self.messages if m["topic"].endswith("/" + leaf)]
+
+    def decisions(self) -> list[dict[str, Any]]:
+        """Decision payloads (parsed) with the transport facts under `_recv`, `_retain`, `_expiry`."""
+        return [{**json.loads(m["payload"]), "_recv": m["recv"], "_retain": m["retain"], "_expiry": m["expiry"]}
+                for m in self.on("decision")]
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def retained(host: str, port: int, topic: str, timeout: float = 5.0) -> dict[str, Any] | None:
+    """The retained message on TOPIC as a fresh subscriber sees it (None if there is none)."""
+    sub = Subscriber(host, port, topic)
+    try:
+        return sub.wait_for(lambda m: m["retain"], timeout)
+    finally:
+        sub.stop()
+
+
+def write_config(path: Path, models: Path, store: Path, port: int, **sections: Any) -> Path:
+    """A daemon config for tests: real models and store, a private broker, short timings."""
+    cfg: dict[str, Any] = {
+        "door_id": "front",
+        "state_dir": str(path.parent),
+        "models": str(models),
+        "store": str(store),
+        "recognition": {"threads": 1},
+        "mqtt": {"host": "127.0.0.1", "port": port, "health_interval_s": 1.0, "reconnect_min_s": 0.2,
+                 "reconnect_max_s": 1.0},
+        "audit": {"enabled": False},
+        "logging": {"level": "INFO", "format": "json"},
+    }
+    for key, value in sections.items():
+        cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+class Daemon:
+    """`facedoor --config CFG run --source SRC ...` as a real subprocess, logging to a file."""
+
+    def __init__(self, config: Path, source: str, *args: str, env: dict[str, str] | None = None,
+                 prefix: list[str] | None = None):
+        self.log_path = config.with_suffix(".log")
+        cmd = [*(prefix or []), str(FACEDOOR), "--config", str(config), "run", "--source", source, *args]
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        """Structured (JSON) log records with event=NAME."""
+        out = []
+        for line in self.log().splitlines():
+            if line.startswith("{"):
+                record = json.loads(line)
+                if record.get("event") == name:
+                    out.append(record)
+        return out
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self._log.flush()
+
+    def terminate(self, timeout: float = 15.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        return self.wait(timeout)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._log.close()
+
+
+class MjpegCamera:
+    """An HTTP Motion-JPEG camera (as IP cameras serve) that can vanish and come back on its port."""
+
+    def __init__(self, frames: list[np.ndarray], fps: float = 10.0):
+        self.jpegs = [cv2.imencode(".jpg", f, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes() for f in frames]
+        self.fps = fps
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}/stream.mjpg"
+        self._server: ThreadingHTTPServer | None = None
+        self._alive = threading.Event()
+
+    def up(self) -> None:
+        camera = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
+                self.end_headers()
+                i = 0
+                while camera._alive.is_set():
+                    jpeg = camera.jpegs[i % len(camera.jpegs)]
+                    try:
+                        self.wfile.write(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n"
+                                         % len(jpeg) + jpeg + b"\r\n")
+                    except OSError:
+                        return
+                    i += 1
+                    time.sleep(1.0 / camera.fps)
+                self.close_connection = True
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        ThreadingHTTPServer.allow_reuse_address = True
+        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self._server.daemon_threads = True
+        self._alive.set()
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def down(self) -> None:
+        """Stop streaming and refuse connections (the camera lost power)."""
+        self._alive.clear()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None

@@ -1,0 +1,48 @@
+"""The shipped systemd unit passes `systemd-analyze verify` and rates <= 2.0 exposure offline."""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+UNIT = Path(__file__).resolve().parents[1] / "systemd" / "facedoor.service"
+ANALYZE = shutil.which("systemd-analyze")
+pytestmark = pytest.mark.skipif(ANALYZE is None, reason="systemd-analyze not installed (Debian package `systemd`)")
+
+
+@pytest.fixture
+def rendered(tmp_path: Path) -> Path:
+    """The unit with ExecStart pointing at this venv's facedoor (verify needs an existing binary)."""
+    facedoor = Path(sys.executable).with_name("facedoor")
+    text = UNIT.read_text()
+    assert "ExecStart=/opt/facedoor/bin/facedoor " in text
+    out = tmp_path / "facedoor.service"
+    out.write_text(text.replace("/opt/facedoor/bin/facedoor", str(facedoor)))
+    return out
+
+
+def test_unit_verifies(rendered: Path) -> None:
+    proc = subprocess.run([ANALYZE, "verify", str(rendered)], capture_output=True, text=True, cwd=rendered.parent)
+    assert proc.returncode == 0, proc.stderr
+    assert "facedoor.service" not in proc.stderr, proc.stderr  # no warnings about our unit
+
+
+def test_unit_exposure_is_at_most_2(rendered: Path) -> None:
+    proc = subprocess.run([ANALYZE, "security", "--offline=yes", str(rendered)], capture_output=True, text=True,
+                          cwd=rendered.parent)
+    found = re.search(r"Overall exposure level for facedoor\.service: (\d+\.\d+)", proc.stdout)
+    assert found, proc.stdout[-2000:] + proc.stderr
+    assert float(found.group(1)) <= 2.0, proc.stdout
+
+
+def test_unit_keeps_the_camera_reachable_and_is_a_notify_service() -> None:
+    text = UNIT.read_text()
+    for line in ("Type=notify", "DevicePolicy=closed", "DeviceAllow=char-video4linux rw", "SupplementaryGroups=video",
+                 "StateDirectory=facedoor", "ProtectSystem=strict", "NoNewPrivileges=yes", "Restart=on-failure",
+                 "RestartPreventExitStatus=2", "ExecReload=/bin/kill -HUP $MAINPID"):
+        assert line in text.splitlines(), line
+    assert "WatchdogSec=" in text and not any(l.startswith("PrivateDevices=") for l in text.splitlines())
