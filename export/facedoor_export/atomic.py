@@ -25,6 +25,7 @@ def write_temp(path: Path, data: bytes) -> Path:
     except OSError as exc:
         raise ExportError(f"cannot write to output directory {path.parent}: {exc.strerror}") from exc
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; the daemon user must read models
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -35,6 +36,12 @@ def write_temp(path: Path, data: bytes) -> Path:
             raise ExportError(f"cannot write {path}: {exc.strerror or exc}") from exc
         raise
     return Path(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def check_writable(directory: Path) -> None:

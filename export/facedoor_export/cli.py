@@ -69,7 +69,7 @@ GROUPS: tuple[ModelGroup, ...] = (
     ),
     ModelGroup(
         "openface", "facedoor_export.openface",
-        "OpenFace nn4.small2.v1 (96x96 -> 128-D) from the 226 OpenFace CSV weight files",
+        "OpenFace nn4.small2.v1 (96x96 -> 128-D) from the OpenFace CSV weight files",
         options=(Option("--openface-weights", metavar="DIR", type=Path,
                         help="directory holding conv1_w.csv ... dense_w.csv"),),
     ),

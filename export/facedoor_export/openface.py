@@ -245,7 +245,7 @@ def export(ctx: ExportContext) -> list[tuple[str, dict[str, Any]]]:
     directory = getattr(ctx.args, "openface_weights", None)
     if directory is None:
         raise ExportError("OpenFace weights not given: pass --openface-weights DIR, the folder "
-                          "of the 226 OpenFace CSV files (iwantooxxoox/Keras-OpenFace weights/)")
+                          "of the OpenFace CSV weight files (iwantooxxoox/Keras-OpenFace weights/)")
     directory = Path(directory)
     if not directory.is_dir():
         raise ExportError(f"OpenFace weights directory {directory} not found "

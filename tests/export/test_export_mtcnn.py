@@ -3,6 +3,7 @@ up-to-date skip, and the runtime's refusal of a tampered model."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -39,6 +40,10 @@ def test_manifest_entries(mtcnn_models):
         assert raw[name]["parity_max_abs_diff"] < 1e-4
         assert raw[name]["weights"]["source"].startswith("pypi:mtcnn==1.0.0")
         assert len(raw[name]["weights"]["sha256"]) == 64
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for path in [*mtcnn_models.glob("*.onnx"), mtcnn_models / "manifest.json"]:
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path  # readable by the daemon user
     assert manifest.entry("mtcnn_pnet").input_shape == (None, None, None, 3)
     assert manifest.entry("mtcnn_rnet").input_size == (24, 24)
     assert manifest.entry("mtcnn_onet").input_size == (48, 48)
