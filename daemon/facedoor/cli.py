@@ -37,6 +37,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "facedoor.audit",
     "facedoor.homeassistant",
     "facedoor.service",
+    "facedoor.demo",
 )
 
 EXIT_OK, EXIT_NO_MATCH, EXIT_ERROR = 0, 1, 2
