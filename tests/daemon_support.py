@@ -187,3 +187,34 @@ class MjpegCamera:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+
+
+class FakeSystemd:
+    """A bound datagram socket standing in for systemd's notify socket (path or abstract)."""
+
+    def __init__(self, address: str):
+        self.address = address
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind("\0" + address[1:] if address.startswith("@") else address)
+        self.sock.settimeout(0.1)
+        self.messages: list[tuple[float, str]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data = self.sock.recv(4096)
+            except (TimeoutError, socket.timeout):
+                continue
+            for line in data.decode().splitlines():
+                self.messages.append((time.monotonic(), line))
+
+    def lines(self, prefix: str) -> list[float]:
+        return [t for t, line in list(self.messages) if line.startswith(prefix)]
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sock.close()

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import threading
 import time
 import uuid
@@ -12,43 +11,13 @@ import cv2
 import numpy as np
 import pytest
 
+from daemon_support import FakeSystemd
 from facedoor.camera import Camera
 from facedoor.config import parse_config
 from facedoor.match import Gallery
 from facedoor.mqtt import MqttLink
 from facedoor.sdnotify import Notifier, watchdog_interval_s
 from facedoor.service import DoorService
-
-
-class FakeSystemd:
-    """A bound datagram socket standing in for systemd's notify socket (path or abstract)."""
-
-    def __init__(self, address: str):
-        self.address = address
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind("\0" + address[1:] if address.startswith("@") else address)
-        self.sock.settimeout(0.1)
-        self.messages: list[tuple[float, str]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                data = self.sock.recv(4096)
-            except (TimeoutError, socket.timeout):
-                continue
-            for line in data.decode().splitlines():
-                self.messages.append((time.monotonic(), line))
-
-    def lines(self, prefix: str) -> list[float]:
-        return [t for t, line in list(self.messages) if line.startswith(prefix)]
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.sock.close()
 
 
 @pytest.mark.parametrize("kind", ["path", "abstract"])
