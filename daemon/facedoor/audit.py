@@ -331,6 +331,12 @@ def _fmt(value: Any, spec: str = "") -> str:
     return str(value)
 
 
+def _decision_label(entry: Mapping[str, Any]) -> str:
+    """`unlock`, `deny`, or `deny/unknown` for a face that matched nobody."""
+    decision = _fmt(entry.get("decision"))
+    return f"{decision}/unknown" if entry.get("reason") == "unknown" and decision != "unknown" else decision
+
+
 def format_table(entries: list[dict[str, Any]]) -> str:
     """Aligned human table, local time, one decision per row."""
     header = ("TIME", "DOOR", "DECISION", "IDENTITY", "DISTANCE", "FRAMES", "LATENCY_MS", "CROP")
@@ -340,7 +346,7 @@ def format_table(entries: list[dict[str, Any]]) -> str:
         when = datetime.fromtimestamp(t).astimezone().strftime("%Y-%m-%d %H:%M:%S") if t else _fmt(e.get("ts"))
         latency = e.get("latency_ms")
         rows.append((
-            when, _fmt(e.get("door")), _fmt(e.get("decision")), _fmt(e.get("identity")),
+            when, _fmt(e.get("door")), _decision_label(e), _fmt(e.get("identity")),
             _fmt(e.get("distance"), ".3f"), _fmt(e.get("frames")),
             _fmt(float(latency) if isinstance(latency, (int, float)) else latency, ".0f"),
             _fmt(e.get("crop")),
