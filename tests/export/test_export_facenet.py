@@ -29,6 +29,7 @@ def facenet_weights(tmp_path_factory: pytest.TempPathFactory):
     return path, sha256_file(path), model
 
 
+@pytest.mark.slow
 def test_facenet_export_parity_and_manifest(facenet_weights, tmp_path, export_cli):
     from facedoor.models import Manifest
 

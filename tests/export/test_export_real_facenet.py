@@ -8,6 +8,8 @@ import cv2
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow
+
 
 def _encode(session, entry, path: Path) -> np.ndarray:
     """Embed one 96x96 Happy House crop, preprocessed exactly as the manifest says."""
