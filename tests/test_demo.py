@@ -23,7 +23,7 @@ def test_demo_lets_enrolled_people_in_and_keeps_strangers_out(real_models: Path,
     outcomes = results["outcomes"]
     enrolled = [o for o in outcomes if o["enrolled"]]
     strangers = [o for o in outcomes if not o["enrolled"]]
-    assert len(enrolled) == 5 and strangers
+    assert len(enrolled) >= 4 and strangers  # 5, or 4 and a held-out stranger without ../shared
     for o in enrolled:
         assert o["decision"] == "unlock" and o["identity"] == o["visitor"], o
         assert o["distance"] < DEMO_THRESHOLD and o["latency_ms"] > 0

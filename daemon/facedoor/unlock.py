@@ -7,7 +7,10 @@ and dropped if the decision is already older than its TTL.
 
 `relock_after_s` later the `lock_payload` follows. Locking is the fail-closed direction, so the
 lock may be late: if the broker is down when it is due, it is sent on the next connect and, at
-shutdown, immediately. A newer unlock restarts the relock timer.
+shutdown, immediately. A newer unlock restarts the relock timer. Because the link purges
+unacknowledged messages on reconnect (never late), a lock in flight at a disconnect could be
+lost; so after any reconnect, once an unlock has been sent and no relock is still counting
+down, the lock payload is sent again (idempotent, and locking early is always safe).
 """
 from __future__ import annotations
 
@@ -109,7 +112,9 @@ class UnlockAction:
             log.warning("lock action to %s not sent (broker unreachable); sending on reconnect", self.cfg.topic)
 
     def _on_connect(self, *_: Any) -> None:
+        if self.cfg.lock_payload is None:
+            return
         with self._lock:
-            pending = self._lock_pending
-        if pending:
-            self._send_lock("pending since a broker outage")
+            due = self._lock_pending or (self.sent_unlocks > 0 and self._timer is None)
+        if due:
+            self._send_lock("after a broker reconnect")
