@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import onnx_leftovers, randomize, write_keras2_h5
+from export_support import onnx_leftovers, randomize, write_keras2_h5
 
 pytest.importorskip("tensorflow")
 PINNED = "6acdd8fb3a3fb2b54257abdd1879246a3fcbe18fbe53a41c751e141abe63a0af"

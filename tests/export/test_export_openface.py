@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import onnx_leftovers, randomize, write_openface_csvs
+from export_support import onnx_leftovers, randomize, write_openface_csvs
 
 pytest.importorskip("tensorflow")
 
