@@ -511,7 +511,7 @@ def run_demo(out: Path, models: Path | None = None, threshold: float = DEMO_THRE
                             visit_s=VISIT_S, gap_s=GAP_S)
     for p, seg in zip(people, segments):
         say(f"      {seg.start_s:5.1f}-{seg.end_s:4.1f}s  {p.name:<22} {'enrolled' if p.enrolled else 'NOT enrolled'}"
-            f"  ({p.source}: {p.photo.name})")
+            f"  ({p.source}: {p.photo.name if len(p.photo.name) <= 32 else p.photo.name[:29] + '...'})")
 
     broker = PrivateBroker(out / "mosquitto")
     has_broker = broker.start()
