@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
+from tqdm import tqdm
 
 from facedoor.models import sha256_file
 
@@ -150,31 +151,35 @@ def export_onnx(
         result = fn(*inputs)
         return tuple(result) if isinstance(result, (list, tuple)) else (result,)
 
-    print(f"{name}: converting to ONNX (opset {ctx.opset})")
-    proto, _ = tf2onnx.convert.from_function(traced, input_signature=list(signature),
-                                             opset=ctx.opset)
-    graph_inputs = [v.name for v in proto.graph.input]
-    for old, new in zip(graph_inputs, input_names):
-        _rename(proto.graph, old, new)
-    graph_outputs = [v.name for v in proto.graph.output]
-    if len(graph_outputs) != len(output_names):
-        raise ExportError(f"{name}: graph has {len(graph_outputs)} outputs, "
-                          f"expected {len(output_names)} ({', '.join(output_names)})")
-    for old, new in zip(graph_outputs, output_names):
-        _rename(proto.graph, old, new)
-    data = proto.SerializeToString()
-
-    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
     samples = list(samples) if samples is not None else random_samples(signature, 4)
-    worst = 0.0
-    for sample in samples:
-        expected = traced(*[tf.constant(x) for x in sample])
-        actual = session.run(list(output_names), dict(zip(input_names, sample)))
-        for want, got in zip(expected, actual):
-            want = np.asarray(want)
-            if want.shape != got.shape:
-                raise ExportError(f"{name}: ONNX output shape {got.shape} != Keras {want.shape}")
-            worst = max(worst, float(np.max(np.abs(want - got))) if want.size else 0.0)
+    print(f"{name}: converting to ONNX (opset {ctx.opset})")
+    with tqdm(total=1 + len(samples), desc=f"{name}: convert + parity", unit="step",
+              leave=False) as progress:
+        proto, _ = tf2onnx.convert.from_function(traced, input_signature=list(signature),
+                                                 opset=ctx.opset)
+        progress.update(1)
+        for old, new in zip([v.name for v in proto.graph.input], input_names):
+            _rename(proto.graph, old, new)
+        graph_outputs = [v.name for v in proto.graph.output]
+        if len(graph_outputs) != len(output_names):
+            raise ExportError(f"{name}: graph has {len(graph_outputs)} outputs, "
+                              f"expected {len(output_names)} ({', '.join(output_names)})")
+        for old, new in zip(graph_outputs, output_names):
+            _rename(proto.graph, old, new)
+        data = proto.SerializeToString()
+
+        session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+        worst = 0.0
+        for sample in samples:
+            expected = traced(*[tf.constant(x) for x in sample])
+            actual = session.run(list(output_names), dict(zip(input_names, sample)))
+            for want, got in zip(expected, actual):
+                want = np.asarray(want)
+                if want.shape != got.shape:
+                    raise ExportError(f"{name}: ONNX output shape {got.shape} != Keras "
+                                      f"{want.shape}")
+                worst = max(worst, float(np.max(np.abs(want - got))) if want.size else 0.0)
+            progress.update(1)
     print(f"{name}: ONNX vs Keras max abs diff {worst:.3g} over {len(samples)} inputs "
           f"(tolerance {tolerance:g})")
     if not worst <= tolerance:

@@ -96,3 +96,36 @@ def test_tampered_model_is_refused_by_name(mtcnn_models, tmp_path):
     with pytest.raises(ModelError, match="model 'mtcnn_rnet'.*SHA-256.*refusing"):
         manifest.session("mtcnn_rnet")
     assert manifest.session("mtcnn_onet") is not None
+
+
+def test_failed_run_leaves_the_directory_as_it_was(mtcnn_models, tmp_path, export_cli):
+    out = tmp_path / "models"
+    shutil.copytree(mtcnn_models, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    # mtcnn is rebuilt (--force) before openface fails: nothing of it may land.
+    code, stdout, stderr = export_cli("--out", out, "--only", "mtcnn,openface", "--force",
+                                      "--openface-weights", tmp_path / "no-such-dir")
+    assert code == 2 and "OpenFace weights directory" in stderr
+    assert stdout.count("max abs diff") == 3
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_parity_failure_writes_nothing(tmp_path):
+    import keras
+    import tensorflow as tf
+
+    from facedoor_export.convert import ExportContext, export_onnx
+    from facedoor_export.errors import ExportError
+
+    inputs = keras.Input((4,), name="input")
+    model = keras.Model(inputs, keras.layers.Dense(2)(inputs))
+    ctx = ExportContext(out=tmp_path, args=None)
+    signature = [tf.TensorSpec([None, 4], tf.float32, name="input")]
+    with pytest.raises(ExportError, match="tiny: ONNX output differs from Keras by .*not writing"):
+        export_onnx(ctx, "tiny", model, signature, {"kind": "encoder"}, ["y"], tolerance=-1.0)
+    ctx.discard()
+    assert list(tmp_path.iterdir()) == []
+    entry = export_onnx(ctx, "tiny", model, signature, {"kind": "encoder"}, ["y"])
+    ctx.commit()
+    assert entry["parity_max_abs_diff"] < 1e-6 and entry["input"]["shape"] == [None, 4]
+    assert [p.name for p in tmp_path.iterdir()] == ["tiny.onnx"]
