@@ -5,8 +5,8 @@ ONNX Runtime cannot differentiate and tf2onnx cannot convert TensorFlow's gradie
 pass by hand from ordinary ops: a convolution's input gradient is a convolution with the kernel
 rotated 180 degrees and its in/out channels swapped (exact for stride 1 and SAME padding, and a
 plain Conv in ONNX, which ONNX Runtime runs faster than ConvTranspose); ReLU backward is a mask;
-the 2x2/2 VALID average-pool backward is a nearest 2x upsample / 4 padded with zeros back to an
-odd size; the content and Gram gradients are analytic. `NSTGraph.autodiff` is the same loss
+the 2x2/2 VALID average-pool backward is a nearest 2x upsample (Resize) of g/4, padded with
+zeros back to an odd size; the content and Gram gradients are analytic. `NSTGraph.autodiff` is the same loss
 written plainly and differentiated by TensorFlow: the export checks the two against each other.
 
 Costs (Gatys et al., as in the exercise), activations A of a layer unrolled to (nH*nW, nC):
@@ -148,38 +148,31 @@ class NSTGraph:
         injected: dict[str, Any] = {}
         j_content = tf.constant(0.0)
         for i, name in enumerate(self.content_layers):
-            a = acts[name]
-            diff = a - content_targets[i]
-            scale = 1.0 / (4.0 * tf.cast(tf.size(a), tf.float32))
-            j_content += content_w[i] * scale * tf.reduce_sum(tf.square(diff))
-            injected[name] = diff * (alpha * content_w[i] * 2.0 * scale)
+            j, grad = content_cost_and_grad(acts[name], content_targets[i])
+            j_content += content_w[i] * j
+            injected[name] = grad * (alpha * content_w[i])
         j_style = tf.constant(0.0)
         for i, name in enumerate(self.style_layers):
             a = acts[name]
-            c = self._channels(name)
-            flat = self._unroll(a, name)
-            m = tf.cast(tf.shape(flat)[1], tf.float32)
-            gdiff = tf.matmul(flat, flat, transpose_b=True) - grams[i]
-            scale = 1.0 / (4.0 * c * c * m * m)
-            j_style += style_w[i] * scale * tf.reduce_sum(tf.square(gdiff))
-            # d/dF sum (F F^T - G_S)^2 = 4 (G - G_S) F, G symmetric
-            grad_flat = tf.matmul(gdiff, flat) * (beta * style_w[i] * 4.0 * scale)
+            j, grad_flat = style_cost_and_grad(self._unroll(a, name), grams[i],
+                                               beta * style_w[i])
+            j_style += style_w[i] * j
             if not self.nchw:
                 grad_flat = tf.transpose(grad_flat)
             g = tf.reshape(grad_flat, tf.shape(a))
             injected[name] = injected[name] + g if name in injected else g
-        j_tv, grad_tv = _total_variation(image)
+        j_tv, grad_tv = total_variation(image)
         total = alpha * j_content + beta * j_style + tv_weight * j_tv
 
         g = None
         for step, x in zip(reversed(self.plan), reversed(inputs)):
             if isinstance(step, str):
-                g = self._avg_pool_backward(g, x)
+                g = self.avg_pool_backward(g, x)
                 continue
             name = step[0]
             if name in injected:
                 g = injected[name] if g is None else g + injected[name]
-            dz = g * tf.sign(acts[name])  # ReLU mask: activations are >= 0
+            dz = g * tf.cast(acts[name] > 0.0, tf.float32)  # ReLU mask
             g = tf.nn.conv2d(dz, tf.constant(self.back_kernels[name]), 1, "SAME",
                              data_format=self.layout)
         if self.nchw:
@@ -187,22 +180,24 @@ class NSTGraph:
         grad = g + tv_weight * grad_tv
         return total, j_content, j_style, j_tv, grad
 
-    def _avg_pool_backward(self, g: Any, x: Any) -> Any:
+    def avg_pool_backward(self, g: Any, x: Any) -> Any:
         """Gradient of a 2x2 stride-2 VALID average pool: each input of a window gets g/4; the
         last row/column of an odd-sized input belongs to no window and gets 0."""
         import tensorflow as tf
 
-        shape, full = tf.shape(g), tf.shape(x)
+        g = g * 0.25  # on the small side, before upsampling
+        to_nhwc, to_nchw = [0, 2, 3, 1], [0, 3, 1, 2]
+        if self.nchw:  # TensorFlow resizes NHWC; tf2onnx cancels the transposes (NCHW Resize)
+            g = tf.transpose(g, to_nhwc)
+        size = tf.shape(g)[1:3] * 2
+        up = tf.raw_ops.ResizeNearestNeighbor(images=g, size=size, align_corners=False,
+                                              half_pixel_centers=False)
+        full = tf.shape(x)
         if self.nchw:
-            c, h, w = shape[1], shape[2], shape[3]
-            quarter = tf.constant(np.full((1, 1, 1, 2, 1, 2), 0.25, np.float32))
-            up = tf.reshape(tf.reshape(g, [1, c, h, 1, w, 1]) * quarter, [1, c, 2 * h, 2 * w])
-            pads = [[0, 0], [0, 0], [0, full[2] - 2 * h], [0, full[3] - 2 * w]]
+            up = tf.transpose(up, to_nchw)
+            pads = [[0, 0], [0, 0], [0, full[2] - size[0]], [0, full[3] - size[1]]]
         else:
-            h, w, c = shape[1], shape[2], shape[3]
-            quarter = tf.constant(np.full((1, 1, 2, 1, 2, 1), 0.25, np.float32))
-            up = tf.reshape(tf.reshape(g, [1, h, 1, w, 1, c]) * quarter, [1, 2 * h, 2 * w, c])
-            pads = [[0, 0], [0, full[1] - 2 * h], [0, full[2] - 2 * w], [0, 0]]
+            pads = [[0, 0], [0, full[1] - size[0]], [0, full[2] - size[1]], [0, 0]]
         return tf.pad(up, pads)
 
     # -- reference: the same loss, differentiated by TensorFlow ----------------------------
@@ -222,7 +217,7 @@ class NSTGraph:
             j_style = tf.add_n([
                 style_w[i] * layer_style_cost(acts[n], grams[i], self.layout)
                 for i, n in enumerate(self.style_layers)])
-            j_tv = _total_variation(image)[0]
+            j_tv = total_variation(image)[0]
             total = alpha * j_content + beta * j_style + tv_weight * j_tv
         return total, j_content, j_style, j_tv, tape.gradient(total, image)
 
@@ -231,7 +226,32 @@ def content_cost(a_c: Any, a_g: Any) -> Any:
     """J_content = 1/(4 nH nW nC) sum (a_C - a_G)^2 (as the exercise)."""
     import tensorflow as tf
 
-    return tf.reduce_sum(tf.square(a_c - a_g)) / (4.0 * tf.cast(tf.size(a_g), tf.float32))
+    return tf.reduce_sum(tf.square(a_c - a_g)) / (4.0 * tf.cast(tf.size(a_g), a_g.dtype))
+
+
+def content_cost_and_grad(a_g: Any, a_c: Any) -> tuple[Any, Any]:
+    """(J_content, dJ_content/da_G) = (sum (a_G - a_C)^2 / (4 n), (a_G - a_C) / (2 n))."""
+    import tensorflow as tf
+
+    diff = a_g - a_c
+    scale = 1.0 / (4.0 * tf.cast(tf.size(a_g), a_g.dtype))
+    return scale * tf.reduce_sum(tf.square(diff)), diff * (2.0 * scale)
+
+
+def style_cost_and_grad(flat: Any, gram_s: Any, grad_scale: Any = 1.0) -> tuple[Any, Any]:
+    """(J_style of one layer, grad_scale * dJ/dF) for activations F unrolled to (nC, nH*nW).
+
+    J = sum (F F^T - G_S)^2 / (4 nC^2 M^2); dJ/dF = 4 (G - G_S) F / (4 nC^2 M^2), G symmetric.
+    The scale is applied to the (nC, nC) matrix, not to the large gradient.
+    """
+    import tensorflow as tf
+
+    shape = tf.cast(tf.shape(flat), flat.dtype)
+    c, m = shape[0], shape[1]
+    scale = 1.0 / (4.0 * c * c * m * m)
+    gdiff = tf.matmul(flat, flat, transpose_b=True) - gram_s
+    j = scale * tf.reduce_sum(tf.square(gdiff))
+    return j, tf.matmul(gdiff * (grad_scale * 4.0 * scale), flat)
 
 
 def gram(a: Any, layout: str = "NHWC") -> Any:
@@ -248,17 +268,17 @@ def layer_style_cost(a_g: Any, gram_s: Any, layout: str = "NHWC") -> Any:
     """J_style(layer) = 1/(4 nC^2 (nH nW)^2) sum (G_S - G_G)^2 (as the exercise)."""
     import tensorflow as tf
 
-    size = tf.cast(tf.size(a_g), tf.float32)
-    c = tf.cast(tf.shape(a_g)[1 if layout == "NCHW" else 3], tf.float32)
+    size = tf.cast(tf.size(a_g), a_g.dtype)
+    c = tf.cast(tf.shape(a_g)[1 if layout == "NCHW" else 3], a_g.dtype)
     m = size / c
     return tf.reduce_sum(tf.square(gram_s - gram(a_g, layout))) / (4.0 * c * c * m * m)
 
 
-def _total_variation(image: Any) -> tuple[Any, Any]:
+def total_variation(image: Any) -> tuple[Any, Any]:
     """(J_tv, dJ_tv/dimage): squared neighbour differences per pixel and channel (NHWC)."""
     import tensorflow as tf
 
-    shape = tf.cast(tf.shape(image), tf.float32)
+    shape = tf.cast(tf.shape(image), image.dtype)
     norm = 1.0 / (shape[1] * shape[2] * 3.0)
     dh = image[:, 1:, :, :] - image[:, :-1, :, :]
     dw = image[:, :, 1:, :] - image[:, :, :-1, :]
