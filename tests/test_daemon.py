@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 import uuid
@@ -21,7 +22,7 @@ import cv2
 import numpy as np
 import pytest
 
-from daemon_support import Daemon, FakeSystemd, MjpegCamera, Subscriber, retained, write_config
+from daemon_support import FACEDOOR, Daemon, FakeSystemd, MjpegCamera, Subscriber, retained, write_config
 from facedoor.config import parse_config
 from facedoor.walkup import Visitor, render, write_walkup
 
@@ -266,3 +267,47 @@ def test_startup_faults_exit_2_with_one_clear_line(fault: str, door: Door, mosqu
         assert text in errors[0], errors[0]
     assert sub.decisions() == []
     assert hashlib.sha256(store.read_bytes()).hexdigest() == store_before  # nothing rewritten
+
+
+def test_sighup_reloads_the_store_and_a_broken_store_fails_closed(door: Door, mosquitto, tmp_path: Path) -> None:
+    store = tmp_path / "store.db"
+    store.write_bytes(door.store.read_bytes())
+    video = tmp_path / "lingering.avi"
+    write_walkup(video, [door.known], visit_s=6.0, gap_s=0.3)
+    config = write_config(tmp_path / "facedoor.yaml", door.models, store, mosquitto.port,
+                          policy={"cooldown_s": 1.0, "unknown_interval_s": 1.0})
+    sub = Subscriber(mosquitto.host, mosquitto.port)
+    daemon = Daemon(config, str(video), "--loop")
+
+    def reload(event: str) -> float:
+        daemon.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while not daemon.events(event) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert daemon.events(event), daemon.log()[-3000:]
+        return time.time()
+
+    try:
+        assert sub.wait_for(lambda m: m["topic"].endswith("/decision") and '"unlock"' in m["payload"], 60), \
+            daemon.log()[-3000:]
+        removed = subprocess.run([str(FACEDOOR), "--models", str(door.models), "--store", str(store), "remove",
+                                  door.known.name], capture_output=True, text=True)
+        assert removed.returncode == 0, removed.stderr
+        t_removed = reload("store_reloaded")
+        assert sub.wait_for(lambda m: m["recv"] > t_removed and m["topic"].endswith("/decision"), 20), \
+            daemon.log()[-3000:]
+        store.write_bytes(os.urandom(8192))  # the store file is destroyed
+        for extra in (tmp_path / "store.db-wal", tmp_path / "store.db-shm"):
+            extra.unlink(missing_ok=True)
+        t_broken = reload("store_reload_failed")
+        health = sub.wait_for(lambda m: m["recv"] > t_broken and m["topic"].endswith("/health"), 5)
+        time.sleep(3.0)
+        assert daemon.proc.poll() is None  # still running, door locked
+        assert daemon.terminate() == 0
+    finally:
+        daemon.kill()
+        sub.stop()
+    after = [d for d in sub.decisions() if d["ts_ms"] / 1000 > t_removed]
+    assert after and all(d["decision"] == "deny" and d["identity"] is None for d in after)
+    report = json.loads(health["payload"])
+    assert report["store_error"] and report["enrolled"] == 0

@@ -4,9 +4,9 @@
 
 Fail closed everywhere: an exception in the frame path is logged and decides nothing; while the
 broker is unreachable or the camera is down nothing is decided (the evidence window is reset);
-a decision older than its TTL is never published. SIGHUP reloads the store's gallery (a failed
-reload leaves an EMPTY gallery: nobody unlocks until a good reload); SIGTERM/SIGINT stop
-cleanly (retained `offline`, camera closed, exit 0).
+a decision older than its TTL is never published. SIGHUP reloads the store's gallery (after a
+failed reload nobody matches, faces are reported unknown, until a reload succeeds); SIGTERM/SIGINT
+stop cleanly (retained `offline`, camera closed, exit 0).
 
 Beside each decision, `facedoor.integrations.Integrations` (unlock action, audit log, Home
 Assistant discovery) is told what was decided and whether it was delivered.
@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from .camera import Camera, CameraError, CameraState, Frame, describe
 from .config import FacedoorConfig
 from .logs import setup_logging
-from .match import Gallery
+from .match import Gallery, Match
 from .mqtt import MqttLink
 from .policy import Decision, Observation, Policy
 from .sdnotify import Notifier, watchdog_interval_s
@@ -60,7 +60,7 @@ class DoorService:
         self.integrations = integrations
         self.policy = Policy(cfg.policy)
         self.threshold = cfg.recognition.threshold
-        self.gallery = load_gallery()
+        self.gallery: Gallery | None = load_gallery()   # None after a failed reload: nobody matches
         self._stop = threading.Event()
         self._reload = threading.Event()
         self._health_due = threading.Event()
@@ -125,7 +125,7 @@ class DoorService:
         try:
             faces = self.pipeline.analyze(frame.image)
             face = max(faces, key=lambda f: f.area) if faces else None
-            match = self.gallery.identify(face.embedding) if face is not None else None
+            match = self.identify(face.embedding) if face is not None else None
             decision = self.policy.observe(Observation(
                 t=frame.t_mono,
                 faces=len(faces),
@@ -142,6 +142,12 @@ class DoorService:
         self._processed.append(time.monotonic())
         if decision is not None:
             self.publish_decision(decision, frame, face)
+
+    def identify(self, embedding: Any) -> Match:
+        """The nearest enrolled identity; while the store is unusable, nobody."""
+        if self.gallery is None:
+            return Match(None, float("inf"), self.threshold)
+        return self.gallery.identify(embedding)
 
     def publish_decision(self, decision: Decision, frame: Frame, face: "Face | None") -> bool:
         """Publish DECISION (unless late or offline), log it, tell the integrations; True if delivered."""
@@ -184,14 +190,14 @@ class DoorService:
 
     # --- housekeeping ------------------------------------------------------------------------
     def reload_gallery(self) -> None:
-        """SIGHUP: re-read the store; on failure use an empty gallery (fail closed) until fixed."""
+        """SIGHUP: re-read the store; on failure nobody matches (fail closed) until a reload works."""
         try:
             self.gallery = self.load_gallery()
             self.store_error = None
             log.info("store reloaded: %d identities, %d embeddings", len(self.gallery.identities),
                      len(self.gallery), extra={"fields": {"event": "store_reloaded"}})
         except Exception as exc:
-            self.gallery = Gallery([], _empty(self.pipeline.embedding_dim), self.threshold)
+            self.gallery = None
             self.store_error = str(exc)
             log.error("store reload failed: %s; nobody is recognised until a reload succeeds", exc,
                       extra={"fields": {"event": "store_reload_failed"}})
@@ -235,7 +241,7 @@ class DoorService:
             "last_broker_outage_s": _finite(self.link.last_outage_s, 1),
             "dropped_decisions": self.link.dropped_decisions,
             "purged_messages": self.link.purged,
-            "enrolled": len(self.gallery.identities),
+            "enrolled": len(self.gallery.identities) if self.gallery is not None else 0,
             "store_error": self.store_error,
             "latency_ms_median": _finite(lat[len(lat) // 2], 1) if lat else None,
             **{k: v for k, v in self.counts.items()},
@@ -269,12 +275,6 @@ def _crop(frame: Frame, face: "Face | None") -> Any:
     x1, y1, x2, y2 = (int(round(v)) for v in face.box)
     x1, y1, x2, y2 = max(0, x1), max(0, y1), min(w, x2), min(h, y2)
     return frame.image[y1:y2, x1:x2].copy() if x2 > x1 and y2 > y1 else None
-
-
-def _empty(dim: int) -> Any:
-    import numpy as np
-
-    return np.zeros((0, dim), np.float32)
 
 
 def run_daemon(cfg: FacedoorConfig, source: int | str | None = None, loop: bool | None = None) -> int:
