@@ -186,7 +186,7 @@ def test_cli_ha_remove_clears_discovery(mosquitto, tmp_path, link_factory, capsy
 
 
 def test_ha_remove_without_broker_is_a_clear_error(tmp_path, capsys) -> None:
-    from conftest import free_port
+    from facedoor.demo import free_port
 
     config_file = tmp_path / "facedoor.yaml"
     config_file.write_text(yaml.safe_dump({"mqtt": {"host": "127.0.0.1", "port": free_port()}}))
