@@ -24,7 +24,7 @@ models: venv
 	$(BIN)/facedoor-export --out $(MODELS)
 
 demo: venv mosquitto
-	$(BIN)/facedoor demo
+	$(BIN)/facedoor demo --models $(MODELS)
 
 test: venv mosquitto
 	$(BIN)/pytest
