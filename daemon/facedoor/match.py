@@ -29,7 +29,9 @@ class Gallery:
     """Enrolled embeddings: an (M, D) float32 matrix and the identity name of each row."""
 
     def __init__(self, names: list[str], embeddings: np.ndarray, threshold: float):
-        embeddings = np.ascontiguousarray(embeddings, dtype=np.float32).reshape(len(names), -1)
+        embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
+        if embeddings.ndim != 2 or embeddings.shape[0] != len(names):
+            raise ValueError(f"gallery needs ({len(names)}, D) embeddings, got shape {embeddings.shape}")
         self.names = list(names)
         self.embeddings = embeddings
         self.threshold = float(threshold)
@@ -43,7 +45,7 @@ class Gallery:
 
     @property
     def dim(self) -> int:
-        return int(self.embeddings.shape[1]) if self.embeddings.ndim == 2 and len(self) else 0
+        return int(self.embeddings.shape[1])
 
     def distances(self, embeddings: np.ndarray) -> np.ndarray:
         """(N, M) L2 distances from each of N query embeddings to every stored row."""

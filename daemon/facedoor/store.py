@@ -39,8 +39,8 @@ CREATE TABLE embeddings (
     identity_id    INTEGER NOT NULL REFERENCES identities(id) ON DELETE CASCADE,
     vector         BLOB NOT NULL,
     dim            INTEGER NOT NULL,
-    encoder_sha256 TEXT NOT NULL,
-    image_sha256   TEXT NOT NULL,
+    encoder_sha256 TEXT NOT NULL CHECK (length(encoder_sha256) = 64),
+    image_sha256   TEXT NOT NULL CHECK (length(image_sha256) = 64),
     created        TEXT NOT NULL,
     UNIQUE (identity_id, encoder_sha256, image_sha256)
 );
@@ -200,16 +200,24 @@ class EmbeddingStore:
                     self._db.execute("DELETE FROM embeddings WHERE identity_id = ?", (identity_id,))
                 else:
                     self._refuse_foreign(identity_id, name)
-            before = self._db.total_changes
+            known = {
+                sha for (sha,) in self._db.execute(
+                    "SELECT image_sha256 FROM embeddings WHERE identity_id = ? AND encoder_sha256 = ?",
+                    (identity_id, self.encoder_sha256),
+                )
+            }
+            rows, seen = [], set(known)
+            for vector, sha in zip(vectors, image_sha256s):
+                if sha in seen:  # this photo is already enrolled for NAME
+                    continue
+                seen.add(sha)
+                rows.append((identity_id, vector.astype("<f4").tobytes(), vector.shape[0], self.encoder_sha256, sha, now))
             self._db.executemany(
-                "INSERT OR IGNORE INTO embeddings (identity_id, vector, dim, encoder_sha256, image_sha256, created)"
+                "INSERT INTO embeddings (identity_id, vector, dim, encoder_sha256, image_sha256, created)"
                 " VALUES (?, ?, ?, ?, ?, ?)",
-                [
-                    (identity_id, v.astype("<f4").tobytes(), v.shape[0], self.encoder_sha256, sha, now)
-                    for v, sha in zip(vectors, image_sha256s)
-                ],
+                rows,
             )
-            added = self._db.total_changes - before
+            added = len(rows)
         log.info("enrolled %s: %d new embedding(s) in %s", name, added, self.path)
         return added
 

@@ -1,0 +1,300 @@
+"""Face detection: one interface, two detectors.
+
+`MTCNNDetector` runs the three exported MTCNN nets (P-Net on an image pyramid, R-Net and O-Net
+on batched candidate crops) on ONNX Runtime, with NMS and box regression in vectorised numpy,
+following the conventions of the `mtcnn==1.0.0` package the weights come from (RGB, (x-127.5)/128,
+row-major HxW images, pyramid factor 0.709, 12-pixel P-Net cells with stride 2). `YuNetDetector`
+wraps OpenCV's `cv2.FaceDetectorYN`. Both return `Face`s with a box, a score and 5 landmarks in
+image pixels, ordered left eye, right eye, nose, left mouth corner, right mouth corner (image
+left/right), largest face first.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import cv2
+import numpy as np
+
+from facedoor.models import Manifest, ModelEntry, ModelError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Face:
+    """One detected face; `embedding` is filled by `FacePipeline.encode`."""
+
+    box: np.ndarray  # (4,) float32 x1, y1, x2, y2 in image pixels
+    score: float
+    landmarks: np.ndarray  # (5, 2) float32: left eye, right eye, nose, mouth left, mouth right
+    embedding: np.ndarray | None = None  # (D,) float32, L2-normalised
+
+    @property
+    def area(self) -> float:
+        return float(max(self.box[2] - self.box[0], 0.0) * max(self.box[3] - self.box[1], 0.0))
+
+    @property
+    def size(self) -> float:
+        """The shorter side of the box in pixels: what `min_face_size` is compared with."""
+        return float(min(self.box[2] - self.box[0], self.box[3] - self.box[1]))
+
+
+class Detector(Protocol):
+    name: str
+
+    def detect(self, image_bgr: np.ndarray, min_face_size: int) -> list[Face]:
+        """Faces of at least MIN_FACE_SIZE pixels, largest first."""
+        ...
+
+
+def _to_faces(boxes: np.ndarray, scores: np.ndarray, landmarks: np.ndarray, min_face_size: float) -> list[Face]:
+    faces = [
+        Face(box=b.astype(np.float32), score=float(s), landmarks=lm.astype(np.float32))
+        for b, s, lm in zip(boxes, scores, landmarks)
+    ]
+    faces = [f for f in faces if f.size >= min_face_size]
+    faces.sort(key=lambda f: f.area, reverse=True)
+    return faces
+
+
+# -- numpy helpers ------------------------------------------------------------------------------
+
+def nms(boxes: np.ndarray, scores: np.ndarray, threshold: float, method: str = "union") -> np.ndarray:
+    """Greedy non-maximum suppression; indices of the kept boxes, best score first.
+
+    METHOD "union" is IoU, "min" divides the intersection by the smaller area (MTCNN's O-Net stage).
+    """
+    if len(boxes) == 0:
+        return np.zeros(0, dtype=np.int64)
+    x1, y1, x2, y2 = boxes.T
+    areas = np.maximum(x2 - x1, 0) * np.maximum(y2 - y1, 0)
+    order = np.argsort(-scores, kind="stable")
+    keep = []
+    while order.size:
+        i = order[0]
+        keep.append(i)
+        rest = order[1:]
+        w = np.maximum(0.0, np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]))
+        h = np.maximum(0.0, np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]))
+        inter = w * h
+        denom = np.minimum(areas[i], areas[rest]) if method == "min" else areas[i] + areas[rest] - inter
+        overlap = inter / np.maximum(denom, 1e-9)
+        order = rest[overlap <= threshold]
+    return np.asarray(keep, dtype=np.int64)
+
+
+def square(boxes: np.ndarray) -> np.ndarray:
+    """Boxes grown to squares of their longer side around the same centre."""
+    out = boxes.copy()
+    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    side = np.maximum(w, h)
+    out[:, 0] = boxes[:, 0] + 0.5 * (w - side)
+    out[:, 1] = boxes[:, 1] + 0.5 * (h - side)
+    out[:, 2:4] = out[:, 0:2] + side[:, None]
+    return out
+
+
+def crop_and_resize(image: np.ndarray, boxes: np.ndarray, size: int) -> np.ndarray:
+    """(N, size, size, C) bilinear crops of IMAGE (H, W, C float) at BOXES, zero outside the image.
+
+    Samples like `tf.image.crop_and_resize` with boxes normalised by the image size, as the
+    `mtcnn` package does, so the nets see the crops they were used with.
+    """
+    h, w = image.shape[:2]
+    n = len(boxes)
+    t = np.linspace(0.0, 1.0, size, dtype=np.float32)
+    x1, y1, x2, y2 = (boxes[:, k : k + 1].astype(np.float32) for k in range(4))
+    ys = (y1 + (y2 - y1) * t) * ((h - 1) / h)  # (N, S)
+    xs = (x1 + (x2 - x1) * t) * ((w - 1) / w)
+    y0 = np.floor(ys)
+    x0 = np.floor(xs)
+    fy = (ys - y0)[:, :, None, None]
+    fx = (xs - x0)[:, None, :, None]
+    y0i = np.clip(y0.astype(np.int64), 0, h - 1)
+    x0i = np.clip(x0.astype(np.int64), 0, w - 1)
+    y1i = np.clip(y0i + 1, 0, h - 1)
+    x1i = np.clip(x0i + 1, 0, w - 1)
+    rows0, rows1 = y0i[:, :, None], y1i[:, :, None]
+    cols0, cols1 = x0i[:, None, :], x1i[:, None, :]
+    top = image[rows0, cols0] * (1 - fx) + image[rows0, cols1] * fx
+    bottom = image[rows1, cols0] * (1 - fx) + image[rows1, cols1] * fx
+    out = top * (1 - fy) + bottom * fy
+    inside = ((ys >= 0) & (ys <= h - 1))[:, :, None] & ((xs >= 0) & (xs <= w - 1))[:, None, :]
+    out *= inside[..., None]
+    return out.reshape(n, size, size, image.shape[2]).astype(np.float32)
+
+
+# -- MTCNN ---------------------------------------------------------------------------------------
+
+class _Net:
+    """One MTCNN net: its ORT session, input layout and output roles (by their last dimension)."""
+
+    def __init__(self, manifest: Manifest, name: str, threads: int | None):
+        self.entry: ModelEntry = manifest.entry(name)
+        self.session = manifest.session(name, threads)
+        self.input_name = self.entry.input_name
+        self.nchw = self.entry.layout == "NCHW"
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.output_dims = [o.shape[-1] for o in self.session.get_outputs()]
+
+    def __call__(self, batch: np.ndarray) -> dict[int, np.ndarray]:
+        """Run on an NHWC batch; outputs keyed by last dimension (2 scores, 4 box, 10 landmarks)."""
+        x = np.ascontiguousarray(batch.transpose(0, 3, 1, 2) if self.nchw else batch, dtype=np.float32)
+        outputs = self.session.run(self.output_names, {self.input_name: x})
+        result = {}
+        for out in outputs:
+            if self.nchw and out.ndim == 4:
+                out = out.transpose(0, 2, 3, 1)
+            result[out.shape[-1]] = out
+        return result
+
+
+class MTCNNDetector:
+    """MTCNN (P-Net, R-Net, O-Net) on ONNX Runtime with numpy pre- and post-processing."""
+
+    name = "mtcnn"
+    scale_factor = 0.709
+    thresholds = (0.6, 0.7, 0.7)
+    nms_thresholds = (0.5, 0.7, 0.7, 0.7)  # P-Net per scale, P-Net across scales, R-Net, O-Net (min)
+    max_candidates = (2000, 300)  # best P-Net / R-Net boxes passed on: bounds the time on busy scenes
+
+    def __init__(self, manifest: Manifest, threads: int | None = None, score_threshold: float = 0.9):
+        self.pnet = _Net(manifest, "mtcnn_pnet", threads)
+        self.rnet = _Net(manifest, "mtcnn_rnet", threads)
+        self.onet = _Net(manifest, "mtcnn_onet", threads)
+        pre = self.pnet.entry.preprocessing
+        self.rgb = pre.color.upper() == "RGB"
+        if pre.normalize != "affine":
+            raise ModelError(f"mtcnn_pnet: unsupported preprocessing {pre.normalize!r} (expected affine)")
+        self.mean = np.asarray(pre.mean, dtype=np.float32)
+        self.scale = np.float32(pre.scale)
+        self.score_threshold = score_threshold
+        self.digests = {n.entry.name: n.entry.sha256 for n in (self.pnet, self.rnet, self.onet)}
+
+    def _normalize(self, image: np.ndarray) -> np.ndarray:
+        return (image.astype(np.float32) - self.mean) * self.scale
+
+    def detect(self, image_bgr: np.ndarray, min_face_size: int = 40) -> list[Face]:
+        rgb = cv2.cvtColor(image_bgr, cv2.COLOR_BGR2RGB) if self.rgb else image_bgr
+        boxes = self._stage1(rgb, min_face_size)
+        if len(boxes) == 0:
+            return []
+        normalized = self._normalize(rgb)
+        boxes = self._stage2(normalized, boxes)
+        if len(boxes) == 0:
+            return []
+        boxes, scores, landmarks = self._stage3(normalized, boxes)
+        keep = scores >= self.score_threshold
+        return _to_faces(boxes[keep], scores[keep], landmarks[keep], min_face_size)
+
+    def _scales(self, height: int, width: int, min_face_size: int) -> list[float]:
+        scale = 12.0 / max(min_face_size, 12)
+        shortest = min(height, width) * scale
+        scales = []
+        while shortest >= 12:
+            scales.append(scale)
+            scale *= self.scale_factor
+            shortest *= self.scale_factor
+        return scales
+
+    def _stage1(self, rgb: np.ndarray, min_face_size: int) -> np.ndarray:
+        """P-Net over the pyramid: candidate boxes (N, 5: x1 y1 x2 y2 score), squared."""
+        h, w = rgb.shape[:2]
+        found = []
+        for scale in self._scales(h, w, min_face_size):
+            size = (max(int(np.ceil(w * scale)), 12), max(int(np.ceil(h * scale)), 12))
+            level = self._normalize(cv2.resize(rgb, size, interpolation=cv2.INTER_AREA))
+            out = self.pnet(level[None])
+            prob, reg = out[2][0, :, :, 1], out[4][0]
+            ys, xs = np.nonzero(prob > self.thresholds[0])
+            if ys.size == 0:
+                continue
+            r = reg[ys, xs]
+            cells = np.stack([xs * 2, ys * 2, xs * 2 + 12, ys * 2 + 12], axis=1).astype(np.float32)
+            cand = np.concatenate([(cells + r * 12.0) / scale, prob[ys, xs, None]], axis=1)
+            found.append(cand[nms(cand[:, :4], cand[:, 4], self.nms_thresholds[0])])
+        if not found:
+            return np.zeros((0, 5), dtype=np.float32)
+        cand = np.concatenate(found)
+        cand = cand[nms(cand[:, :4], cand[:, 4], self.nms_thresholds[1])][: self.max_candidates[0]]
+        cand[:, :4] = square(cand[:, :4])
+        return cand
+
+    def _stage2(self, normalized: np.ndarray, cand: np.ndarray) -> np.ndarray:
+        """R-Net on all candidates in one batch: refined, squared boxes (N, 5)."""
+        out = self.rnet(crop_and_resize(normalized, cand[:, :4], 24))
+        scores, reg = out[2][:, 1], out[4]
+        keep = scores > self.thresholds[1]
+        boxes = _regress(cand[keep, :4], reg[keep])
+        scores = scores[keep]
+        order = nms(boxes, scores, self.nms_thresholds[2])[: self.max_candidates[1]]
+        return np.concatenate([square(boxes[order]), scores[order, None]], axis=1)
+
+    def _stage3(self, normalized: np.ndarray, cand: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """O-Net on all candidates in one batch: boxes (N, 4), scores (N,), landmarks (N, 5, 2)."""
+        out = self.onet(crop_and_resize(normalized, cand[:, :4], 48))
+        scores, reg, marks = out[2][:, 1], out[4], out[10]
+        box = cand[:, :4]
+        w = (box[:, 2] - box[:, 0] + 1)[:, None]
+        h = (box[:, 3] - box[:, 1] + 1)[:, None]
+        lx = w * marks[:, 0:5] + box[:, 0:1] - 1
+        ly = h * marks[:, 5:10] + box[:, 1:2] - 1
+        landmarks = np.stack([lx, ly], axis=2)
+        keep = scores > self.thresholds[2]
+        boxes = _regress(box[keep], reg[keep])
+        scores, landmarks = scores[keep], landmarks[keep]
+        order = nms(boxes, scores, self.nms_thresholds[3], method="min")
+        return boxes[order], scores[order], landmarks[order]
+
+
+def _regress(boxes: np.ndarray, reg: np.ndarray) -> np.ndarray:
+    """Apply R/O-Net box offsets (fractions of the box's +1 width/height)."""
+    w = boxes[:, 2] - boxes[:, 0] + 1
+    h = boxes[:, 3] - boxes[:, 1] + 1
+    return boxes + reg * np.stack([w, h, w, h], axis=1)
+
+
+# -- YuNet ---------------------------------------------------------------------------------------
+
+class YuNetDetector:
+    """OpenCV's YuNet (`cv2.FaceDetectorYN`); the model file is configured, not in the manifest."""
+
+    name = "yunet"
+
+    def __init__(self, model: Path, score_threshold: float = 0.6, nms_threshold: float = 0.3, threads: int | None = None):
+        model = Path(model)
+        if not model.is_file():
+            raise ModelError(f"YuNet model {model} not found (recognition.yunet_model)")
+        try:
+            self._net = cv2.FaceDetectorYN.create(str(model), "", (320, 320), score_threshold, nms_threshold, 5000)
+        except cv2.error as exc:
+            raise ModelError(f"YuNet model {model}: OpenCV cannot load it ({exc})") from exc
+        if threads:
+            cv2.setNumThreads(threads)
+        self._size: tuple[int, int] = (320, 320)
+        self.model = model
+
+    def detect(self, image_bgr: np.ndarray, min_face_size: int = 40) -> list[Face]:
+        h, w = image_bgr.shape[:2]
+        if (w, h) != self._size:
+            self._net.setInputSize((w, h))
+            self._size = (w, h)
+        _, rows = self._net.detect(image_bgr)
+        if rows is None or len(rows) == 0:
+            return []
+        rows = np.asarray(rows, dtype=np.float32)
+        boxes = np.concatenate([rows[:, 0:2], rows[:, 0:2] + rows[:, 2:4]], axis=1)
+        # YuNet: right eye, left eye, nose, right mouth corner, left mouth corner (the subject's),
+        # i.e. image-left first: the same order as MTCNN.
+        landmarks = rows[:, 4:14].reshape(-1, 5, 2)
+        return _to_faces(boxes, rows[:, 14], landmarks, min_face_size)
+
+
+def create_detector(recognition: Any, manifest: Manifest) -> Detector:
+    """The detector the `recognition` config section asks for."""
+    if recognition.detector == "yunet":
+        return YuNetDetector(recognition.yunet_model, threads=recognition.threads)
+    return MTCNNDetector(manifest, recognition.threads, recognition.detect_score)

@@ -1,0 +1,68 @@
+"""Face encoding: the manifest's encoder on ONNX Runtime, preprocessing exactly as recorded.
+
+The manifest entry says the channel order (RGB/BGR), the normalisation (per-image
+standardisation or an affine (x - mean) * scale) and the tensor layout; this module follows it
+and nothing else. All faces of a frame go through the encoder in one batch.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from facedoor.models import Manifest, ModelError, Preprocessing
+
+log = logging.getLogger(__name__)
+
+
+def preprocess(crops_bgr: np.ndarray, pre: Preprocessing) -> np.ndarray:
+    """(N, S, S, 3) uint8 BGR crops -> float32 NHWC tensor as PRE describes."""
+    x = crops_bgr.astype(np.float32)
+    if pre.color.upper() == "RGB":
+        x = x[..., ::-1]
+    if pre.normalize == "per_image_standardization":
+        n = x[0].size
+        mean = x.mean(axis=(1, 2, 3), keepdims=True)
+        std = x.std(axis=(1, 2, 3), keepdims=True)
+        x = (x - mean) / np.maximum(std, 1.0 / np.sqrt(n))
+    elif pre.normalize == "affine":
+        x = (x - np.asarray(pre.mean, dtype=np.float32)) * np.float32(pre.scale)
+    else:
+        raise ModelError(f"unsupported preprocessing normalize={pre.normalize!r}")
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+class Encoder:
+    """A face encoder from the manifest (e.g. `facenet`): crops in, L2-normalised embeddings out."""
+
+    def __init__(self, manifest: Manifest, name: str, threads: int | None = None):
+        self.entry = manifest.entry(name)
+        if self.entry.kind != "encoder":
+            raise ModelError(f"model {name!r} is a {self.entry.kind}, not a face encoder")
+        size = self.entry.input_size
+        if size is None or size[0] != size[1]:
+            raise ModelError(f"encoder {name!r}: expected a fixed square input, manifest says {self.entry.input_shape}")
+        self.session = manifest.session(name, threads)
+        self.name = name
+        self.size = size[0]
+        self.sha256 = self.entry.sha256
+        self.dim = int(self.entry.embedding_dim or self.session.get_outputs()[0].shape[-1])
+        self.threshold = float(self.entry.threshold) if self.entry.threshold is not None else 0.7
+        self._nchw = self.entry.layout == "NCHW"
+        self._output = self.session.get_outputs()[0].name
+        if self.entry.untrained:
+            log.warning(
+                "encoder %s was exported from UNTRAINED weights: recognition is meaningless", name
+            )
+
+    def __call__(self, crops_bgr: np.ndarray) -> np.ndarray:
+        """(N, S, S, 3) uint8 BGR crops -> (N, D) float32 unit-length embeddings, one ORT run."""
+        if len(crops_bgr) == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        x = preprocess(crops_bgr, self.entry.preprocessing)
+        if self._nchw:
+            x = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+        out = np.asarray(self.session.run([self._output], {self.entry.input_name: x})[0], dtype=np.float32)
+        out = out.reshape(len(crops_bgr), -1)
+        norms = np.linalg.norm(out, axis=1, keepdims=True)
+        return out / np.maximum(norms, 1e-12)

@@ -1,0 +1,185 @@
+"""Embedding store: real SQLite files, transactions, encoder binding, concurrency, foreign files."""
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import sqlite3
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from facedoor.store import EmbeddingStore, StoreError
+
+ENC_A = "a" * 64
+ENC_B = "b" * 64
+
+
+def _emb(n: int, seed: int = 0) -> np.ndarray:
+    v = np.random.default_rng(seed).normal(size=(n, 128)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def _shas(n: int, tag: str = "") -> list[str]:
+    return [hashlib.sha256(f"{tag}{i}".encode()).hexdigest() for i in range(n)]
+
+
+def _rows(path: Path) -> tuple[list, list]:
+    with sqlite3.connect(path) as db:
+        return (db.execute("SELECT * FROM identities ORDER BY id").fetchall(),
+                db.execute("SELECT * FROM embeddings ORDER BY id").fetchall())
+
+
+def test_enrol_several_photos_and_read_gallery(tmp_path: Path) -> None:
+    path = tmp_path / "store.db"
+    emb = _emb(5)
+    with EmbeddingStore(path, ENC_A) as store:
+        assert store.enroll("ana", emb[:3], _shas(3, "ana")) == 3
+        assert store.enroll("bo", emb[3:], _shas(2, "bo")) == 2
+        assert store.enroll("ana", emb[:1], _shas(1, "ana")) == 0  # same photo again: nothing new
+        idents = {i.name: i for i in store.identities()}
+    assert {n: i.embeddings for n, i in idents.items()} == {"ana": 3, "bo": 2}
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    with EmbeddingStore(path, ENC_A, readonly=True) as store:
+        gallery = store.gallery(0.7)
+    assert gallery.names == ["ana", "ana", "ana", "bo", "bo"]
+    np.testing.assert_array_equal(gallery.embeddings, emb)
+    assert gallery.identify(emb[4]).identity == "bo"
+
+
+def test_remove_deletes_identity_and_embeddings(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    with EmbeddingStore(path, ENC_A) as store:
+        store.enroll("ana", _emb(2), _shas(2))
+        store.enroll("bo", _emb(1, 1), _shas(1, "b"))
+        assert store.remove("ana") == 2
+        with pytest.raises(StoreError, match="no identity named 'ana'"):
+            store.remove("ana")
+        assert [i.name for i in store.identities()] == ["bo"]
+    idents, embs = _rows(path)
+    assert len(idents) == 1 and len(embs) == 1
+
+
+def test_other_encoder_is_refused_with_reenrol_message(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    with EmbeddingStore(path, ENC_A) as store:
+        store.enroll("ana", _emb(2), _shas(2))
+    before = _rows(path)
+    with EmbeddingStore(path, ENC_B) as store:
+        with pytest.raises(StoreError, match="re-enrol"):
+            store.gallery()
+        with pytest.raises(StoreError, match="re-enrol"):
+            store.enroll("ana", _emb(1, 5), _shas(1, "new"))
+        assert _rows(path) == before
+        assert store.identities()[0].stale == 2
+        # re-enrolment replaces the old model's embeddings in one transaction
+        store.enroll("ana", _emb(1, 5), _shas(1, "new"), replace=True)
+        gallery = store.gallery()
+    assert gallery.names == ["ana"]
+
+
+def test_failed_enrolment_leaves_store_unchanged(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    with EmbeddingStore(path, ENC_A) as store:
+        store.enroll("ana", _emb(2), _shas(2))
+        before = _rows(path)
+        # second photo's row violates NOT NULL: the first must not stay, nor the new identity
+        with pytest.raises(StoreError, match="nothing changed"):
+            store.enroll("bo", _emb(2, 1), [_shas(1, "b")[0], None])  # type: ignore[list-item]
+        with pytest.raises(StoreError, match="non-finite"):
+            store.enroll("cy", np.full((1, 128), np.nan, np.float32), _shas(1, "c"))
+        assert _rows(path) == before
+        assert [i.name for i in store.identities()] == ["ana"]
+
+
+@pytest.mark.parametrize("bad", ["", " ana", "a" * 65, "tab\there"])
+def test_bad_names_are_refused(tmp_path: Path, bad: str) -> None:
+    with EmbeddingStore(tmp_path / "s.db", ENC_A) as store:
+        with pytest.raises(StoreError, match="identity name"):
+            store.enroll(bad, _emb(1), _shas(1))
+
+
+def _assert_refused_untouched(path: Path, match: str) -> None:
+    data = path.read_bytes()
+    for kwargs in ({}, {"readonly": True}):
+        with pytest.raises(StoreError, match=match) as err:
+            EmbeddingStore(path, ENC_A, **kwargs)
+        assert str(path) in str(err.value)
+    assert path.read_bytes() == data
+
+
+def test_foreign_files_are_refused_and_left_untouched(tmp_path: Path) -> None:
+    text = tmp_path / "notes.txt"
+    text.write_text("shopping list\n" * 20)
+    _assert_refused_untouched(text, "not a facedoor embedding store")
+
+    empty = tmp_path / "empty.db"
+    empty.write_bytes(b"")
+    _assert_refused_untouched(empty, "not a facedoor embedding store")
+
+    other = tmp_path / "other.db"
+    with sqlite3.connect(other) as db:
+        db.execute("CREATE TABLE contacts (name TEXT)")
+        db.execute("INSERT INTO contacts VALUES ('x')")
+    _assert_refused_untouched(other, "not a facedoor embedding store")
+
+
+def test_truncated_store_is_refused_and_left_untouched(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    with EmbeddingStore(path, ENC_A) as store:
+        for i in range(40):
+            store.enroll(f"p{i}", _emb(3, i), _shas(3, f"p{i}"))
+    with sqlite3.connect(path) as db:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    size = path.stat().st_size
+    with open(path, "r+b") as fh:
+        fh.truncate(size // 2)
+    _assert_refused_untouched(path, "truncated")
+
+
+def test_missing_store_without_create(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="no embedding store"):
+        EmbeddingStore(tmp_path / "none.db", ENC_A, create=False)
+    assert not (tmp_path / "none.db").exists()
+
+
+def _writer(path: str, count: int) -> None:
+    with EmbeddingStore(path, ENC_A) as store:
+        for i in range(count):
+            store.enroll(f"person{i:03d}", _emb(3, i), _shas(3, f"w{i}"))
+
+
+def test_reader_and_writer_work_concurrently(tmp_path: Path) -> None:
+    """A writer process enrols while a reader thread reloads galleries: no errors, never a partial enrolment."""
+    path = tmp_path / "s.db"
+    EmbeddingStore(path, ENC_A).close()
+    count = 60
+    writer = multiprocessing.get_context("spawn").Process(target=_writer, args=(str(path), count))
+    seen: list[int] = []
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def read() -> None:
+        try:
+            with EmbeddingStore(path, ENC_A, readonly=True) as reader:
+                while not done.is_set():
+                    g = reader.gallery()
+                    assert len(g) % 3 == 0, "a partial enrolment was visible"
+                    seen.append(len(g))
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    thread = threading.Thread(target=read)
+    thread.start()
+    writer.start()
+    writer.join(120)
+    done.set()
+    thread.join(30)
+    assert writer.exitcode == 0
+    assert not errors, errors
+    assert seen == sorted(seen)  # the reader only ever sees the store grow
+    assert len(set(seen)) > 1  # and it did read while the writer wrote
+    with EmbeddingStore(path, ENC_A, readonly=True) as store:
+        assert len(store.gallery()) == 3 * count
