@@ -158,9 +158,19 @@ def test_broker_outage_never_delivers_a_stale_unlock(door: Door, mosquitto, tmp_
     write_walkup(video, [door.known], visit_s=6.0, gap_s=0.3)
     config = write_config(tmp_path / "facedoor.yaml", door.models, door.store, mosquitto.port,
                           policy={"cooldown_s": 1.0}, mqtt={"reconnect_min_s": 1.0, "reconnect_max_s": 2.0})
-    sub = Subscriber(mosquitto.host, mosquitto.port)
+    mosquitto.stop()  # the broker is down when the door starts
     daemon = Daemon(config, str(video), "--loop")
+    sub = Subscriber(mosquitto.host, mosquitto.port)
     try:
+        deadline = time.monotonic() + 60
+        while not daemon.events("ready") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(3.0)  # running, the person in view, nothing to deliver to
+        assert daemon.events("mqtt_unreachable") and daemon.proc.poll() is None, daemon.log()[-3000:]
+        mosquitto.start()
+        first_health = sub.wait_for(lambda m: m["topic"].endswith("/health"), 30)
+        assert first_health is not None, daemon.log()[-3000:]
+        assert json.loads(first_health["payload"])["skipped_offline"] > 0  # says so once back
         assert sub.wait_for(lambda m: m["topic"].endswith("/decision") and '"unlock"' in m["payload"], 60), \
             daemon.log()[-3000:]
         t_stop = time.time()

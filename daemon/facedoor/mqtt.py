@@ -57,6 +57,7 @@ class MqttLink:
         self._client.max_queued_messages_set(64)
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
+        self._client.on_connect_fail = self._on_connect_fail
         self._client.on_message = self._on_message
         self._lock = threading.Lock()
         self._connected = threading.Event()
@@ -66,6 +67,7 @@ class MqttLink:
         self.reconnects = 0
         self.dropped_decisions = 0
         self.purged = 0
+        self.failed_attempts = 0
         self.down_since: float | None = time.monotonic()
         self.last_outage_s: float | None = None
 
@@ -159,6 +161,7 @@ class MqttLink:
         if self.down_since is not None:
             self.last_outage_s = time.monotonic() - self.down_since
             self.down_since = None
+        self.failed_attempts = 0
         client.publish(self.status_topic, "online", qos=1, retain=True)
         with self._lock:
             subs = list(self._subscriptions.items())
@@ -182,6 +185,14 @@ class MqttLink:
             log.warning("MQTT: disconnected from %s:%d (%s); decisions are dropped until it is back",
                         self.cfg.mqtt.host, self.cfg.mqtt.port, reason,
                         extra={"fields": {"event": "mqtt_down"}})
+
+    def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        self.failed_attempts += 1
+        if self.failed_attempts % 12 == 1:  # the first failure, then about once a minute
+            log.warning("MQTT: broker %s:%d unreachable (%d attempt(s)); retrying every <= %.0fs, "
+                        "deciding nothing until it is back", self.cfg.mqtt.host, self.cfg.mqtt.port,
+                        self.failed_attempts, self.cfg.mqtt.reconnect_max_s,
+                        extra={"fields": {"event": "mqtt_unreachable"}})
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         with self._lock:

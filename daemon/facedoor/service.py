@@ -218,7 +218,8 @@ class DoorService:
 
     def _loop_healthy(self, now: float) -> bool:
         """Watchdog condition: the loop runs (we are here) and capture is not hung."""
-        return self.camera.alive(grace_s=self.cfg.camera.stall_timeout_s + 5.0)
+        cam = self.cfg.camera  # a read or an open may block up to stall_timeout_s, a backoff wait up to its max
+        return self.camera.alive(grace_s=2 * cam.stall_timeout_s + cam.reopen_backoff_max_s + 5.0)
 
     def health(self) -> dict[str, Any]:
         """The periodic health report (also sent after reconnects and camera state changes)."""
