@@ -236,3 +236,23 @@ def test_batch_needs_a_directory(nst_models, tmp_path, capsys, pair):
     code, _, stderr = run_cli(capsys, "--models", nst_models, tmp_path / "c*.png", pair[1],
                               "-o", tmp_path / "o.png")
     assert code == 2 and "need a directory" in stderr and other.exists()
+
+
+def test_coarse_to_fine_ends_at_full_size(stylizer: Stylizer, pair):
+    content, style = (images.resize(images.read_rgb(p), 36, 48) for p in pair)
+    seen = []
+    result = stylizer.run(content, [(style, 1.0)],
+                          Settings(iterations=3, scales=2, coarse_iterations=2,
+                                   optimizer="lbfgs"),
+                          lambda p: seen.append(p.image.shape[:2]))
+    coarse = seen.count((18, 24))
+    assert coarse >= 2 and set(seen[:coarse]) == {(18, 24)} and set(seen[coarse:]) == {(36, 48)}
+    assert result.image.shape == (36, 48, 3) and len(result.history) == len(seen) - coarse
+
+
+def test_runtime_never_imports_tensorflow():
+    code = ("import sys, facedoor.stylize.cli, facedoor.stylize.engine\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "{'tensorflow', 'keras', 'tf2onnx'}))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr

@@ -160,6 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizer", choices=("adam", "lbfgs"), default="adam",
                    help="adam (the exercise, lr --lr) or lbfgs (SciPy L-BFGS-B, pixels in "
                         "[0, 255]; usually fewer iterations for the same loss)")
+    p.add_argument("--scales", type=_positive, default=1, metavar="N",
+                   help="coarse-to-fine: optimise at 1/2^(N-1) of the size first, then "
+                        "double up to the full size (default 1: full size only)")
+    p.add_argument("--coarse-iterations", type=_positive, metavar="M",
+                   help="iterations per coarse level (default: half of --iterations)")
     p.add_argument("--lr", type=float, default=2.0, help="Adam learning rate (default 2.0)")
     p.add_argument("--init", choices=("noise", "content", "style"), default="noise",
                    help="start image (default noise: uniform [-20, 20] mixed with the content)")
@@ -273,7 +278,8 @@ def run(args: argparse.Namespace) -> int:
     settings = Settings(
         iterations=args.iterations, optimizer=args.optimizer, lr=args.lr, init=args.init,
         noise_ratio=args.noise_ratio, alpha=args.alpha, beta=args.beta,
-        tv_weight=args.tv_weight, seed=args.seed,
+        tv_weight=args.tv_weight, seed=args.seed, scales=args.scales,
+        coarse_iterations=args.coarse_iterations,
         content_layers=_layer_weights(args.content_layer, 1.0, "--content-layer"),
         style_layers=_layer_weights(args.style_layer, 1.0, "--style-layer"))
     stylizer.layer_weights(settings)  # unknown layers fail before any work
@@ -306,7 +312,8 @@ def _stylize_one(stylizer: Stylizer, content: np.ndarray, styles: list[tuple[np.
     """One content/style pair with a progress bar; intermediates every --save-every."""
     from tqdm import tqdm
 
-    bar = tqdm(total=settings.iterations, desc=out.name, unit="it", disable=args.quiet,
+    coarse = (settings.scales - 1) * (settings.coarse_iterations or settings.iterations // 2)
+    bar = tqdm(total=settings.iterations + coarse, desc=out.name, unit="it", disable=args.quiet,
                leave=True, dynamic_ncols=True)
 
     def progress(p: Progress) -> None:
