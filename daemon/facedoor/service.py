@@ -102,7 +102,7 @@ class DoorService:
                 log.info("video source ended; stopping", extra={"fields": {"event": "source_ended"}})
                 break
             now = time.monotonic()
-            if ping_every and now - last_ping >= ping_every and self._loop_healthy(now):
+            if ping_every and now - last_ping >= ping_every and self._loop_healthy():
                 self.notifier.watchdog()
                 last_ping = now
             if self._health_due.is_set() or now - last_health >= self.cfg.mqtt.health_interval_s:
@@ -216,7 +216,7 @@ class DoorService:
             self._camera_state = state
             self._health_due.set()
 
-    def _loop_healthy(self, now: float) -> bool:
+    def _loop_healthy(self) -> bool:
         """Watchdog condition: the loop runs (we are here) and capture is not hung."""
         cam = self.cfg.camera  # a read or an open may block up to stall_timeout_s, a backoff wait up to its max
         return self.camera.alive(grace_s=2 * cam.stall_timeout_s + cam.reopen_backoff_max_s + 5.0)

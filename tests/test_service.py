@@ -1,0 +1,115 @@
+"""The per-frame path of DoorService with scripted faces and a real broker: largest face decides,
+errors decide nothing, late decisions are never published."""
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+
+from daemon_support import Subscriber
+from facedoor.camera import Camera, Frame
+from facedoor.config import parse_config
+from facedoor.match import Gallery
+from facedoor.mqtt import MqttLink
+from facedoor.pipeline import Face
+from facedoor.sdnotify import Notifier
+from facedoor.service import DoorService
+
+DIM = 128
+
+
+def unit(seed: int) -> np.ndarray:
+    v = np.random.default_rng(seed).normal(size=DIM).astype(np.float32)
+    return v / np.linalg.norm(v)
+
+
+ALICE, BOB, STRANGER = unit(1), unit(2), unit(3)
+
+
+def face(side: float, embedding: np.ndarray) -> Face:
+    box = np.array([10, 10, 10 + side, 10 + side], np.float32)
+    return Face(box=box, score=0.99, landmarks=np.zeros((5, 2), np.float32), embedding=embedding)
+
+
+class ScriptedPipeline:
+    """Returns the next scripted list of faces per frame; an Exception entry is raised."""
+
+    embedding_dim = DIM
+
+    def __init__(self, script: list) -> None:
+        self.script = list(script)
+
+    def analyze(self, image: np.ndarray) -> list[Face]:
+        item = self.script.pop(0)
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+
+@pytest.fixture
+def door(mosquitto):
+    cfg = parse_config({"mqtt": {"port": mosquitto.port}, "camera": {"source": "/dev/video-none"}})
+    link = MqttLink(cfg)
+    link.start()
+    assert link.wait_connected(5)
+    sub = Subscriber(mosquitto.host, mosquitto.port, "facedoor/front/decision")
+    time.sleep(0.3)
+    gallery = Gallery(["alice", "bob"], np.stack([ALICE, BOB]), 0.7)
+
+    def make(script: list) -> DoorService:
+        return DoorService(cfg, ScriptedPipeline(script), lambda: gallery, Camera(cfg.camera), link, Notifier(""))
+
+    yield make, sub
+    sub.stop()
+    link.stop()
+
+
+def frames(n: int, age_s: float = 0.0):
+    for i in range(n):
+        now = time.monotonic() - age_s
+        yield Frame(np.zeros((48, 64, 3), np.uint8), i + 1, now, time.time() - age_s)
+        time.sleep(0.01)
+
+
+def received(sub: Subscriber, wait: float = 1.0) -> list[dict]:
+    time.sleep(wait)
+    return [json.loads(m["payload"]) for m in sub.messages]
+
+
+def test_the_largest_face_decides_and_the_count_is_reported(door) -> None:
+    make, sub = door
+    service = make([[face(40, ALICE), face(120, BOB)]] * 3)
+    for f in frames(3):
+        service.process(f)
+    [d] = received(sub)
+    assert d["decision"] == "unlock" and d["identity"] == "bob" and d["faces"] == 2 and d["frames"] == 3
+
+
+def test_an_error_in_the_frame_path_decides_nothing_and_breaks_the_evidence(door) -> None:
+    make, sub = door
+    script = [[face(100, ALICE)], [face(100, ALICE)], RuntimeError("ORT failed"), [face(100, ALICE)],
+              [face(100, ALICE)]]
+    service = make(script)
+    for f in frames(len(script)):
+        service.process(f)
+    assert received(sub) == [] and service.counts["errors"] == 1
+
+
+def test_a_stranger_is_denied_not_matched_to_the_nearest(door) -> None:
+    make, sub = door
+    service = make([[face(100, STRANGER)]] * 3)
+    for f in frames(3):
+        service.process(f)
+    [d] = received(sub)
+    assert (d["decision"], d["reason"], d["identity"]) == ("deny", "unknown", None) and d["distance"] >= 0.7
+
+
+def test_a_decision_older_than_its_ttl_is_never_published(door) -> None:
+    make, sub = door
+    service = make([[face(100, ALICE)]] * 3)
+    for f in frames(3, age_s=6.0):  # frames captured 6 s ago (TTL 5 s)
+        service.process(f)
+    assert received(sub) == [] and service.link.dropped_decisions == 1
+    assert not service.policy.in_cooldown("alice", time.monotonic())  # undelivered: re-armed
