@@ -3,10 +3,13 @@
 Datasets: `../shared/data/faces/lfw10` (10 people x 10 photos) and the 5-celebrity set of the
 FaceNet source archive (train + val pooled). Variants: detector (MTCNN, YuNet) x alignment
 (similarity template, box crop with margin). Two protocols:
-  single:  every pair of photos; genuine = same person, impostor = different people.
+  single:  each photo enrolled alone, every other photo a probe; genuine = same person,
+           impostor = different people.
   3-photo: each person enrolled from 3 photos (a sliding group of 3); every other photo of the
            person is a genuine probe, every photo of everyone else an impostor probe; the
            distance is the minimum over the 3 enrolled embeddings (as the store matches).
+Enrolled embeddings are computed as `facedoor enroll` stores them (crop + mirror averaged),
+probes as a camera frame is encoded (one pass).
 FAR = impostor distances < t; FRR = genuine distances >= t (a match is strictly below t).
 
     .venv/bin/python benchmarks/accuracy.py [--models models] [--detectors mtcnn,yunet]
@@ -22,7 +25,8 @@ import cv2
 import numpy as np
 
 from facedoor.config import parse_config
-from facedoor.pipeline import FacePipeline
+from facedoor.align import Aligner
+from facedoor.pipeline import Face, FacePipeline
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -37,45 +41,53 @@ def load_dataset(root: Path, pattern: str) -> tuple[list[Path], np.ndarray]:
     return paths, np.array([people.index(p.parent.name) for p in paths])
 
 
-def embed_all(pipeline: FacePipeline, paths: list[Path]) -> np.ndarray:
-    """One embedding per photo (largest face); NaN rows where no face was found."""
-    out = np.full((len(paths), pipeline.embedding_dim), np.nan, dtype=np.float32)
-    for i, path in enumerate(paths):
+def detect_all(pipeline: FacePipeline, paths: list[Path]) -> list[tuple[np.ndarray, Face | None]]:
+    """Each photo with its largest face (None where no face was found)."""
+    out = []
+    for path in paths:
         image = cv2.imread(str(path))
         faces = pipeline.detect_still(image)
-        if faces:
-            out[i] = pipeline.encode(image, faces[:1])[0]
+        out.append((image, faces[0] if faces else None))
     return out
 
 
-def _distances(emb: np.ndarray) -> np.ndarray:
-    return np.sqrt(np.maximum(((emb[:, None, :] - emb[None, :, :]) ** 2).sum(-1), 0))
+def embed_all(pipeline: FacePipeline, detections: list[tuple[np.ndarray, Face | None]]) -> tuple[np.ndarray, np.ndarray]:
+    """Per photo: the probe embedding (as a camera frame is encoded) and the enrolment embedding
+    (as `facedoor enroll` stores it); NaN rows where no face was found."""
+    probe = np.full((len(detections), pipeline.embedding_dim), np.nan, dtype=np.float32)
+    enrol = probe.copy()
+    for i, (image, face) in enumerate(detections):
+        if face is not None:
+            probe[i] = pipeline.encode(image, [face])[0]
+            enrol[i] = pipeline.enrolment_embedding(image, face)
+    return probe, enrol
 
 
-def pair_distances(emb: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Genuine and impostor distances over all pairs of photos with a face."""
-    ok = ~np.isnan(emb[:, 0])
-    e, labels = emb[ok], labels[ok]
-    d = _distances(e)
-    iu = np.triu_indices(len(e), 1)
-    same = labels[iu[0]] == labels[iu[1]]
-    return d[iu][same], d[iu][~same]
+def _distances(probe: np.ndarray, enrol: np.ndarray) -> np.ndarray:
+    """(N, N) distances from each photo as a probe to each photo as an enrolment."""
+    return np.sqrt(np.maximum(((probe[:, None, :] - enrol[None, :, :]) ** 2).sum(-1), 0))
 
 
-def gallery_distances(emb: np.ndarray, labels: np.ndarray, k: int = 3) -> tuple[np.ndarray, np.ndarray]:
+def pair_distances(probe: np.ndarray, enrol: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Single-photo enrolment: every photo enrolled alone, every other photo a probe."""
+    ok = ~np.isnan(probe[:, 0])
+    d, labels = _distances(probe[ok], enrol[ok]), labels[ok]
+    off = ~np.eye(len(labels), dtype=bool)
+    same = (labels[:, None] == labels[None, :]) & off
+    return d[same], d[(labels[:, None] != labels[None, :])]
+
+
+def gallery_distances(probe: np.ndarray, enrol: np.ndarray, labels: np.ndarray, k: int = 3) -> tuple[np.ndarray, np.ndarray]:
     """3-photo enrolment: genuine / impostor min-distances over sliding groups of K photos per person."""
-    ok = ~np.isnan(emb[:, 0])
-    e, labels = emb[ok], labels[ok]
-    d = _distances(e)
+    ok = ~np.isnan(probe[:, 0])
+    d, labels = _distances(probe[ok], enrol[ok]), labels[ok]
     genuine, impostor = [], []
     for person in np.unique(labels):
         idx = np.flatnonzero(labels == person)
         for start in range(0, len(idx) - k, k):
             enrolled = idx[start : start + k]
-            probes_g = np.setdiff1d(idx, enrolled)
-            probes_i = np.flatnonzero(labels != person)
-            genuine.append(d[np.ix_(probes_g, enrolled)].min(axis=1))
-            impostor.append(d[np.ix_(probes_i, enrolled)].min(axis=1))
+            genuine.append(d[np.ix_(np.setdiff1d(idx, enrolled), enrolled)].min(axis=1))
+            impostor.append(d[np.ix_(np.flatnonzero(labels != person), enrolled)].min(axis=1))
     return np.concatenate(genuine), np.concatenate(impostor)
 
 
@@ -109,19 +121,20 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[tuple[str, str, str], dict[str, tuple[np.ndarray, np.ndarray]]] = {}
     missed: dict[tuple[str, str], int] = {}
     for detector in args.detectors.split(","):
-        for align in args.aligns.split(","):
-            pipeline = make_pipeline(args.models, detector, align)
-            for name, (paths, labels) in datasets.items():
-                t0 = time.perf_counter()
-                emb = embed_all(pipeline, paths)
-                missed[(name, f"{detector}/{align}")] = int(np.isnan(emb[:, 0]).sum())
+        pipeline = make_pipeline(args.models, detector, "similarity")
+        for name, (paths, labels) in datasets.items():
+            t0 = time.perf_counter()
+            detections = detect_all(pipeline, paths)
+            print(f"# {name} {detector}: {len(paths)} photos, {sum(f is None for _, f in detections)} without a face, "
+                  f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
+            for align in args.aligns.split(","):
+                pipeline.aligner = Aligner(align, pipeline.encoder.size)
+                probe, enrol = embed_all(pipeline, detections)
+                missed[(name, f"{detector}/{align}")] = int(np.isnan(probe[:, 0]).sum())
                 results[(name, detector, align)] = {
-                    "single": pair_distances(emb, labels),
-                    "3-photo": gallery_distances(emb, labels),
+                    "single": pair_distances(probe, enrol, labels),
+                    "3-photo": gallery_distances(probe, enrol, labels),
                 }
-                print(f"# {name} {detector}/{align}: {len(paths)} photos, "
-                      f"{missed[(name, f'{detector}/{align}')]} without a face, {time.perf_counter() - t0:.1f} s",
-                      file=sys.stderr)
 
     variants = [f"{d}/{a}" for d in args.detectors.split(",") for a in args.aligns.split(",")]
     for name, (paths, labels) in datasets.items():

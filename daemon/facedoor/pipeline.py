@@ -33,6 +33,7 @@ STILL_MIN_FACE = 20  # px: faces in photos may be small (a full-length shot); en
 STILL_PAD = 0.5  # border added around a small photo on retry, as a fraction of its size
 STILL_SMALL = 320  # "small photo": shorter side below this may be a tight face crop
 ENROL_MIN_FACE = 28  # px, shorter side of the face box in the photo
+ENROL_RIVAL_RATIO = 0.5  # a second face at least this fraction of the largest one's size: rejected
 ENROL_MIN_SHARPNESS = 150.0  # variance of the Laplacian of the grey 64x64 aligned face
 SHARPNESS_SIZE = 64  # measured on LFW/Happy House: sharp faces >= 290, Gaussian blur sigma 2-3 <= 80 (small faces)
 
@@ -134,17 +135,30 @@ class FacePipeline:
         faces = self.detect_still(image_bgr)
         if not faces:
             raise PhotoRejected("no face found")
-        usable = [f for f in faces if f.size >= ENROL_MIN_FACE]
-        if not usable:
-            raise PhotoRejected(f"face too small ({faces[0].size:.0f} px, need at least {ENROL_MIN_FACE} px)")
-        if len(usable) > 1:
-            raise PhotoRejected(f"{len(usable)} faces found, need exactly one")
-        face = usable[0]
+        face = max(faces, key=lambda f: f.size)
+        if face.size < ENROL_MIN_FACE:
+            raise PhotoRejected(f"face too small ({face.size:.0f} px, need at least {ENROL_MIN_FACE} px)")
+        # Faces under half the size of the largest are bystanders far behind; any other is a
+        # second candidate, and enrolling the wrong one would let a stranger in.
+        rivals = [f for f in faces if f.size >= max(ENROL_MIN_FACE, ENROL_RIVAL_RATIO * face.size)]
+        if len(rivals) > 1:
+            raise PhotoRejected(f"{len(rivals)} faces found, need exactly one")
         sharp = sharpness(image_bgr, face)
         if sharp < ENROL_MIN_SHARPNESS:
             raise PhotoRejected(f"too blurred (sharpness {sharp:.0f}, need at least {ENROL_MIN_SHARPNESS:.0f})")
-        self.encode(image_bgr, [face])
+        face.embedding = self.enrolment_embedding(image_bgr, face)
         return face
+
+    def enrolment_embedding(self, image_bgr: np.ndarray, face: Face) -> np.ndarray:
+        """The mean of the embeddings of the aligned crop and its mirror image, re-normalised.
+
+        Enrolment happens once, so it can afford the second encoder pass; on LFW (MTCNN,
+        3-photo enrolment) it lowers the false rejections at 0.7 from 11.0 % to 8.1 % with no
+        impostor accepted (benchmarks/accuracy.py), at no cost per camera frame."""
+        crop = self.crops(image_bgr, [face])
+        both = self.encoder(np.concatenate([crop, crop[:, :, ::-1]]))
+        mean = both.sum(axis=0)
+        return (mean / np.linalg.norm(mean)).astype(np.float32)
 
 
 def sharpness(image_bgr: np.ndarray, face: Face) -> float:
