@@ -14,11 +14,11 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e '.[export,test]'
 	touch $@
 
-# Debian's Mosquitto broker: the tests and the demo start private instances of it.
+# Debian's Mosquitto broker (tests, demo) and systemd-analyze (unit test, package `systemd`).
 mosquitto:
-	@command -v mosquitto >/dev/null 2>&1 || { \
-	  echo "installing Debian's mosquitto"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null; }
+	@{ command -v mosquitto && command -v systemd-analyze; } >/dev/null 2>&1 || { \
+	  echo "installing Debian's mosquitto and systemd (systemd-analyze)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto systemd >/dev/null; }
 
 models: venv
 	$(BIN)/facedoor-export --out $(MODELS)
