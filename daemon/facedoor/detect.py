@@ -293,8 +293,8 @@ class YuNetDetector:
         return _to_faces(boxes, rows[:, 14], landmarks, min_face_size)
 
 
-def create_detector(recognition: Any, manifest: Manifest) -> Detector:
+def create_detector(recognition: Any, manifest: Manifest, threads: int | None = None) -> Detector:
     """The detector the `recognition` config section asks for."""
     if recognition.detector == "yunet":
-        return YuNetDetector(recognition.yunet_model, threads=recognition.threads)
-    return MTCNNDetector(manifest, recognition.threads, recognition.detect_score)
+        return YuNetDetector(recognition.yunet_model, threads=threads)
+    return MTCNNDetector(manifest, threads, recognition.detect_score)

@@ -13,6 +13,7 @@ mapped back and the crop is always cut from the original pixels.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 import cv2
@@ -70,8 +71,10 @@ class FacePipeline:
         """Load the manifest from `cfg.models`, verify hashes, open sessions (ModelError on any problem)."""
         rec = cfg.recognition
         manifest = Manifest.load(cfg.models)
-        encoder = Encoder(manifest, rec.encoder, rec.threads)
-        detector = create_detector(rec, manifest)
+        # ONNX Runtime's own default can be a single thread on a VM; use every CPU unless capped.
+        threads = rec.threads or os.cpu_count() or 1
+        encoder = Encoder(manifest, rec.encoder, threads)
+        detector = create_detector(rec, manifest, threads)
         log.info(
             "face pipeline: detector %s, align %s, encoder %s (%s..., %d-D), threshold %.3f",
             detector.name, rec.align, encoder.name, encoder.sha256[:12], encoder.dim, rec.threshold,
