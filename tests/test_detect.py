@@ -1,0 +1,131 @@
+"""Face detection: numpy helpers, MTCNN on ONNX Runtime against the `mtcnn` package, YuNet."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from facedoor.detect import MTCNNDetector, YuNetDetector, crop_and_resize, nms, square
+from facedoor.models import Manifest, ModelError
+
+
+def test_nms_keeps_best_of_overlapping_boxes() -> None:
+    boxes = np.array([[0, 0, 10, 10], [1, 1, 11, 11], [20, 20, 30, 30], [0, 0, 10, 10.5]], np.float32)
+    scores = np.array([0.8, 0.9, 0.7, 0.6], np.float32)
+    assert nms(boxes, scores, 0.5).tolist() == [1, 2]
+    assert nms(boxes, scores, 0.99).tolist() == [1, 0, 2, 3]
+    # "min": a small box inside a big one is suppressed even though their IoU is low
+    nested = np.array([[0, 0, 100, 100], [10, 10, 30, 30]], np.float32)
+    assert nms(nested, np.array([0.9, 0.8]), 0.7, "min").tolist() == [0]
+    assert nms(nested, np.array([0.9, 0.8]), 0.7, "union").tolist() == [0, 1]
+    assert nms(np.zeros((0, 4), np.float32), np.zeros(0), 0.5).size == 0
+
+
+def test_square_keeps_centre() -> None:
+    sq = square(np.array([[10, 20, 30, 60]], np.float32))
+    np.testing.assert_allclose(sq, [[0, 20, 40, 60]])
+
+
+def test_crop_and_resize_matches_a_plain_resize_and_pads_with_zero() -> None:
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=(50, 40, 3)).astype(np.float32)
+    whole = crop_and_resize(image, np.array([[0, 0, 40, 50]], np.float32), 24)[0]
+    # tf.image.crop_and_resize with boxes normalised by the image size: the whole-image box
+    # samples from the first to the last pixel centre
+    ys = np.linspace(0, 49, 24)
+    xs = np.linspace(0, 39, 24)
+    y0, x0 = np.floor(ys).astype(int), np.floor(xs).astype(int)
+    fy, fx = (ys - y0)[:, None, None], (xs - x0)[None, :, None]
+    y1, x1 = np.minimum(y0 + 1, 49), np.minimum(x0 + 1, 39)
+    ref = (image[y0][:, x0] * (1 - fy) * (1 - fx) + image[y0][:, x1] * (1 - fy) * fx
+           + image[y1][:, x0] * fy * (1 - fx) + image[y1][:, x1] * fy * fx)
+    np.testing.assert_allclose(whole, ref, atol=1e-4)  # float32 sample positions
+    outside = crop_and_resize(image, np.array([[-100, -100, -60, -60]], np.float32), 12)
+    assert np.all(outside == 0)
+
+
+@pytest.fixture(scope="module")
+def manifest(real_models: Path) -> Manifest:
+    return Manifest.load(real_models)
+
+
+@pytest.fixture(scope="module")
+def lfw_images(shared_dir: Path) -> list[np.ndarray]:
+    paths = sorted((shared_dir / "data/faces/lfw10").glob("*/*_0002.jpg"))
+    return [cv2.imread(str(p)) for p in paths]
+
+
+def _check_face_geometry(face) -> None:
+    (lx, ly), (rx, ry), (nx, ny), (mlx, mly), (mrx, mry) = face.landmarks
+    assert lx < nx < rx and mlx < mrx  # image-left eye / mouth corner first
+    assert max(ly, ry) < ny < min(mly, mry)  # eyes above nose above mouth
+    x1, y1, x2, y2 = face.box
+    assert x1 < lx and rx < x2 and y1 < ly and max(mly, mry) < y2
+
+
+def test_mtcnn_finds_the_lfw_face_with_landmarks(manifest: Manifest, lfw_images: list[np.ndarray]) -> None:
+    detector = MTCNNDetector(manifest)
+    for image in lfw_images:
+        faces = detector.detect(image, 40)
+        assert faces, "no face"
+        face = faces[0]
+        assert face.score >= 0.9 and face.landmarks.shape == (5, 2) and face.box.dtype == np.float32
+        _check_face_geometry(face)
+        cx, cy = (face.box[0] + face.box[2]) / 2, (face.box[1] + face.box[3]) / 2
+        assert abs(cx - 125) < 30 and abs(cy - 125) < 40  # LFW crops are centred on the face
+        assert [f.area for f in faces] == sorted((f.area for f in faces), reverse=True)
+
+
+def test_mtcnn_matches_the_mtcnn_package(manifest: Manifest, lfw_images: list[np.ndarray]) -> None:
+    """Same boxes and landmarks as the `mtcnn` wheel the weights come from (TensorFlow, export extra)."""
+    mtcnn = pytest.importorskip("mtcnn", reason="the export extra (mtcnn, TensorFlow) is not installed")
+    reference = mtcnn.MTCNN()
+    detector = MTCNNDetector(manifest)
+    for image in lfw_images[:4]:
+        rgb = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+        # (the package's own pyramid breaks on 250x250 with min_face_size 40: compare at its default 20)
+        ref = max(reference.detect_faces(rgb, box_format="xyxy", threshold_onet=0.7, min_face_size=20),
+                  key=lambda r: (r["box"][2] - r["box"][0]) * (r["box"][3] - r["box"][1]))
+        ours = detector.detect(image, 20)[0]
+        # The package's pyramid rounding, TF's AREA resize and its all-pairs NMS differ slightly
+        # from ours: a few pixels on a ~100 px face, far from a different detection.
+        side = ref["box"][2] - ref["box"][0]
+        np.testing.assert_allclose(ours.box, ref["box"], atol=0.08 * side)
+        kp = ref["keypoints"]
+        ref_marks = [kp[k] for k in ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")]
+        np.testing.assert_allclose(ours.landmarks, ref_marks, atol=0.04 * side)
+        assert ours.score == pytest.approx(ref["confidence"], abs=0.02)
+
+
+def test_mtcnn_and_yunet_agree(manifest: Manifest, lfw_images: list[np.ndarray], shared_dir: Path) -> None:
+    mtcnn = MTCNNDetector(manifest)
+    yunet = YuNetDetector(shared_dir / "models/yunet/face_detection_yunet_2023mar.onnx")
+    for image in lfw_images:
+        a, b = mtcnn.detect(image, 40)[0], yunet.detect(image, 40)[0]
+        _check_face_geometry(b)
+        eye_dist = np.linalg.norm(a.landmarks[0] - a.landmarks[1])
+        assert np.abs(a.landmarks - b.landmarks).max() < 0.35 * eye_dist
+
+
+def test_nothing_on_a_faceless_image_and_min_size_is_honoured(manifest: Manifest, lfw_images, shared_dir) -> None:
+    detectors = [MTCNNDetector(manifest), YuNetDetector(shared_dir / "models/yunet/face_detection_yunet_2023mar.onnx")]
+    noise = np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8)
+    frame = np.full((480, 640, 3), 90, np.uint8)
+    small = cv2.resize(lfw_images[0], (125, 125), interpolation=cv2.INTER_AREA)  # face ~50 px
+    frame[300:425, 400:525] = small
+    for det in detectors:
+        assert det.detect(noise, 40) == [], det.name
+        faces = det.detect(frame, 40)
+        assert len(faces) == 1 and 400 < faces[0].box[0] < faces[0].box[2] < 525, det.name
+        assert det.detect(frame, 120) == [], det.name
+
+
+def test_yunet_missing_model_is_a_model_error(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="not found"):
+        YuNetDetector(tmp_path / "none.onnx")
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not onnx")
+    with pytest.raises(ModelError, match="cannot load"):
+        YuNetDetector(bad)

@@ -1,0 +1,73 @@
+"""Encoding: preprocessing exactly as the manifest says, batches in one run, unit-length output."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from facedoor.embed import Encoder, preprocess
+from facedoor.models import Manifest, ModelError, Preprocessing
+
+
+def test_per_image_standardization_and_rgb() -> None:
+    rng = np.random.default_rng(0)
+    crops = rng.integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    x = preprocess(crops, Preprocessing(color="RGB", normalize="per_image_standardization"))
+    for i in range(3):
+        rgb = crops[i, ..., ::-1].astype(np.float64)
+        expected = (rgb - rgb.mean()) / max(rgb.std(), 1 / np.sqrt(rgb.size))
+        np.testing.assert_allclose(x[i], expected, atol=1e-5)
+    # a flat crop does not divide by zero
+    flat = preprocess(np.full((1, 8, 8, 3), 7, np.uint8), Preprocessing(normalize="per_image_standardization"))
+    assert np.all(flat == 0)
+
+
+def test_affine_and_bgr() -> None:
+    crops = np.arange(2 * 4 * 4 * 3, dtype=np.uint8).reshape(2, 4, 4, 3)
+    pre = Preprocessing(color="BGR", normalize="affine", mean=(10.0, 20.0, 30.0), scale=0.5)
+    np.testing.assert_allclose(preprocess(crops, pre), (crops - np.array([10, 20, 30])) * 0.5)
+    with pytest.raises(ModelError, match="unsupported"):
+        preprocess(crops, Preprocessing(normalize="zscore"))
+
+
+@pytest.fixture(scope="module")
+def face_crops(shared_dir: Path) -> np.ndarray:
+    paths = sorted((shared_dir / "data/happyhouse").glob("*.jpg"))[:5]
+    return np.stack([cv2.resize(cv2.imread(str(p)), (160, 160)) for p in paths])
+
+
+@pytest.mark.slow
+def test_batch_equals_one_by_one_and_unit_length(real_models: Path, face_crops: np.ndarray) -> None:
+    encoder = Encoder(Manifest.load(real_models), "facenet")
+    assert (encoder.size, encoder.dim, encoder.threshold) == (160, 128, 0.7)
+    batch = encoder(face_crops)
+    single = np.concatenate([encoder(c[None]) for c in face_crops])
+    assert batch.shape == (5, 128) and batch.dtype == np.float32
+    np.testing.assert_allclose(batch, single, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(batch, axis=1), 1.0, atol=1e-5)
+    assert encoder(face_crops[:0]).shape == (0, 128)
+
+
+@pytest.mark.slow
+def test_preprocessing_comes_from_the_manifest(real_models: Path, tmp_path: Path, face_crops: np.ndarray) -> None:
+    """Change the recorded colour order and the embeddings change: nothing is hard-coded."""
+    models = tmp_path / "models"
+    shutil.copytree(real_models, models)
+    manifest_path = models / "manifest.json"
+    raw = json.loads(manifest_path.read_text())
+    rgb = Encoder(Manifest.load(models), "facenet")(face_crops)
+    raw["models"]["facenet"]["preprocessing"]["color"] = "BGR"
+    manifest_path.write_text(json.dumps(raw))
+    bgr = Encoder(Manifest.load(models), "facenet")(face_crops)
+    assert np.linalg.norm(rgb - bgr, axis=1).min() > 0.05
+    reference = Encoder(Manifest.load(models), "facenet")(face_crops[..., ::-1].copy())
+    np.testing.assert_allclose(reference, rgb, atol=1e-5)  # BGR of swapped pixels == RGB of the originals
+
+
+def test_detector_entry_is_not_an_encoder(real_models: Path) -> None:
+    with pytest.raises(ModelError, match="not a face encoder"):
+        Encoder(Manifest.load(real_models), "mtcnn_onet")
