@@ -214,7 +214,8 @@ def plot(curves: dict, target: float, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, (result, stamps) in curves.items():
         js = [j for j, _, _ in result.history]
-        ax.semilogy(stamps[:len(js)], js[:len(stamps)], label=name)
+        ax.semilogy(stamps[:len(js)], js[:len(stamps)], label=name,
+                    marker="o" if len(js) < 5 else None)
     ax.axhline(target, color="grey", linestyle=":", label="Adam final loss (target)")
     ax.set_xlabel("seconds (ONNX Runtime, this machine)")
     ax.set_ylabel("J")

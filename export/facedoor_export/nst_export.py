@@ -120,8 +120,13 @@ def parity(features_bytes: bytes, step_bytes: bytes, graph: NSTGraph, reference:
 
 
 def _graph_stats(proto: Any) -> dict[str, int]:
+    """Node counts; `layout_transposes` are 4-D Transposes (the 2-D ones are MatMul operands
+    that ONNX Runtime folds into FusedMatMul)."""
     ops = collections.Counter(node.op_type for node in proto.graph.node)
-    return {"nodes": sum(ops.values()), "Conv": ops["Conv"], "Transpose": ops["Transpose"]}
+    layout = sum(1 for node in proto.graph.node if node.op_type == "Transpose"
+                 and any(a.name == "perm" and len(a.ints) == 4 for a in node.attribute))
+    return {"nodes": sum(ops.values()), "Conv": ops["Conv"], "Transpose": ops["Transpose"],
+            "layout_transposes": layout}
 
 
 def _io(session_inputs: Any, layout: dict[str, str]) -> list[dict[str, Any]]:
@@ -156,7 +161,7 @@ def export(ctx: ExportContext) -> list[tuple[str, dict[str, Any]]]:
     for name, proto in (("vgg19_features", features), ("vgg19_nst_step", step)):
         stats = _graph_stats(proto)
         print(f"{name}: {stats['nodes']} nodes, {stats['Conv']} Conv, "
-              f"{stats['Transpose']} Transpose")
+              f"{stats['layout_transposes']} layout Transpose (RGB image/gradient only)")
     features_bytes, step_bytes = features.SerializeToString(), step.SerializeToString()
 
     errors = parity(features_bytes, step_bytes, graph, reference)

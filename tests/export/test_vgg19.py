@@ -130,6 +130,7 @@ def test_onnx_graph_is_nchw_without_layout_transposes(small_graphs):
         # only RGB-sized tensors change layout (image in, TV gradient, gradient out); the
         # 2-D ones are MatMul sides that ONNX Runtime fuses. No Transpose around any Conv.
         assert sum(1 for p in perms if len(p) == 4) <= 3, perms
+        assert nst_export._graph_stats(proto)["layout_transposes"] <= 3
 
 
 def write_keras_notop_h5(path: Path) -> dict[str, list[np.ndarray]]:
