@@ -165,7 +165,9 @@ def add_command(commands: argparse._SubParsersAction) -> None:
     """Register enroll, list, remove, verify and identify."""
     p = commands.add_parser(
         "enroll", parents=[REPORTING], help="enrol a person from one or more photos",
-        description="Each photo must show exactly one usable face (large and sharp enough). "
+        description="Each photo must show exactly one usable face: at least 28 px, sharp enough, and no "
+                    "second face at least half its size. Tight face crops (e.g. 96x96 ID photos) work: "
+                    "when no face is found on a small photo it is retried padded and upscaled. "
                     "All photos are stored in one transaction, or none.",
     )
     p.add_argument("name", help="identity name (unique, up to 64 characters)")
