@@ -94,8 +94,9 @@ class Stylizer:
             if missing:
                 raise ModelError(f"{self.directory} has no {' or '.join(missing)} model; "
                                  + export_hint(self.directory))
-            self.features = manifest.session(FEATURES, threads)
-            self.step_session = manifest.session(STEP, threads)
+            # NCHWc layout transforms: the step is all 3x3 convolutions
+            self.features = manifest.session(FEATURES, threads, layout_optimization=True)
+            self.step_session = manifest.session(STEP, threads, layout_optimization=True)
         except ModelError as exc:
             if "no model manifest" in str(exc):
                 raise ModelError(f"no models in {self.directory}: "
