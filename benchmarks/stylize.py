@@ -49,7 +49,8 @@ def tf_step(stylizer, weights_source: str):
 
     weights = vgg19.untrained() if weights_source.startswith("untrained") else vgg19.imagenet()
     graph = NSTGraph(weights, stylizer.content_layers, stylizer.style_layers, layout="NHWC")
-    return tf.function(graph.autodiff, input_signature=graph.step_signature()), tf
+    return tf.function(graph.autodiff, input_signature=graph.step_signature(),
+                       autograph=False), tf
 
 
 def measure_steps(stylizer, targets, settings, x, repeats: int, weights_source: str
@@ -170,6 +171,7 @@ def main() -> int:
     weights_note = "UNTRAINED weights (real VGG-19 unreachable here)" if untrained else \
         "ImageNet weights"
     cores = len(os.sched_getaffinity(0))
+    coarse_note = f"incl. {args.coarse_iterations} half-size evaluations"
     lines = [
         f"facedoor-stylize benchmark: {content_path.name} + {style_path.name}, {h}x{w}, "
         f"{weights_note}, {cores} cores",
@@ -187,7 +189,7 @@ def main() -> int:
         f"| Adam on TF: time to that J (TF step median x {args.adam}, extrapolated) | "
         f"{tf_adam_time:.1f} s |",
         *[f"| {name} on ONNX: evaluations / time to that J (measured; "
-          f"{'incl. ' + str(args.coarse_iterations) + ' half-size evaluations' if 'coarse' in name else 'full size'}) | "
+          f"{coarse_note if 'coarse' in name else 'full size'}) | "
           f"{'not reached in ' + str(len(r.history)) if k is None else k + 1} / "
           f"{(st[k] if k is not None else float('nan')):.1f} s "
           f"({(st[k] if k is not None else float('nan')) / tf_adam_time:.2f} of TF-Adam; "

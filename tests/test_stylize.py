@@ -10,7 +10,6 @@ import cv2
 import numpy as np
 import pytest
 
-from facedoor.models import ModelError
 from facedoor.stylize import cli, images
 from facedoor.stylize.engine import Settings, Stylizer
 

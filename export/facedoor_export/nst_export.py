@@ -10,7 +10,6 @@ TensorFlow runs it) on random images of two sizes, one odd: relative L2 error <=
 from __future__ import annotations
 
 import collections
-import logging
 import time
 from typing import Any
 
@@ -23,8 +22,6 @@ from .convert import ExportContext, _rename
 from .errors import ExportError
 from .nst_graph import DEFAULT_CONTENT_LAYERS, DEFAULT_STYLE_LAYERS, NSTGraph
 from .vgg19 import CONV_LAYERS, IMAGENET_MEAN_RGB, PLAN, VGGWeights, load_weights
-
-log = logging.getLogger(__name__)
 
 PARITY_TOLERANCE = 1e-3  # relative L2 error, loss terms and gradient
 PARITY_SIZES = ((40, 52), (33, 47))  # (H, W); the second is odd in both axes
@@ -59,7 +56,7 @@ def _convert(fn: Any, signature: list[Any], output_names: list[str], opset: int)
     import tensorflow as tf
     import tf2onnx
 
-    traced = tf.function(fn, input_signature=signature)
+    traced = tf.function(fn, input_signature=signature, autograph=False)
     proto, _ = tf2onnx.convert.from_function(traced, input_signature=signature, opset=opset)
     for value, spec in zip(list(proto.graph.input), signature):
         _rename(proto.graph, value.name, spec.name)
@@ -93,8 +90,8 @@ def parity(features_bytes: bytes, step_bytes: bytes, graph: NSTGraph, reference:
 
     feats = ort.InferenceSession(features_bytes, providers=["CPUExecutionProvider"])
     step = ort.InferenceSession(step_bytes, providers=["CPUExecutionProvider"])
-    ref_features = tf.function(reference.features)
-    ref_step = tf.function(reference.autodiff)
+    ref_features = tf.function(reference.features, autograph=False)
+    ref_step = tf.function(reference.autodiff, autograph=False)
     rng = np.random.default_rng(seed)
     nc = len(graph.content_layers)
     worst: dict[str, float] = collections.defaultdict(float)
@@ -112,8 +109,9 @@ def parity(features_bytes: bytes, step_bytes: bytes, graph: NSTGraph, reference:
                    np.array(1.0, np.float32)]
         feed = dict(zip([i.name for i in step.get_inputs()], [image, *targets, *grams, *scalars]))
         got = step.run(list(graph.step_outputs), feed)
-        want = ref_step(tf.constant(image), *[tf.constant(t.transpose(0, 2, 3, 1)) for t in targets],
-                        *[tf.constant(g) for g in grams], *[tf.constant(s) for s in scalars])
+        nhwc_targets = [tf.constant(t.transpose(0, 2, 3, 1)) for t in targets]
+        want = ref_step(tf.constant(image), *nhwc_targets, *[tf.constant(g) for g in grams],
+                        *[tf.constant(s) for s in scalars])
         for name, g, x in zip(graph.step_outputs, got, want):
             worst[name] = max(worst[name], _rel(g, np.asarray(x)))
     return dict(worst)

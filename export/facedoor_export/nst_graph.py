@@ -6,8 +6,9 @@ pass by hand from ordinary ops: a convolution's input gradient is a convolution 
 rotated 180 degrees and its in/out channels swapped (exact for stride 1 and SAME padding, and a
 plain Conv in ONNX, which ONNX Runtime runs faster than ConvTranspose); ReLU backward is a mask;
 the 2x2/2 VALID average-pool backward is a nearest 2x upsample (Resize) of g/4, padded with
-zeros back to an odd size; the content and Gram gradients are analytic. `NSTGraph.autodiff` is the same loss
-written plainly and differentiated by TensorFlow: the export checks the two against each other.
+zeros back to an odd size; the content and Gram gradients are analytic. `NSTGraph.autodiff` is
+the same loss written plainly and differentiated by TensorFlow: the export checks the two
+against each other.
 
 Costs (Gatys et al., as in the exercise), activations A of a layer unrolled to (nH*nW, nC):
   J_content = sum_l wc_l / (4 nH nW nC) * sum (A_C - A_G)^2
@@ -125,7 +126,7 @@ class NSTGraph:
     def features(self, image: Any) -> tuple[Any, ...]:
         """Activations of the content layers, then of the style layers (in `layout`)."""
         acts, _ = self._forward(image)
-        return tuple(acts[n] for n in self.content_layers) + tuple(acts[n] for n in self.style_layers)
+        return tuple(acts[n] for n in (*self.content_layers, *self.style_layers))
 
     def _unroll(self, a: Any, name: str) -> Any:
         """Activations as (nC, nH*nW): G = F F^T."""

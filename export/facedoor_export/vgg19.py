@@ -9,7 +9,6 @@ expect BGR input minus the ImageNet means (`nst_graph` flips conv1_1 so the grap
 from __future__ import annotations
 
 import hashlib
-import logging
 from dataclasses import dataclass
 from typing import Any
 from pathlib import Path
@@ -17,8 +16,6 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ExportError
-
-log = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5"
 WEIGHTS_URL = ("https://storage.googleapis.com/tensorflow/keras-applications/vgg19/"

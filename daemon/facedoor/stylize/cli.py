@@ -27,7 +27,6 @@ from . import images
 from .engine import BASE_BYTES, BYTES_PER_PIXEL, MIN_SIDE, Progress, Settings, Stylizer
 from .images import ImageError
 
-log = logging.getLogger(__name__)
 PROG = "facedoor-stylize"
 
 
@@ -139,7 +138,8 @@ def default_models() -> Path:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog=PROG, description=__doc__.split("\n\n")[0].split(": ", 1)[1],
+        prog=PROG, description="Neural style transfer (Gatys et al.) on ONNX Runtime, one "
+        "image or a batch; the defaults reproduce the exercise.",
         epilog="Models: `facedoor-export --out DIR --only vgg19`. Ctrl-C saves the current "
                "image and stops.")
     p.add_argument("content", metavar="CONTENT", help="content image, glob or @LIST")
@@ -186,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_positive, default=None,
                    help="ONNX Runtime threads (default: all cores)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.add_argument("-v", "--verbose", action="store_true", help="info logging")
     return p
 
 
@@ -336,7 +337,8 @@ def _stylize_one(stylizer: Stylizer, content: np.ndarray, styles: list[tuple[np.
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
     try:
         return run(args)
     except (UsageError, ImageError, ModelError, ValueError) as exc:

@@ -103,6 +103,8 @@ class Stylizer:
                                  + export_hint(self.directory)) from exc
             raise
         entry = manifest.entry(STEP)
+        log.info("loaded %s and %s from %s (%s weights)", FEATURES, STEP, self.directory,
+                 entry.raw.get("weights", {}).get("source", "unknown"))
         self.untrained = entry.untrained or manifest.entry(FEATURES).untrained
         self.content_layers: list[str] = list(entry.raw.get("content_layers", []))
         self.style_layers: list[str] = list(entry.raw.get("style_layers", []))
