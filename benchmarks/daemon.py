@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,17 +31,12 @@ import yaml
 from paho.mqtt.enums import CallbackAPIVersion
 
 from facedoor import datasets
+from facedoor.broker import PrivateBroker, mosquitto_binary
 from facedoor.walkup import Visitor, write_walkup
 
 BIN = Path(sys.executable).parent
 ENROLLED = ("jerry_seinfeld", "mindy_kaling", "ben_afflek")
 STRANGER = "elton_john"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -61,17 +55,14 @@ def rss_mb(pid: int, key: str) -> float:
 YUNET = Path(__file__).resolve().parents[1].parent / "shared/models/yunet/face_detection_yunet_2023mar.onnx"
 
 
-def run_once(detector: str, args: argparse.Namespace, models: Path, work: Path, video: Path, store: Path,
-             mosquitto: str) -> dict[str, str]:
+def run_once(detector: str, args: argparse.Namespace, models: Path, work: Path, video: Path,
+             store: Path) -> dict[str, str]:
     """One measured daemon run with DETECTOR; returns the table column."""
     procs: list[subprocess.Popen] = []
+    broker = PrivateBroker(work / f"mosquitto-{detector}")
     try:
-        port = free_port()
-        conf = work / f"mosquitto-{detector}.conf"
-        conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
-        procs.append(subprocess.Popen([mosquitto, "-c", str(conf)], stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.DEVNULL))
-        time.sleep(0.5)
+        broker.start()
+        port = broker.port
 
         received: list[tuple[float, dict]] = []
         health: list[tuple[float, dict]] = []
@@ -138,6 +129,7 @@ def run_once(detector: str, args: argparse.Namespace, models: Path, work: Path, 
             "decisions delivered after their TTL  [0]": f"{late}",
         }
     finally:
+        broker.stop()
         for proc in reversed(procs):
             if proc.poll() is None:
                 proc.terminate()
@@ -162,8 +154,7 @@ def main() -> int:
                                   if (p / "manifest.json").is_file()), None)
     if models is None:
         sys.exit("no models: run `facedoor-export --out models --only facenet,mtcnn` first")
-    mosquitto = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    if not Path(mosquitto).exists():
+    if mosquitto_binary() is None:
         sys.exit("mosquitto not installed (`make mosquitto`)")
     detectors = [d.strip() for d in args.detectors.split(",") if d.strip()]
     if "yunet" in detectors and not YUNET.is_file():
@@ -181,7 +172,7 @@ def main() -> int:
         video = work / "walkup.avi"
         write_walkup(video, visitors, fps=args.fps, visit_s=3.0, gap_s=1.0)
         load_before = os.getloadavg()[0]
-        columns = {d: run_once(d, args, models, work, video, store, mosquitto) for d in detectors}
+        columns = {d: run_once(d, args, models, work, video, store) for d in detectors}
         load_after = os.getloadavg()[0]
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -12,6 +12,7 @@ import paho.mqtt.client as mqtt
 import pytest
 import yaml
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from facedoor.audit import read_entries
 from facedoor.cli import main
@@ -42,11 +43,18 @@ class Subscriber:
         self.cond = threading.Condition()
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"test-{uuid.uuid4().hex[:8]}",
                                   protocol=mqtt.MQTTv5)
-        self.client.on_connect = lambda c, *_: [c.subscribe(t, 1) for t in self.topics]
+        self.subscribed = threading.Event()  # set on SUBACK, cleared on disconnect
+        # retainAsPublished: a retained message keeps its flag even when it arrives live
+        options = SubscribeOptions(qos=1, retainAsPublished=True)
+        self.client.on_connect = lambda c, *_: (c.subscribe([(t, options) for t in self.topics]) if self.topics
+                                                else self.subscribed.set())
+        self.client.on_subscribe = lambda *_: self.subscribed.set()
+        self.client.on_disconnect = lambda *_: self.subscribed.clear()
         self.client.on_message = self._on_message
         self.client.reconnect_delay_set(0.1, 0.5)
         self.client.connect(broker.host, broker.port)
         self.client.loop_start()
+        assert self.subscribed.wait(10), "test subscriber did not subscribe"
 
     def _on_message(self, client, userdata, msg) -> None:
         expiry = getattr(msg.properties, "MessageExpiryInterval", None) if msg.properties else None
@@ -73,11 +81,12 @@ class Subscriber:
         self.client.loop_stop()
 
 
-def door_config(broker, tmp_path: Path, **extra):
+def door_config(broker, tmp_path: Path, reconnect_s: tuple[float, float] = (0.1, 0.5), **extra):
     raw = {
         "door_id": "front",
         "state_dir": str(tmp_path / "state"),
-        "mqtt": {"host": broker.host, "port": broker.port, "reconnect_min_s": 0.1, "reconnect_max_s": 0.5},
+        "mqtt": {"host": broker.host, "port": broker.port,
+                 "reconnect_min_s": reconnect_s[0], "reconnect_max_s": reconnect_s[1]},
         **extra,
     }
     return parse_config(raw)
@@ -186,7 +195,7 @@ def test_cli_ha_remove_clears_discovery(mosquitto, tmp_path, link_factory, capsy
 
 
 def test_ha_remove_without_broker_is_a_clear_error(tmp_path, capsys) -> None:
-    from facedoor.demo import free_port
+    from facedoor.broker import free_port
 
     config_file = tmp_path / "facedoor.yaml"
     config_file.write_text(yaml.safe_dump({"mqtt": {"host": "127.0.0.1", "port": free_port()}}))
@@ -195,15 +204,14 @@ def test_ha_remove_without_broker_is_a_clear_error(tmp_path, capsys) -> None:
     assert err.count("\n") == 1 and "could not reach the MQTT broker" in err
 
 
-def unlock_config(mosquitto, tmp_path, **action):
-    return door_config(mosquitto, tmp_path, unlock_action={
+def unlock_config(mosquitto, tmp_path, reconnect_s: tuple[float, float] = (0.1, 0.5), **action):
+    return door_config(mosquitto, tmp_path, reconnect_s, unlock_action={
         "topic": ACTION_TOPIC, "payload": '{"state": "UNLOCK"}', **action})
 
 
 def test_unlock_action_once_per_unlock_never_retained(mosquitto, tmp_path, link_factory) -> None:
     link, integrations = link_factory(unlock_config(mosquitto, tmp_path))
     sub = Subscriber(mosquitto, ACTION_TOPIC)
-    time.sleep(0.2)
     try:
         integrations.on_decision(unlock_message(), delivered=True)
         integrations.on_decision(unlock_message(decision="deny", reason="unknown"), delivered=True)
@@ -226,7 +234,6 @@ def test_unlock_action_once_per_unlock_never_retained(mosquitto, tmp_path, link_
 def test_unlock_action_dropped_when_decision_is_stale(mosquitto, tmp_path, link_factory) -> None:
     link, integrations = link_factory(unlock_config(mosquitto, tmp_path))
     sub = Subscriber(mosquitto, ACTION_TOPIC)
-    time.sleep(0.2)
     try:
         stale = {**unlock_message(), "ts_ms": int((time.time() - 6) * 1000)}
         assert integrations.unlock.on_decision(stale) is False
@@ -239,7 +246,6 @@ def test_unlock_action_dropped_when_decision_is_stale(mosquitto, tmp_path, link_
 def test_unlock_action_never_sent_during_or_after_outage(mosquitto, tmp_path, link_factory) -> None:
     link, integrations = link_factory(unlock_config(mosquitto, tmp_path))
     sub = Subscriber(mosquitto, ACTION_TOPIC)
-    time.sleep(0.2)
     try:
         mosquitto.stop()
         deadline = time.monotonic() + 5
@@ -258,10 +264,10 @@ def test_unlock_action_never_sent_during_or_after_outage(mosquitto, tmp_path, li
 
 
 def test_relock_after_delay_and_pending_relock_sent_on_reconnect(mosquitto, tmp_path, link_factory) -> None:
+    # the door reconnects after the test subscriber (1.5 s vs <= 0.5 s), so the subscriber sees the re-sent lock
     link, integrations = link_factory(unlock_config(
-        mosquitto, tmp_path, lock_payload='{"state": "LOCK"}', relock_after_s=0.5))
+        mosquitto, tmp_path, (1.5, 1.5), lock_payload='{"state": "LOCK"}', relock_after_s=0.5))
     sub = Subscriber(mosquitto, ACTION_TOPIC)
-    time.sleep(0.2)
     try:
         assert integrations.unlock.on_decision(unlock_message())
         msgs = sub.wait_for(ACTION_TOPIC, 2)
@@ -273,6 +279,7 @@ def test_relock_after_delay_and_pending_relock_sent_on_reconnect(mosquitto, tmp_
         mosquitto.stop()
         time.sleep(1.0)
         mosquitto.start()
+        assert sub.subscribed.wait(10)
         assert link.wait_connected(10)
         msgs = sub.wait_for(ACTION_TOPIC, 4, timeout=10)
         assert [m.payload for m in msgs][2:] == [b'{"state": "UNLOCK"}', b'{"state": "LOCK"}']

@@ -22,7 +22,6 @@ import importlib.util
 import json
 import logging
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -34,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import cv2
 import numpy as np
 
+from facedoor.broker import BrokerError, PrivateBroker
 from facedoor.config import FacedoorConfig, parse_config
 
 if TYPE_CHECKING:
@@ -215,53 +215,6 @@ def enrol_and_cast(pipeline: "FacePipeline", data: Path, store_path: Path) -> li
 
 
 # -- 4. broker --------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class PrivateBroker:
-    """Mosquitto on a free loopback port, for the demo only; `None` from start() without the binary."""
-
-    def __init__(self, workdir: Path):
-        self.binary = shutil.which("mosquitto") or next(
-            (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if Path(p).exists()), None)
-        self.host, self.port = "127.0.0.1", free_port()
-        self.workdir = workdir
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> bool:
-        if self.binary is None:
-            return False
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        conf = self.workdir / "mosquitto.conf"
-        conf.write_text(f"listener {self.port} {self.host}\nallow_anonymous true\npersistence false\n"
-                        "log_dest stderr\nlog_type error\n")
-        log_file = open(self.workdir / "mosquitto.log", "ab")
-        self.proc = subprocess.Popen([self.binary, "-c", str(conf)], stdout=log_file, stderr=log_file)
-        log_file.close()
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and self.proc.poll() is None:
-            try:
-                socket.create_connection((self.host, self.port), timeout=0.2).close()
-                return True
-            except OSError:
-                time.sleep(0.05)
-        self.stop()
-        raise DemoError(f"mosquitto did not start; see {self.workdir / 'mosquitto.log'}")
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-            self.proc = None
-
-
 class TerminalLink:
     """Stands in for the MQTT link when no broker is installed: always 'connected', keeps messages.
 
@@ -599,6 +552,6 @@ def _demo_command(args: argparse.Namespace, ctx: "CliContext") -> int:
         if not 0 < args.threshold <= 4:
             raise CliError(f"--threshold: expected a number in (0, 4], got {args.threshold:g}")
         code, _ = run_demo(args.out, getattr(args, "models", None), args.threshold)
-    except DemoError as exc:
+    except (DemoError, BrokerError) as exc:
         raise CliError(str(exc)) from None
     return code
