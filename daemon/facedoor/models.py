@@ -113,7 +113,7 @@ class Manifest:
             raise ModelError(
                 f"model {name!r} is not in {self.directory / MANIFEST_NAME} "
                 f"(has: {', '.join(sorted(self.entries)) or 'none'}); build it with "
-                f"`facedoor-export --out {self.directory} --only {name}`"
+                f"`facedoor-export --out {self.directory} --only {export_group(name)}`"
             ) from None
 
     def path(self, name: str) -> Path:
@@ -159,6 +159,11 @@ class Manifest:
             )
         except Exception as exc:  # onnxruntime raises its own exception types
             raise ModelError(f"model {name!r}: ONNX Runtime cannot load {path}: {exc}") from exc
+
+
+def export_group(entry_name: str) -> str:
+    """The `facedoor-export --only` group that builds a manifest entry (mtcnn_pnet -> mtcnn)."""
+    return entry_name.split("_", 1)[0]
 
 
 def _parse_entry(name: str, body: dict[str, Any]) -> ModelEntry:
