@@ -209,3 +209,37 @@ def export_onnx(
     print(f"{name}: built {path} ({result['size']:,} bytes, sha256 {result['sha256'][:12]}...) "
           f"in {result['export_seconds']} s")
     return result
+
+
+def export_encoder(
+    ctx: ExportContext,
+    name: str,
+    model: Any,
+    input_size: int,
+    *,
+    architecture: str,
+    params: int,
+    embedding_dim: int,
+    preprocessing: dict[str, Any],
+    weights: dict[str, Any],
+) -> list[tuple[str, dict[str, Any]]]:
+    """Export a face encoder (NHWC square RGB crop -> L2-normalised embedding) to OUT/NAME.onnx.
+
+    Writes the encoder manifest entry every encoder shares (threshold 0.7, output `embedding`).
+    """
+    import tensorflow as tf
+
+    entry = {
+        "kind": "encoder",
+        "layout": "NHWC",
+        "preprocessing": preprocessing,
+        "embedding_dim": embedding_dim,
+        "threshold": 0.7,
+        "l2_normalized": True,
+        "params": params,
+        "architecture": architecture,
+        "weights": weights,
+    }
+    signature = [tf.TensorSpec([None, input_size, input_size, 3], tf.float32, name="input")]
+    return [(name, export_onnx(ctx, name, lambda x: model(x, training=False), signature, entry,
+                               ["embedding"]))]

@@ -16,7 +16,7 @@ from keras import layers
 
 from facedoor import datasets
 
-from .convert import ExportContext, export_onnx
+from .convert import ExportContext, export_encoder
 from .errors import ExportError
 from .h5weights import assign_by_name, read_h5_weights
 
@@ -166,25 +166,13 @@ def resolve_weights(args: argparse.Namespace) -> tuple[Path, str]:
 
 def export(ctx: ExportContext) -> list[tuple[str, dict[str, Any]]]:
     """Export FaceNet to OUT/facenet.onnx (skipped when up to date)."""
-    import tensorflow as tf
-
     weights, sha = resolve_weights(ctx.args)
     fresh = ctx.fresh(NAME, sha)
     if fresh:
         return [(NAME, fresh)]
     print(f"{NAME}: building Inception-ResNet-v1 and loading {weights}")
     model = load_model(weights)
-    entry = {
-        "kind": "encoder",
-        "layout": "NHWC",
-        "preprocessing": PREPROCESSING,
-        "embedding_dim": EMBEDDING_DIM,
-        "threshold": 0.7,
-        "l2_normalized": True,
-        "params": PARAMS,
-        "architecture": "Inception-ResNet-v1 (Keras FaceNet)",
-        "weights": {"source": str(weights), "sha256": sha, "untrained": False},
-    }
-    signature = [tf.TensorSpec([None, INPUT_SIZE, INPUT_SIZE, 3], tf.float32, name="input")]
-    return [(NAME, export_onnx(ctx, NAME, lambda x: model(x, training=False), signature, entry,
-                               ["embedding"]))]
+    return export_encoder(ctx, NAME, model, INPUT_SIZE,
+                          architecture="Inception-ResNet-v1 (Keras FaceNet)", params=PARAMS,
+                          embedding_dim=EMBEDDING_DIM, preprocessing=PREPROCESSING,
+                          weights={"source": str(weights), "sha256": sha, "untrained": False})

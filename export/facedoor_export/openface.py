@@ -21,7 +21,7 @@ import numpy as np
 from keras import layers
 from tqdm import tqdm
 
-from .convert import ExportContext, export_onnx
+from .convert import ExportContext, export_encoder
 from .errors import ExportError
 
 log = logging.getLogger(__name__)
@@ -240,8 +240,6 @@ def load_model(directory: Path) -> keras.Model:
 
 def export(ctx: ExportContext) -> list[tuple[str, dict[str, Any]]]:
     """Export OpenFace nn4.small2.v1 from --openface-weights DIR to OUT/openface.onnx."""
-    import tensorflow as tf
-
     directory = getattr(ctx.args, "openface_weights", None)
     if directory is None:
         raise ExportError("OpenFace weights not given: pass --openface-weights DIR, the folder "
@@ -257,18 +255,9 @@ def export(ctx: ExportContext) -> list[tuple[str, dict[str, Any]]]:
         return [(NAME, fresh)]
     print(f"{NAME}: building nn4.small2.v1 and loading {len(names)} CSV files from {directory}")
     model = load_model(directory)
-    entry = {
-        "kind": "encoder",
-        "layout": "NHWC",
-        "preprocessing": PREPROCESSING,
-        "embedding_dim": EMBEDDING_DIM,
-        "threshold": 0.7,
-        "l2_normalized": True,
-        "params": PARAMS,
-        "architecture": "OpenFace nn4.small2.v1 (Keras-OpenFace port)",
-        "weights": {"source": str(directory.resolve()), "sha256": sha, "untrained": False,
-                    "sha256_of": f"the {len(names)} CSV files (name + bytes, sorted by name)"},
-    }
-    signature = [tf.TensorSpec([None, INPUT_SIZE, INPUT_SIZE, 3], tf.float32, name="input")]
-    return [(NAME, export_onnx(ctx, NAME, lambda x: model(x, training=False), signature, entry,
-                               ["embedding"]))]
+    return export_encoder(
+        ctx, NAME, model, INPUT_SIZE,
+        architecture="OpenFace nn4.small2.v1 (Keras-OpenFace port)", params=PARAMS,
+        embedding_dim=EMBEDDING_DIM, preprocessing=PREPROCESSING,
+        weights={"source": str(directory.resolve()), "sha256": sha, "untrained": False,
+                 "sha256_of": f"the {len(names)} CSV files (name + bytes, sorted by name)"})
