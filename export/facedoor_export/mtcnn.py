@@ -74,37 +74,34 @@ def _dense_head(x: Any, units: int, name: str) -> Any:
     return layers.PReLU(name=f"prelu{name}")(x)
 
 
+def _crop_net(name: str, side: int, stages: list[tuple[int, int, str]], last: int, units: int,
+              heads: list[tuple[str, int]]) -> keras.Model:
+    """R-Net / O-Net: 3x3 conv + pool STAGES (filters, pool size, padding), a 2x2 conv of LAST
+    filters, a dense layer of UNITS, then one dense head per (activation, units) in HEADS."""
+    inputs = keras.Input((side, side, 3), name="input")
+    x = inputs
+    for i, (filters, pool, padding) in enumerate(stages, 1):
+        x = _conv_prelu(x, filters, 3, str(i))
+        x = layers.MaxPooling2D(pool, strides=2, padding=padding, name=f"pool{i}")(x)
+    n = len(stages) + 1
+    x = layers.Conv2D(last, 2, padding="valid", name=f"conv{n}")(x)
+    x = layers.PReLU(shared_axes=[1, 2], name=f"prelu{n}")(x)
+    x = _dense_head(x, units, str(n + 1))
+    outputs = [layers.Dense(size, activation=activation, name=f"fc{n + 2}_{j}")(x)
+               for j, (activation, size) in enumerate(heads, 1)]
+    return keras.Model(inputs, outputs, name=name)
+
+
 def build_rnet() -> keras.Model:
-    """R-Net: refines P-Net proposals from 24x24 crops."""
-    inputs = keras.Input((24, 24, 3), name="input")
-    x = _conv_prelu(inputs, 28, 3, "1")
-    x = layers.MaxPooling2D(3, strides=2, padding="same", name="pool1")(x)
-    x = _conv_prelu(x, 48, 3, "2")
-    x = layers.MaxPooling2D(3, strides=2, padding="valid", name="pool2")(x)
-    x = layers.Conv2D(64, 2, padding="valid", name="conv3")(x)
-    x = layers.PReLU(shared_axes=[1, 2], name="prelu3")(x)
-    x = _dense_head(x, 128, "4")
-    reg = layers.Dense(4, name="fc5_1")(x)
-    prob = layers.Dense(2, activation="softmax", name="fc5_2")(x)
-    return keras.Model(inputs, [reg, prob], name="mtcnn_rnet")
+    """R-Net: refines P-Net proposals from 24x24 crops (outputs bbox_reg, prob)."""
+    return _crop_net("mtcnn_rnet", 24, [(28, 3, "same"), (48, 3, "valid")], 64, 128,
+                     [(None, 4), ("softmax", 2)])
 
 
 def build_onet() -> keras.Model:
-    """O-Net: final boxes and 5 landmarks from 48x48 crops."""
-    inputs = keras.Input((48, 48, 3), name="input")
-    x = _conv_prelu(inputs, 32, 3, "1")
-    x = layers.MaxPooling2D(3, strides=2, padding="same", name="pool1")(x)
-    x = _conv_prelu(x, 64, 3, "2")
-    x = layers.MaxPooling2D(3, strides=2, padding="valid", name="pool2")(x)
-    x = _conv_prelu(x, 64, 3, "3")
-    x = layers.MaxPooling2D(2, strides=2, padding="same", name="pool3")(x)
-    x = layers.Conv2D(128, 2, padding="valid", name="conv4")(x)
-    x = layers.PReLU(shared_axes=[1, 2], name="prelu4")(x)
-    x = _dense_head(x, 256, "5")
-    reg = layers.Dense(4, name="fc6_1")(x)
-    landmarks = layers.Dense(10, name="fc6_2")(x)
-    prob = layers.Dense(2, activation="softmax", name="fc6_3")(x)
-    return keras.Model(inputs, [reg, landmarks, prob], name="mtcnn_onet")
+    """O-Net: final boxes and 5 landmarks from 48x48 crops (outputs bbox_reg, landmarks, prob)."""
+    return _crop_net("mtcnn_onet", 48, [(32, 3, "same"), (64, 3, "valid"), (64, 2, "same")], 128,
+                     256, [(None, 4), (None, 10), ("softmax", 2)])
 
 
 # name -> (builder, weights file, output names, fixed input side or None)

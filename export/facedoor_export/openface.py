@@ -14,7 +14,7 @@ import hashlib
 import logging
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import keras
 import numpy as np
@@ -77,6 +77,30 @@ def _tower(x: Any, prefix: str, reduce: int, out: int, kernel: int, strides: int
     return _conv_bn(x, prefix, out, kernel, strides, pad=kernel // 2, suffix="2")
 
 
+_POOLS: dict[str, Callable[[str], layers.Layer]] = {
+    "max": lambda p: layers.MaxPooling2D(3, strides=2, name=f"{p}_maxpool"),
+    "avg": lambda p: layers.AveragePooling2D(3, strides=3, name=f"{p}_avgpool"),
+    "l2": lambda p: L2Pool(name=f"{p}_l2pool"),
+}
+
+
+def _inception(x: Any, block: str, pool: str, pool_pad: Any, towers: list[tuple[int, ...]],
+               pool_filters: int = 0, filters_1x1: int = 0) -> Any:
+    """Inception block BLOCK: concatenation of the TOWERS (reduce, out, kernel[, strides]), the
+    POOL branch (1x1 conv of POOL_FILTERS if given, zero-padded by POOL_PAD back to the towers'
+    size) and, if FILTERS_1X1, a 1x1 conv branch."""
+    p = f"inception_{block}"
+    branches = [_tower(x, f"{p}_{t[2]}x{t[2]}", *t) for t in towers]
+    y = _POOLS[pool](p)(x)
+    if pool_filters:
+        y = _conv_bn(y, f"{p}_pool", pool_filters)
+    pad_name = f"{p}_pool_pad2" if pool_filters else f"{p}_pool_pad"
+    branches.append(layers.ZeroPadding2D(pool_pad, name=pad_name)(y))
+    if filters_1x1:
+        branches.append(_conv_bn(x, f"{p}_1x1", filters_1x1))
+    return layers.Concatenate(axis=3, name=p)(branches)
+
+
 def build_model() -> keras.Model:
     """nn4.small2.v1 as ported to Keras by Keras-OpenFace, L2-normalised inside the graph."""
     inputs = keras.Input((INPUT_SIZE, INPUT_SIZE, 3), name="input")
@@ -98,51 +122,13 @@ def build_model() -> keras.Model:
     x = layers.ZeroPadding2D(1, name="pad4")(x)
     x = layers.MaxPooling2D(3, strides=2, name="pool2")(x)
 
-    # 3a (12x12)
-    pool = layers.MaxPooling2D(3, strides=2, name="inception_3a_maxpool")(x)
-    pool = _conv_bn(pool, "inception_3a_pool", 32)
-    pool = layers.ZeroPadding2D(((3, 4), (3, 4)), name="inception_3a_pool_pad2")(pool)
-    x = layers.Concatenate(axis=3, name="inception_3a")([
-        _tower(x, "inception_3a_3x3", 96, 128, 3), _tower(x, "inception_3a_5x5", 16, 32, 5),
-        pool, _conv_bn(x, "inception_3a_1x1", 64)])
-    # 3b
-    pool = L2Pool(name="inception_3b_l2pool")(x)
-    pool = _conv_bn(pool, "inception_3b_pool", 64)
-    pool = layers.ZeroPadding2D(4, name="inception_3b_pool_pad2")(pool)
-    x = layers.Concatenate(axis=3, name="inception_3b")([
-        _tower(x, "inception_3b_3x3", 96, 128, 3), _tower(x, "inception_3b_5x5", 32, 64, 5),
-        pool, _conv_bn(x, "inception_3b_1x1", 64)])
-    # 3c (-> 6x6)
-    pool = layers.MaxPooling2D(3, strides=2, name="inception_3c_maxpool")(x)
-    pool = layers.ZeroPadding2D(((0, 1), (0, 1)), name="inception_3c_pool_pad")(pool)
-    x = layers.Concatenate(axis=3, name="inception_3c")([
-        _tower(x, "inception_3c_3x3", 128, 256, 3, strides=2),
-        _tower(x, "inception_3c_5x5", 32, 64, 5, strides=2), pool])
-    # 4a
-    pool = L2Pool(name="inception_4a_l2pool")(x)
-    pool = _conv_bn(pool, "inception_4a_pool", 128, pad=0)
-    pool = layers.ZeroPadding2D(2, name="inception_4a_pool_pad2")(pool)
-    x = layers.Concatenate(axis=3, name="inception_4a")([
-        _tower(x, "inception_4a_3x3", 96, 192, 3), _tower(x, "inception_4a_5x5", 32, 64, 5),
-        pool, _conv_bn(x, "inception_4a_1x1", 256)])
-    # 4e (-> 3x3)
-    pool = layers.MaxPooling2D(3, strides=2, name="inception_4e_maxpool")(x)
-    pool = layers.ZeroPadding2D(((0, 1), (0, 1)), name="inception_4e_pool_pad")(pool)
-    x = layers.Concatenate(axis=3, name="inception_4e")([
-        _tower(x, "inception_4e_3x3", 160, 256, 3, strides=2),
-        _tower(x, "inception_4e_5x5", 64, 128, 5, strides=2), pool])
-    # 5a
-    pool = layers.AveragePooling2D(3, strides=3, name="inception_5a_avgpool")(x)
-    pool = _conv_bn(pool, "inception_5a_pool", 96)
-    pool = layers.ZeroPadding2D(1, name="inception_5a_pool_pad2")(pool)
-    x = layers.Concatenate(axis=3, name="inception_5a")([
-        _tower(x, "inception_5a_3x3", 96, 384, 3), pool, _conv_bn(x, "inception_5a_1x1", 256)])
-    # 5b
-    pool = layers.MaxPooling2D(3, strides=2, name="inception_5b_maxpool")(x)
-    pool = _conv_bn(pool, "inception_5b_pool", 96)
-    pool = layers.ZeroPadding2D(1, name="inception_5b_pool_pad2")(pool)
-    x = layers.Concatenate(axis=3, name="inception_5b")([
-        _tower(x, "inception_5b_3x3", 96, 384, 3), pool, _conv_bn(x, "inception_5b_1x1", 256)])
+    x = _inception(x, "3a", "max", ((3, 4), (3, 4)), [(96, 128, 3), (16, 32, 5)], 32, 64)  # 12x12
+    x = _inception(x, "3b", "l2", 4, [(96, 128, 3), (32, 64, 5)], 64, 64)
+    x = _inception(x, "3c", "max", ((0, 1), (0, 1)), [(128, 256, 3, 2), (32, 64, 5, 2)])  # -> 6x6
+    x = _inception(x, "4a", "l2", 2, [(96, 192, 3), (32, 64, 5)], 128, 256)
+    x = _inception(x, "4e", "max", ((0, 1), (0, 1)), [(160, 256, 3, 2), (64, 128, 5, 2)])  # -> 3x3
+    x = _inception(x, "5a", "avg", 1, [(96, 384, 3)], 96, 256)
+    x = _inception(x, "5b", "max", 1, [(96, 384, 3)], 96, 256)
 
     x = layers.AveragePooling2D(3, strides=1, name="avgpool")(x)
     x = layers.Flatten(name="flatten")(x)
