@@ -102,7 +102,7 @@ def test_enrolled_person_walks_up_and_is_let_in_once(door: Door, mosquitto, tmp_
     config = write_config(tmp_path / "facedoor.yaml", door.models, door.store, mosquitto.port)
     systemd = FakeSystemd(f"@facedoor-test-{uuid.uuid4().hex}")
     env = {**os.environ, "NOTIFY_SOCKET": systemd.address, "WATCHDOG_USEC": "2000000"}
-    sub = Subscriber(mosquitto.host, mosquitto.port)
+    sub = Subscriber(mosquitto.host, mosquitto.port, "facedoor/#")
     daemon = Daemon(config, str(video), "--loop", env=env, prefix=[sys.executable, "-c", MDWE_EXEC])
     try:
         first = sub.wait_for(lambda m: m["topic"].endswith("/decision") and '"unlock"' in m["payload"], 60)
@@ -137,7 +137,7 @@ def test_unknown_person_is_denied_and_never_let_in(door: Door, mosquitto, tmp_pa
     write_walkup(video, [door.stranger], visit_s=4.0, gap_s=0.5)
     config = write_config(tmp_path / "facedoor.yaml", door.models, door.store, mosquitto.port,
                           policy={"unknown_interval_s": 1.0})
-    sub = Subscriber(mosquitto.host, mosquitto.port)
+    sub = Subscriber(mosquitto.host, mosquitto.port, "facedoor/#")
     daemon = Daemon(config, str(video))
     try:
         assert daemon.wait(90) == 0, daemon.log()[-3000:]  # the file ends the run cleanly
@@ -160,7 +160,7 @@ def test_broker_outage_never_delivers_a_stale_unlock(door: Door, mosquitto, tmp_
                           policy={"cooldown_s": 1.0}, mqtt={"reconnect_min_s": 1.0, "reconnect_max_s": 2.0})
     mosquitto.stop()  # the broker is down when the door starts
     daemon = Daemon(config, str(video), "--loop")
-    sub = Subscriber(mosquitto.host, mosquitto.port)
+    sub = Subscriber(mosquitto.host, mosquitto.port, "facedoor/#", wait=False)
     try:
         deadline = time.monotonic() + 60
         while not daemon.events("ready") and time.monotonic() < deadline:
@@ -202,7 +202,7 @@ def test_camera_vanishes_and_comes_back(door: Door, mosquitto, tmp_path: Path) -
     config = write_config(tmp_path / "facedoor.yaml", door.models, door.store, mosquitto.port,
                           policy={"cooldown_s": 1.0},
                           camera={"stall_timeout_s": 1.0, "reopen_backoff_initial_s": 0.2, "reopen_backoff_max_s": 1.0})
-    sub = Subscriber(mosquitto.host, mosquitto.port)
+    sub = Subscriber(mosquitto.host, mosquitto.port, "facedoor/#")
     daemon = Daemon(config, camera.url)
     try:
         assert sub.wait_for(lambda m: m["topic"].endswith("/decision") and '"unlock"' in m["payload"], 60), \
@@ -259,7 +259,7 @@ def test_startup_faults_exit_2_with_one_clear_line(fault: str, door: Door, mosqu
         expected = [str(store)]
     config = write_config(tmp_path / "facedoor.yaml", models, store, mosquitto.port, **extra)
     store_before = hashlib.sha256(store.read_bytes()).hexdigest()
-    sub = Subscriber(mosquitto.host, mosquitto.port)
+    sub = Subscriber(mosquitto.host, mosquitto.port, "facedoor/#")
     daemon = Daemon(config, str(video))
     try:
         rc = daemon.wait(60)
@@ -286,7 +286,7 @@ def test_sighup_reloads_the_store_and_a_broken_store_fails_closed(door: Door, mo
     write_walkup(video, [door.known], visit_s=6.0, gap_s=0.3)
     config = write_config(tmp_path / "facedoor.yaml", door.models, store, mosquitto.port,
                           policy={"cooldown_s": 1.0, "unknown_interval_s": 1.0})
-    sub = Subscriber(mosquitto.host, mosquitto.port)
+    sub = Subscriber(mosquitto.host, mosquitto.port, "facedoor/#")
     daemon = Daemon(config, str(video), "--loop")
 
     def reload(event: str) -> float:

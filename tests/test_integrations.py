@@ -2,17 +2,12 @@
 from __future__ import annotations
 
 import json
-import threading
 import time
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import paho.mqtt.client as mqtt
 import pytest
 import yaml
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from facedoor.audit import read_entries
 from facedoor.cli import main
@@ -21,64 +16,10 @@ from facedoor.homeassistant import EVENT_TYPES, discovery_topic
 from facedoor.integrations import Integrations
 from facedoor.mqtt import MqttLink
 
+from daemon_support import Subscriber
+
 ACTION_TOPIC = "zigbee2mqtt/front_door/set"
 DISCOVERY = "homeassistant/device/front/config"
-
-
-@dataclass
-class Received:
-    topic: str
-    payload: bytes
-    retain: bool
-    expiry: int | None
-    at: float = field(default_factory=time.monotonic)
-
-
-class Subscriber:
-    """A test client that records every message on TOPICS (re-subscribing after reconnects)."""
-
-    def __init__(self, broker, *topics: str):
-        self.topics = topics
-        self.messages: list[Received] = []
-        self.cond = threading.Condition()
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"test-{uuid.uuid4().hex[:8]}",
-                                  protocol=mqtt.MQTTv5)
-        self.subscribed = threading.Event()  # set on SUBACK, cleared on disconnect
-        # retainAsPublished: a retained message keeps its flag even when it arrives live
-        options = SubscribeOptions(qos=1, retainAsPublished=True)
-        self.client.on_connect = lambda c, *_: (c.subscribe([(t, options) for t in self.topics]) if self.topics
-                                                else self.subscribed.set())
-        self.client.on_subscribe = lambda *_: self.subscribed.set()
-        self.client.on_disconnect = lambda *_: self.subscribed.clear()
-        self.client.on_message = self._on_message
-        self.client.reconnect_delay_set(0.1, 0.5)
-        self.client.connect(broker.host, broker.port)
-        self.client.loop_start()
-        assert self.subscribed.wait(10), "test subscriber did not subscribe"
-
-    def _on_message(self, client, userdata, msg) -> None:
-        expiry = getattr(msg.properties, "MessageExpiryInterval", None) if msg.properties else None
-        with self.cond:
-            self.messages.append(Received(msg.topic, msg.payload, bool(msg.retain), expiry))
-            self.cond.notify_all()
-
-    def on(self, topic: str) -> list[Received]:
-        with self.cond:
-            return [m for m in self.messages if m.topic == topic]
-
-    def wait_for(self, topic: str, count: int = 1, timeout: float = 5.0) -> list[Received]:
-        deadline = time.monotonic() + timeout
-        with self.cond:
-            while len([m for m in self.messages if m.topic == topic]) < count:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self.cond.wait(left)
-        return self.on(topic)
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
 
 
 def door_config(broker, tmp_path: Path, reconnect_s: tuple[float, float] = (0.1, 0.5), **extra):
@@ -120,13 +61,13 @@ def test_discovery_payload_shape(mosquitto, tmp_path, link_factory) -> None:
     cfg = door_config(mosquitto, tmp_path)
     assert discovery_topic(cfg) == DISCOVERY
     link_factory(cfg)
-    sub = Subscriber(mosquitto, DISCOVERY)
+    sub = Subscriber(mosquitto.host, mosquitto.port, DISCOVERY)
     try:
-        (msg,) = sub.wait_for(DISCOVERY)
+        (msg,) = sub.wait_count(DISCOVERY)
     finally:
-        sub.close()
-    assert msg.retain  # retained: HA finds the door even if it starts later
-    payload = json.loads(msg.payload)
+        sub.stop()
+    assert msg["retain"]  # retained: HA finds the door even if it starts later
+    payload = json.loads(msg["payload"])
     assert payload["dev"]["ids"] == ["facedoor_front"] and payload["dev"]["name"]
     assert payload["o"]["name"] == "facedoor" and payload["o"]["sw"]
     assert payload["availability"] == [
@@ -147,51 +88,51 @@ def test_discovery_payload_shape(mosquitto, tmp_path, link_factory) -> None:
 
 def test_reannounce_on_home_assistant_birth(mosquitto, tmp_path, link_factory) -> None:
     link, integrations = link_factory(door_config(mosquitto, tmp_path))
-    sub = Subscriber(mosquitto, DISCOVERY)
+    sub = Subscriber(mosquitto.host, mosquitto.port, DISCOVERY)
     try:
-        assert len(sub.wait_for(DISCOVERY, 1)) == 1
+        assert len(sub.wait_count(DISCOVERY, 1)) == 1
         sub.client.publish("homeassistant/status", "offline", qos=1).wait_for_publish(2)
         sub.client.publish("homeassistant/status", "online", qos=1).wait_for_publish(2)
-        msgs = sub.wait_for(DISCOVERY, 2)
-        assert len(msgs) == 2 and json.loads(msgs[1].payload) == json.loads(msgs[0].payload)
+        msgs = sub.wait_count(DISCOVERY, 2)
+        assert len(msgs) == 2 and json.loads(msgs[1]["payload"]) == json.loads(msgs[0]["payload"])
         time.sleep(0.3)
         assert len(sub.on(DISCOVERY)) == 2  # "offline" did not trigger an announcement
         assert integrations.discovery.announcements == 2
     finally:
-        sub.close()
+        sub.stop()
 
 
 def test_discovery_disabled_removes_device(mosquitto, tmp_path, link_factory) -> None:
-    old = Subscriber(mosquitto)
+    old = Subscriber(mosquitto.host, mosquitto.port)
     old.client.publish(DISCOVERY, '{"stale": true}', qos=1, retain=True).wait_for_publish(2)
-    old.close()
+    old.stop()
     link_factory(door_config(mosquitto, tmp_path, mqtt={
         "host": mosquitto.host, "port": mosquitto.port, "discovery": {"enabled": False}}))
     time.sleep(0.3)
-    sub = Subscriber(mosquitto, DISCOVERY)
+    sub = Subscriber(mosquitto.host, mosquitto.port, DISCOVERY)
     try:
         time.sleep(0.5)
         assert sub.on(DISCOVERY) == []  # nothing retained any more
     finally:
-        sub.close()
+        sub.stop()
 
 
 def test_cli_ha_remove_clears_discovery(mosquitto, tmp_path, link_factory, capsys) -> None:
     cfg = door_config(mosquitto, tmp_path)
     link_factory(cfg)
-    sub = Subscriber(mosquitto, DISCOVERY)
-    sub.wait_for(DISCOVERY)
-    sub.close()
+    sub = Subscriber(mosquitto.host, mosquitto.port, DISCOVERY)
+    sub.wait_count(DISCOVERY)
+    sub.stop()
     config_file = tmp_path / "facedoor.yaml"
     config_file.write_text(yaml.safe_dump({"mqtt": {"host": mosquitto.host, "port": mosquitto.port}}))
     assert main(["--config", str(config_file), "ha-remove"]) == 0
     assert DISCOVERY in capsys.readouterr().out
-    after = Subscriber(mosquitto, DISCOVERY)
+    after = Subscriber(mosquitto.host, mosquitto.port, DISCOVERY)
     try:
         time.sleep(0.5)
         assert after.on(DISCOVERY) == []
     finally:
-        after.close()
+        after.stop()
 
 
 def test_ha_remove_without_broker_is_a_clear_error(tmp_path, capsys) -> None:
@@ -211,41 +152,41 @@ def unlock_config(mosquitto, tmp_path, reconnect_s: tuple[float, float] = (0.1, 
 
 def test_unlock_action_once_per_unlock_never_retained(mosquitto, tmp_path, link_factory) -> None:
     link, integrations = link_factory(unlock_config(mosquitto, tmp_path))
-    sub = Subscriber(mosquitto, ACTION_TOPIC)
+    sub = Subscriber(mosquitto.host, mosquitto.port, ACTION_TOPIC)
     try:
         integrations.on_decision(unlock_message(), delivered=True)
         integrations.on_decision(unlock_message(decision="deny", reason="unknown"), delivered=True)
         integrations.on_decision(unlock_message("bob"), delivered=False)  # decision itself was dropped
-        (msg,) = sub.wait_for(ACTION_TOPIC, 1)
+        (msg,) = sub.wait_count(ACTION_TOPIC, 1)
         time.sleep(0.5)
         assert len(sub.on(ACTION_TOPIC)) == 1
-        assert msg.payload == b'{"state": "UNLOCK"}' and not msg.retain
-        assert msg.expiry is not None and 1 <= msg.expiry <= 5
+        assert msg["payload"] == '{"state": "UNLOCK"}' and not msg["retain"]
+        assert msg["expiry"] is not None and 1 <= msg["expiry"] <= 5
     finally:
-        sub.close()
-    late = Subscriber(mosquitto, ACTION_TOPIC)  # a new subscriber gets no retained unlock
+        sub.stop()
+    late = Subscriber(mosquitto.host, mosquitto.port, ACTION_TOPIC)  # a new subscriber gets no retained unlock
     try:
         time.sleep(0.5)
         assert late.on(ACTION_TOPIC) == []
     finally:
-        late.close()
+        late.stop()
 
 
 def test_unlock_action_dropped_when_decision_is_stale(mosquitto, tmp_path, link_factory) -> None:
     link, integrations = link_factory(unlock_config(mosquitto, tmp_path))
-    sub = Subscriber(mosquitto, ACTION_TOPIC)
+    sub = Subscriber(mosquitto.host, mosquitto.port, ACTION_TOPIC)
     try:
         stale = {**unlock_message(), "ts_ms": int((time.time() - 6) * 1000)}
         assert integrations.unlock.on_decision(stale) is False
         time.sleep(0.5)
         assert sub.on(ACTION_TOPIC) == []
     finally:
-        sub.close()
+        sub.stop()
 
 
 def test_unlock_action_never_sent_during_or_after_outage(mosquitto, tmp_path, link_factory) -> None:
     link, integrations = link_factory(unlock_config(mosquitto, tmp_path))
-    sub = Subscriber(mosquitto, ACTION_TOPIC)
+    sub = Subscriber(mosquitto.host, mosquitto.port, ACTION_TOPIC)
     try:
         mosquitto.stop()
         deadline = time.monotonic() + 5
@@ -260,31 +201,31 @@ def test_unlock_action_never_sent_during_or_after_outage(mosquitto, tmp_path, li
         assert sub.on(ACTION_TOPIC) == []
         assert integrations.unlock.sent_unlocks == 0
     finally:
-        sub.close()
+        sub.stop()
 
 
 def test_relock_after_delay_and_pending_relock_sent_on_reconnect(mosquitto, tmp_path, link_factory) -> None:
     # the door reconnects after the test subscriber (1.5 s vs <= 0.5 s), so the subscriber sees the re-sent lock
     link, integrations = link_factory(unlock_config(
         mosquitto, tmp_path, (1.5, 1.5), lock_payload='{"state": "LOCK"}', relock_after_s=0.5))
-    sub = Subscriber(mosquitto, ACTION_TOPIC)
+    sub = Subscriber(mosquitto.host, mosquitto.port, ACTION_TOPIC)
     try:
         assert integrations.unlock.on_decision(unlock_message())
-        msgs = sub.wait_for(ACTION_TOPIC, 2)
-        assert [m.payload for m in msgs] == [b'{"state": "UNLOCK"}', b'{"state": "LOCK"}']
-        assert msgs[1].at - msgs[0].at >= 0.4 and not msgs[1].retain
+        msgs = sub.wait_count(ACTION_TOPIC, 2)
+        assert [m["payload"] for m in msgs] == ['{"state": "UNLOCK"}', '{"state": "LOCK"}']
+        assert msgs[1]["recv"] - msgs[0]["recv"] >= 0.4 and not msgs[1]["retain"]
         # second visit: the broker goes away before the relock is due; the lock follows on reconnect
         assert integrations.unlock.on_decision(unlock_message())
-        sub.wait_for(ACTION_TOPIC, 3)
+        sub.wait_count(ACTION_TOPIC, 3)
         mosquitto.stop()
         time.sleep(1.0)
         mosquitto.start()
         assert sub.subscribed.wait(10)
         assert link.wait_connected(10)
-        msgs = sub.wait_for(ACTION_TOPIC, 4, timeout=10)
-        assert [m.payload for m in msgs][2:] == [b'{"state": "UNLOCK"}', b'{"state": "LOCK"}']
+        msgs = sub.wait_count(ACTION_TOPIC, 4, timeout=10)
+        assert [m["payload"] for m in msgs][2:] == ['{"state": "UNLOCK"}', '{"state": "LOCK"}']
     finally:
-        sub.close()
+        sub.stop()
 
 
 def test_audit_entry_for_each_decision(mosquitto, tmp_path, link_factory) -> None:
