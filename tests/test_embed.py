@@ -71,3 +71,20 @@ def test_preprocessing_comes_from_the_manifest(real_models: Path, tmp_path: Path
 def test_detector_entry_is_not_an_encoder(real_models: Path) -> None:
     with pytest.raises(ModelError, match="not a face encoder"):
         Encoder(Manifest.load(real_models), "mtcnn_onet")
+
+
+@pytest.mark.slow
+def test_layout_optimised_session_matches_plain_and_falls_back(
+    real_models: Path, face_crops: np.ndarray, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The encoder's child-optimised graph computes what the plain graph does; a failed child only warns."""
+    manifest = Manifest.load(real_models)
+    x = preprocess(face_crops, manifest.entry("facenet").preprocessing)
+    plain = manifest.session("facenet").run(None, {"input": x})[0]
+    optimised_session = manifest.session("facenet", layout_optimization=True)
+    np.testing.assert_allclose(optimised_session.run(None, {"input": x})[0], plain, atol=1e-5)
+    monkeypatch.setattr("facedoor.models.sys.executable", "/bin/false")
+    with caplog.at_level("WARNING", logger="facedoor.models"):
+        fallback = manifest.session("facenet", layout_optimization=True)
+    assert "layout optimisation failed" in caplog.text
+    np.testing.assert_allclose(fallback.run(None, {"input": x})[0], plain, atol=1e-5)
