@@ -69,6 +69,7 @@ class MqttLink:
         self.purged = 0
         self.failed_attempts = 0
         self.down_since: float | None = time.monotonic()
+        self._stopping = False
         self.last_outage_s: float | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -88,6 +89,7 @@ class MqttLink:
                 info.wait_for_publish(timeout_s)
             except (RuntimeError, ValueError) as exc:
                 log.warning("MQTT: could not confirm retained offline status: %s", exc)
+        self._stopping = True
         self._client.disconnect()
         self._client.loop_stop()
         self._connected.clear()
@@ -180,7 +182,10 @@ class MqttLink:
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         was_connected = self._connected.is_set()
         self._connected.clear()
-        if was_connected:
+        if self._stopping:
+            log.info("MQTT: disconnected from %s:%d (stopping)", self.cfg.mqtt.host, self.cfg.mqtt.port,
+                     extra={"fields": {"event": "mqtt_closed"}})
+        elif was_connected:
             self.down_since = time.monotonic()
             log.warning("MQTT: disconnected from %s:%d (%s); decisions are dropped until it is back",
                         self.cfg.mqtt.host, self.cfg.mqtt.port, reason,
