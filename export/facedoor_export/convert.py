@@ -186,29 +186,39 @@ def export_onnx(
         raise ExportError(f"{name}: ONNX output differs from Keras by {worst:.3g} "
                           f"(> {tolerance:g}); not writing {ctx.out / (name + '.onnx')}")
 
-    inputs = [{"name": i.name, "shape": _shape(i.shape), "layout": entry.get("layout", "NHWC"),
-               "dtype": "float32"} for i in session.get_inputs()]
-    outputs = [{"name": o.name, "shape": _shape(o.shape)} for o in session.get_outputs()]
-    path = ctx.out / f"{name}.onnx"
-    staged = ctx.stage(path, data)
     result = {
         **{k: v for k, v in entry.items() if k != "layout"},
-        "file": path.name,
-        "sha256": sha256_file(staged),
-        "size": staged.stat().st_size,
-        "input": inputs[0],
-        "outputs": outputs,
+        **staged_file_fields(ctx, name, data, session, default_layout=entry.get("layout", "NHWC")),
         "parity_max_abs_diff": worst,
         "parity_inputs": len(samples),
         "opset": ctx.opset,
         "source_digest": ctx.digest,
         "export_seconds": round(time.monotonic() - started, 1),
     }
-    if len(inputs) > 1:
-        result["inputs"] = inputs
-    print(f"{name}: built {path} ({result['size']:,} bytes, sha256 {result['sha256'][:12]}...) "
-          f"in {result['export_seconds']} s")
+    print(f"{name}: built {ctx.out / result['file']} ({result['size']:,} bytes, sha256 "
+          f"{result['sha256'][:12]}...) in {result['export_seconds']} s")
     return result
+
+
+def staged_file_fields(ctx: ExportContext, name: str, data: bytes, session: Any,
+                       layouts: dict[str, str] | None = None, default_layout: str = "-") -> dict[str, Any]:
+    """Stage OUT/NAME.onnx (published with the run) and describe it for the manifest:
+    file, SHA-256, size, `input` (and `inputs` when there are several) and `outputs`."""
+    layouts = layouts or {}
+    inputs = [{"name": i.name, "shape": _shape(i.shape), "layout": layouts.get(i.name, default_layout),
+               "dtype": "float32"} for i in session.get_inputs()]
+    path = ctx.out / f"{name}.onnx"
+    staged = ctx.stage(path, data)
+    fields = {
+        "file": path.name,
+        "sha256": sha256_file(staged),
+        "size": staged.stat().st_size,
+        "input": inputs[0],
+        "outputs": [{"name": o.name, "shape": _shape(o.shape)} for o in session.get_outputs()],
+    }
+    if len(inputs) > 1:
+        fields["inputs"] = inputs
+    return fields
 
 
 def export_encoder(

@@ -15,10 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from facedoor.models import sha256_file
-
-from .atomic import atomic_write_bytes
-from .convert import ExportContext, _rename
+from .convert import ExportContext, _rename, staged_file_fields
 from .errors import ExportError
 from .nst_graph import DEFAULT_CONTENT_LAYERS, DEFAULT_STYLE_LAYERS, NSTGraph
 from .vgg19 import CONV_LAYERS, IMAGENET_MEAN_RGB, PLAN, VGGWeights, load_weights
@@ -127,11 +124,6 @@ def _graph_stats(proto: Any) -> dict[str, int]:
             "layout_transposes": layout}
 
 
-def _io(session_inputs: Any, layout: dict[str, str]) -> list[dict[str, Any]]:
-    return [{"name": v.name, "shape": [d if isinstance(d, int) else None for d in v.shape],
-             "layout": layout.get(v.name, "-"), "dtype": "float32"} for v in session_inputs]
-
-
 def export(ctx: ExportContext) -> list[tuple[str, dict[str, Any]]]:
     """Build, check and write `vgg19_features` and `vgg19_nst_step`."""
     import onnxruntime as ort
@@ -199,22 +191,13 @@ def export(ctx: ExportContext) -> list[tuple[str, dict[str, Any]]]:
         }),
     ):
         session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
-        path = ctx.out / f"{name}.onnx"
-        atomic_write_bytes(path, data)
-        inputs = _io(session.get_inputs(), layouts)
         entry = {
             **common, **extra,
-            "file": path.name,
-            "sha256": sha256_file(path),
-            "size": path.stat().st_size,
-            "input": inputs[0],
-            "inputs": inputs,
-            "outputs": [{"name": o.name, "shape": [d if isinstance(d, int) else None
-                                                   for d in o.shape]}
-                        for o in session.get_outputs()],
+            **staged_file_fields(ctx, name, data, session, layouts),
             "graph": _graph_stats(proto),
             "export_seconds": round(time.monotonic() - started, 1),
         }
-        print(f"{name}: wrote {path} ({entry['size']:,} bytes, sha256 {entry['sha256'][:12]}...)")
+        print(f"{name}: built {ctx.out / entry['file']} ({entry['size']:,} bytes, "
+              f"sha256 {entry['sha256'][:12]}...)")
         results.append((name, entry))
     return results
