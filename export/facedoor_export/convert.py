@@ -141,7 +141,6 @@ def export_onnx(
     """
     import onnxruntime as ort
     import tensorflow as tf
-    import tf2onnx
 
     started = time.monotonic()
     input_names = [spec.name for spec in signature]
@@ -155,18 +154,8 @@ def export_onnx(
     print(f"{name}: converting to ONNX (opset {ctx.opset})")
     with tqdm(total=1 + len(samples), desc=f"{name}: convert + parity", unit="step",
               leave=False) as progress:
-        proto, _ = tf2onnx.convert.from_function(traced, input_signature=list(signature),
-                                                 opset=ctx.opset)
+        data = convert_function(name, traced, signature, output_names, ctx.opset).SerializeToString()
         progress.update(1)
-        for old, new in zip([v.name for v in proto.graph.input], input_names):
-            _rename(proto.graph, old, new)
-        graph_outputs = [v.name for v in proto.graph.output]
-        if len(graph_outputs) != len(output_names):
-            raise ExportError(f"{name}: graph has {len(graph_outputs)} outputs, "
-                              f"expected {len(output_names)} ({', '.join(output_names)})")
-        for old, new in zip(graph_outputs, output_names):
-            _rename(proto.graph, old, new)
-        data = proto.SerializeToString()
 
         session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
         worst = 0.0
@@ -198,6 +187,24 @@ def export_onnx(
     print(f"{name}: built {ctx.out / result['file']} ({result['size']:,} bytes, sha256 "
           f"{result['sha256'][:12]}...) in {result['export_seconds']} s")
     return result
+
+
+def convert_function(name: str, traced: Any, signature: Sequence[Any], output_names: Sequence[str],
+                     opset: int) -> Any:
+    """tf2onnx `from_function` with an explicit signature (`from_keras` is broken with Keras 3);
+    graph inputs take the signature's names and outputs OUTPUT_NAMES, so the manifest can rely on them."""
+    import tf2onnx
+
+    proto, _ = tf2onnx.convert.from_function(traced, input_signature=list(signature), opset=opset)
+    for value, spec in zip(list(proto.graph.input), signature):
+        _rename(proto.graph, value.name, spec.name)
+    outputs = [v.name for v in proto.graph.output]
+    if len(outputs) != len(output_names):
+        raise ExportError(f"{name}: converted graph has {len(outputs)} outputs, expected "
+                          f"{len(output_names)} ({', '.join(output_names)})")
+    for old, new in zip(outputs, output_names):
+        _rename(proto.graph, old, new)
+    return proto
 
 
 def staged_file_fields(ctx: ExportContext, name: str, data: bytes, session: Any,

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .convert import ExportContext, _rename, staged_file_fields
+from .convert import ExportContext, convert_function, staged_file_fields
 from .errors import ExportError
 from .nst_graph import DEFAULT_CONTENT_LAYERS, DEFAULT_STYLE_LAYERS, NSTGraph
 from .vgg19 import CONV_LAYERS, IMAGENET_MEAN_RGB, PLAN, VGGWeights, load_weights
@@ -48,22 +48,12 @@ def _layers(value: str | None, default: tuple[str, ...]) -> tuple[str, ...]:
     return names
 
 
-def _convert(fn: Any, signature: list[Any], output_names: list[str], opset: int) -> Any:
-    """tf2onnx `from_function` with an explicit signature; inputs/outputs given stable names."""
+def _convert(fn: Any, signature: list[Any], output_names: list[str], opset: int, name: str = "vgg19") -> Any:
+    """Trace FN without autograph and convert it with stable input/output names."""
     import tensorflow as tf
-    import tf2onnx
 
     traced = tf.function(fn, input_signature=signature, autograph=False)
-    proto, _ = tf2onnx.convert.from_function(traced, input_signature=signature, opset=opset)
-    for value, spec in zip(list(proto.graph.input), signature):
-        _rename(proto.graph, value.name, spec.name)
-    outputs = [v.name for v in proto.graph.output]
-    if len(outputs) != len(output_names):
-        raise ExportError(f"converted graph has {len(outputs)} outputs, expected "
-                          f"{len(output_names)} ({', '.join(output_names)})")
-    for old, new in zip(outputs, output_names):
-        _rename(proto.graph, old, new)
-    return proto
+    return convert_function(name, traced, signature, output_names, opset)
 
 
 def _rel(got: np.ndarray, want: np.ndarray) -> float:
