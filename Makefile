@@ -3,15 +3,17 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 MODELS ?= models
+# Photos of people the demo does not enrol (LFW from ../shared when it is there).
+STRANGERS ?= $(wildcard ../shared/data/faces/lfw10)
 
-.PHONY: venv mosquitto models demo test bench clean
+.PHONY: venv mosquitto models demo lint test bench clean
 
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[export,test]'
+	$(BIN)/pip install -q -e '.[export,stylize,bench,test]'
 	touch $@
 
 # Debian's Mosquitto broker (tests, demo) and systemd-analyze (unit test, package `systemd`).
@@ -24,9 +26,13 @@ models: venv
 	$(BIN)/facedoor-export --out $(MODELS)
 
 demo: venv mosquitto
-	$(BIN)/facedoor demo --models $(MODELS)
+	$(BIN)/facedoor demo --models $(MODELS) $(if $(STRANGERS),--strangers $(STRANGERS))
 
-test: venv mosquitto
+lint: venv
+	$(BIN)/ruff check daemon export stylize tests benchmarks
+	$(BIN)/mypy
+
+test: venv mosquitto lint
 	$(BIN)/pytest
 
 bench: venv

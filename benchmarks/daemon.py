@@ -30,9 +30,9 @@ import paho.mqtt.client as mqtt
 import yaml
 from paho.mqtt.enums import CallbackAPIVersion
 
-from facedoor import datasets
-from facedoor.broker import PrivateBroker, mosquitto_binary
-from facedoor.walkup import Visitor, write_walkup
+from facedoor.demo.broker import PrivateBroker, mosquitto_binary
+from facedoor.demo import datasets
+from facedoor.demo.walkup import Visitor, write_walkup
 
 BIN = Path(sys.executable).parent
 ENROLLED = ("jerry_seinfeld", "mindy_kaling", "ben_afflek")

@@ -97,8 +97,8 @@ def main() -> int:
     ensure_models(args.models)
 
     sys.path.insert(0, str(REPO / "daemon"))
-    from facedoor.stylize import images
-    from facedoor.stylize.engine import Settings, Stylizer
+    from facedoor_stylize import images
+    from facedoor_stylize.engine import Settings, Stylizer
 
     content_path = NST / "louvre_small.jpg"
     style_path = NST / "monet_800600.jpg"

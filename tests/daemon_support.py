@@ -7,96 +7,17 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import cv2
 import numpy as np
-import paho.mqtt.client as mqtt
 import yaml
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from facedoor.demo.broker import Subscriber, retained  # noqa: F401  (re-exported for the tests)
 
 FACEDOOR = Path(sys.executable).with_name("facedoor")
-
-
-class Subscriber:
-    """Records every message on TOPICS (receive time, retain flag, expiry, QoS); re-subscribes after reconnects.
-
-    Unless WAIT is false (a broker that is down yet), returns once the broker has acknowledged the
-    subscription (at once without TOPICS, for a publish-only client), so nothing published afterwards
-    is missed. retainAsPublished: a retained message keeps its flag even when it arrives live.
-    """
-
-    def __init__(self, host: str, port: int, *topics: str, wait: bool = True):
-        self.topics = topics
-        self.messages: list[dict[str, Any]] = []
-        self._cond = threading.Condition()
-        self.subscribed = threading.Event()  # set on SUBACK, cleared on disconnect
-        options = SubscribeOptions(qos=1, retainAsPublished=True)
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"test-{uuid.uuid4().hex[:8]}",
-                                  protocol=mqtt.MQTTv5)
-        self.client.reconnect_delay_set(0.1, 0.5)
-        self.client.on_connect = lambda c, *_: (c.subscribe([(t, options) for t in topics]) if topics
-                                                else self.subscribed.set())
-        self.client.on_subscribe = lambda *_: self.subscribed.set()
-        self.client.on_disconnect = lambda *_: self.subscribed.clear()
-        self.client.on_message = self._on_message
-        self.client.connect_async(host, port, keepalive=10)
-        self.client.loop_start()
-        if wait and not self.subscribed.wait(10):
-            self.stop()
-            raise AssertionError(f"test subscriber did not subscribe to {topics} on {host}:{port}")
-
-    def _on_message(self, client: Any, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        expiry = getattr(msg.properties, "MessageExpiryInterval", None) if msg.properties else None
-        record = {"recv": time.time(), "topic": msg.topic, "payload": msg.payload.decode(errors="replace"),
-                  "retain": bool(msg.retain), "expiry": expiry, "qos": msg.qos}
-        with self._cond:
-            self.messages.append(record)
-            self._cond.notify_all()
-
-    def _wait(self, check: Callable[[list[dict[str, Any]]], Any], timeout: float) -> Any:
-        """CHECK's result on the messages so far, as soon as it is truthy or when TIMEOUT runs out."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while not (result := check(self.messages)) and (left := deadline - time.monotonic()) > 0:
-                self._cond.wait(left)
-            return result
-
-    def wait_for(self, predicate: Callable[[dict[str, Any]], bool], timeout: float) -> dict[str, Any] | None:
-        """The first recorded message satisfying PREDICATE, waiting up to TIMEOUT seconds."""
-        return self._wait(lambda ms: next((m for m in ms if predicate(m)), None), timeout)
-
-    def wait_count(self, topic: str, count: int = 1, timeout: float = 5.0) -> list[dict[str, Any]]:
-        """The messages on TOPIC once there are COUNT of them (fewer if TIMEOUT runs out first)."""
-        self._wait(lambda ms: sum(m["topic"] == topic for m in ms) >= count, timeout)
-        return self.on(topic)
-
-    def on(self, topic: str) -> list[dict[str, Any]]:
-        """The messages on TOPIC, given in full or by its last levels (`decision`)."""
-        with self._cond:
-            return [m for m in self.messages if m["topic"] == topic or m["topic"].endswith("/" + topic)]
-
-    def decisions(self) -> list[dict[str, Any]]:
-        """Decision payloads (parsed) with the transport facts under `_recv`, `_retain`, `_expiry`."""
-        return [{**json.loads(m["payload"]), "_recv": m["recv"], "_retain": m["retain"], "_expiry": m["expiry"]}
-                for m in self.on("decision")]
-
-    def stop(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
-
-
-def retained(host: str, port: int, topic: str, timeout: float = 5.0) -> dict[str, Any] | None:
-    """The retained message on TOPIC as a fresh subscriber sees it (None if there is none)."""
-    sub = Subscriber(host, port, topic)
-    try:
-        return sub.wait_for(lambda m: m["retain"], timeout)
-    finally:
-        sub.stop()
 
 
 def write_config(path: Path, models: Path, store: Path, port: int, **sections: Any) -> Path:
@@ -227,7 +148,7 @@ class FakeSystemd:
         while not self._stop.is_set():
             try:
                 data = self.sock.recv(4096)
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 continue
             for line in data.decode().splitlines():
                 self.messages.append((time.monotonic(), line))

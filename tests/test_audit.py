@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from facedoor import audit
 from facedoor.audit import AuditLimits, AuditLog, log_files, parse_time, prune_by_age, read_entries
 from facedoor.cli import main
 

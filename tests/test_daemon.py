@@ -24,7 +24,7 @@ import pytest
 
 from daemon_support import FACEDOOR, Daemon, FakeSystemd, MjpegCamera, Subscriber, retained, write_config
 from facedoor.config import parse_config
-from facedoor.walkup import Visitor, render, write_walkup
+from facedoor.demo.walkup import Visitor, render, write_walkup
 
 ENROLLED = ("jerry_seinfeld", "mindy_kaling", "ben_afflek")
 STRANGERS = ("elton_john", "madonna")

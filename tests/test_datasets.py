@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from facedoor import datasets
+from facedoor.demo import datasets
 
 
 def _tar(path: Path, members: list[tuple[str, bytes | None, bytes]]) -> Path:

@@ -8,7 +8,7 @@ import cv2
 import pytest
 
 from facedoor.cli import main
-from facedoor.demo import DEMO_THRESHOLD, format_table
+from facedoor.demo.runner import DEMO_THRESHOLD, format_table
 
 
 @pytest.mark.slow
@@ -41,7 +41,7 @@ def test_demo_lets_enrolled_people_in_and_keeps_strangers_out(real_models: Path,
 
 
 def test_demo_table_marks_wrong_outcomes() -> None:
-    from facedoor.demo import Outcome
+    from facedoor.demo.runner import Outcome
 
     table = format_table([
         Outcome("alice", True, "unlock alice", "unlock", "alice", 0.41, 30.0, 35.0, 3.0, True),

@@ -10,8 +10,8 @@ import cv2
 import numpy as np
 import pytest
 
-from facedoor.stylize import cli, images
-from facedoor.stylize.engine import Settings, Stylizer
+from facedoor_stylize import cli, images
+from facedoor_stylize.engine import Settings, Stylizer
 
 
 def _cache() -> Path:
@@ -250,7 +250,7 @@ def test_coarse_to_fine_ends_at_full_size(stylizer: Stylizer, pair):
 
 
 def test_runtime_never_imports_tensorflow():
-    code = ("import sys, facedoor.stylize.cli, facedoor.stylize.engine\n"
+    code = ("import sys, facedoor_stylize.cli, facedoor_stylize.engine\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in "
             "{'tensorflow', 'keras', 'tf2onnx'}))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -9,11 +9,10 @@ The log is bounded twice: by size (the live file rotates into `audit.jsonl.1 .. 
 them together stay under `max_bytes`) and by age (rotated files, lines and crops older than
 `max_age_days` are removed on start and then hourly).
 
-`facedoor audit [--since 2h|ISO] [--json]` prints it, oldest first.
+`facedoor audit [--since 2h|ISO] [--json]` (facedoor.cli.audit) prints it, oldest first.
 """
 from __future__ import annotations
 
-import argparse
 import errno
 import json
 import logging
@@ -22,21 +21,19 @@ import os
 import queue
 import re
 import shutil
-import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from facedoor.config import AuditConfig, FacedoorConfig
-
-if TYPE_CHECKING:
-    from facedoor.cli import CliContext
+from facedoor.events import DecisionEvent
+from facedoor.formatting import iso_utc, table
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +48,6 @@ _STOP = object()
 def audit_path(config: FacedoorConfig) -> Path:
     """The live audit file: `audit.path`, else `<state_dir>/audit.jsonl`."""
     return config.audit.path or config.state_dir / AUDIT_FILE
-
-
-def _iso(epoch_s: float) -> str:
-    return datetime.fromtimestamp(epoch_s, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _entry_time(entry: Mapping[str, Any]) -> float | None:
@@ -76,7 +69,7 @@ class AuditLimits:
     save_crops: bool
 
     @classmethod
-    def from_config(cls, cfg: AuditConfig) -> "AuditLimits":
+    def from_config(cls, cfg: AuditConfig) -> AuditLimits:
         return cls(max_bytes=cfg.max_bytes, max_age_s=cfg.max_age_days * 86400.0, save_crops=cfg.save_crops)
 
     @property
@@ -102,13 +95,19 @@ class AuditLog:
         self._thread.start()
 
     @classmethod
-    def from_config(cls, config: FacedoorConfig) -> "AuditLog | None":
+    def from_config(cls, config: FacedoorConfig) -> AuditLog | None:
         """The configured audit log, or None when `audit.enabled` is false."""
         if not config.audit.enabled:
             return None
         return cls(audit_path(config), AuditLimits.from_config(config.audit), config.door_id)
 
     # -- caller side (frame loop): never blocks, never raises ---------------------------------
+    def on_decision(self, event: DecisionEvent) -> None:
+        """A decision listener: the message, whether it was delivered, the other listeners' notes
+        and, with `save_crops`, the face crop cut from the deciding frame."""
+        entry = {**event.payload, "delivered": bool(event.delivered), **event.notes}
+        self.record(entry, event.crop() if self.limits.save_crops else None)
+
     def record(self, decision: Mapping[str, Any], crop_bgr: np.ndarray | None = None) -> bool:
         """Queue one decision for writing; False (and counted) when the queue is full.
 
@@ -121,7 +120,7 @@ class AuditLog:
             entry.setdefault("door", self.door_id)
             if "ts_ms" not in entry:
                 entry["ts_ms"] = int(time.time() * 1000)
-            entry.setdefault("ts", _iso(entry["ts_ms"] / 1000.0))
+            entry.setdefault("ts", iso_utc(entry["ts_ms"] / 1000.0))
             crop = crop_bgr if (self.limits.save_crops and crop_bgr is not None and crop_bgr.size) else None
             self._queue.put_nowait((entry, None if crop is None else crop.copy()))
             return True
@@ -339,8 +338,7 @@ def _decision_label(entry: Mapping[str, Any]) -> str:
 
 def format_table(entries: list[dict[str, Any]]) -> str:
     """Aligned human table, local time, one decision per row."""
-    header = ("TIME", "DOOR", "DECISION", "IDENTITY", "DISTANCE", "FRAMES", "LATENCY_MS", "CROP")
-    rows = [header]
+    rows = []
     for e in entries:
         t = _entry_time(e)
         when = datetime.fromtimestamp(t).astimezone().strftime("%Y-%m-%d %H:%M:%S") if t else _fmt(e.get("ts"))
@@ -351,46 +349,4 @@ def format_table(entries: list[dict[str, Any]]) -> str:
             _fmt(float(latency) if isinstance(latency, (int, float)) else latency, ".0f"),
             _fmt(e.get("crop")),
         ))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
-
-
-# -- `facedoor audit` -------------------------------------------------------------------------
-def add_command(commands: argparse._SubParsersAction) -> None:
-    from facedoor.cli import REPORTING
-
-    parser = commands.add_parser(
-        "audit", parents=[REPORTING], help="print the local audit log of door decisions",
-        description="Print the audit log (<state_dir>/audit.jsonl and its rotations), oldest first.",
-    )
-    parser.add_argument("--since", metavar="WHEN",
-                        help="only entries at or after WHEN: ISO 8601 (2024-05-01T08:00) or an age (30m, 2h, 7d)")
-    parser.add_argument("--path", type=Path, help="audit file to read (default: from the config)")
-    parser.set_defaults(handler=_audit_command)
-
-
-def _audit_command(args: argparse.Namespace, ctx: "CliContext") -> int:
-    from facedoor.cli import CliError
-
-    since = None
-    if args.since:
-        try:
-            since = parse_time(args.since)
-        except ValueError:
-            raise CliError(f"--since: expected ISO 8601 time or an age like 30m, 2h, 7d; got {args.since!r}") from None
-    path = args.path or audit_path(ctx.config)
-    if not log_files(path):
-        if args.path is not None:
-            raise CliError(f"no audit log at {path}")
-        print(f"no audit entries yet ({path} does not exist)", file=sys.stderr)
-        return 0
-    try:
-        entries = read_entries(path, since)
-        if ctx.json:
-            for entry in entries:
-                print(json.dumps(entry))
-        else:
-            print(format_table(list(entries)))
-    except OSError as exc:
-        raise CliError(f"cannot read audit log {path}: {exc.strerror or exc}") from None
-    return 0
+    return table(("TIME", "DOOR", "DECISION", "IDENTITY", "DISTANCE", "FRAMES", "LATENCY_MS", "CROP"), rows)

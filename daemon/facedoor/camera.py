@@ -20,7 +20,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .config import CameraConfig
+from facedoor.config import CameraConfig
 
 log = logging.getLogger(__name__)
 

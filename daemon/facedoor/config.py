@@ -12,6 +12,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
+from facedoor.models import default_models_dir
+
 DEFAULT_CONFIG_PATH = Path("/etc/facedoor/facedoor.yaml")
 DEFAULT_STATE_DIR = Path("/var/lib/facedoor")
 
@@ -49,7 +51,7 @@ class RecognitionConfig(_Section):
     threads: int | None = Field(None, ge=1, le=64, description="ONNX Runtime threads (default: all cores)")
 
     @model_validator(mode="after")
-    def _yunet_needs_model(self) -> "RecognitionConfig":
+    def _yunet_needs_model(self) -> RecognitionConfig:
         if self.detector == "yunet" and self.yunet_model is None:
             raise ValueError("detector: yunet needs recognition.yunet_model (a YuNet .onnx path)")
         return self
@@ -63,7 +65,7 @@ class PolicyConfig(_Section):
     unknown_interval_s: float = Field(5.0, ge=0, le=3600, description="at most one unknown event per interval")
 
     @model_validator(mode="after")
-    def _k_of_n(self) -> "PolicyConfig":
+    def _k_of_n(self) -> PolicyConfig:
         if self.frames_required > self.window_frames:
             raise ValueError(
                 f"policy.frames_required ({self.frames_required}) must be <= "
@@ -78,7 +80,7 @@ class TLSConfig(_Section):
     key: Path | None = None
 
     @model_validator(mode="after")
-    def _cert_with_key(self) -> "TLSConfig":
+    def _cert_with_key(self) -> TLSConfig:
         if (self.cert is None) != (self.key is None):
             raise ValueError("mqtt.tls.cert and mqtt.tls.key must be given together")
         return self
@@ -100,6 +102,9 @@ class MQTTConfig(_Section):
     reconnect_min_s: float = Field(0.5, gt=0, le=60)
     reconnect_max_s: float = Field(5.0, gt=0, le=300)
     health_interval_s: float = Field(10.0, gt=0, le=3600)
+    ack_timeout_s: float = Field(
+        1.0, ge=0.1, le=10, description="a QoS 1 message unacknowledged this long means the broker stalled"
+    )
     tls: TLSConfig | None = None
     discovery: DiscoveryConfig = DiscoveryConfig()
 
@@ -123,14 +128,10 @@ class MQTTConfig(_Section):
 class UnlockActionConfig(_Section):
     topic: str = Field(..., min_length=1, description="e.g. zigbee2mqtt/front_door/set")
     payload: str = Field(..., description='sent with an unlock decision, e.g. {"state": "UNLOCK"}')
-    lock_payload: str | None = Field(None, description="sent relock_after_s later, when set")
-    relock_after_s: float | None = Field(None, gt=0, le=600)
-
-    @model_validator(mode="after")
-    def _relock_pair(self) -> "UnlockActionConfig":
-        if (self.lock_payload is None) != (self.relock_after_s is None):
-            raise ValueError("unlock_action.lock_payload and relock_after_s must be given together")
-        return self
+    lock_payload: str = Field(
+        ..., description="sent to relock, and at once behind an unlock the broker did not acknowledge in time"
+    )
+    relock_after_s: float | None = Field(None, gt=0, le=600, description="relock this long after an unlock")
 
 
 class AuditConfig(_Section):
@@ -149,7 +150,7 @@ class LoggingConfig(_Section):
 class FacedoorConfig(_Section):
     door_id: str = Field("front", pattern=r"^[A-Za-z0-9_-]{1,64}$")
     state_dir: Path = DEFAULT_STATE_DIR
-    models: Path = DEFAULT_STATE_DIR / "models"
+    models: Path = Field(default_factory=default_models_dir)
     store: Path = DEFAULT_STATE_DIR / "store.db"
     decision_ttl_s: float = Field(5.0, gt=0, le=60)
     camera: CameraConfig = CameraConfig()
@@ -165,7 +166,7 @@ class FacedoorConfig(_Section):
         return f"{self.mqtt.topic_prefix}/{self.door_id}/{leaf}"
 
 
-def _describe(err: dict[str, Any]) -> str:
+def _describe(err: Any) -> str:
     path = ".".join(str(p) for p in err["loc"]) or "(top level)"
     if err["type"] == "extra_forbidden":
         return f"{path}: unknown key"

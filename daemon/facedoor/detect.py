@@ -172,7 +172,7 @@ class MTCNNDetector:
         self.mean = np.asarray(pre.mean, dtype=np.float32)
         self.scale = np.float32(pre.scale)
         self.score_threshold = score_threshold
-        self.digests = {n.entry.name: n.entry.sha256 for n in (self.pnet, self.rnet, self.onet)}
+
 
     def _normalize(self, image: np.ndarray) -> np.ndarray:
         return (image.astype(np.float32) - self.mean) * self.scale
@@ -270,7 +270,8 @@ class YuNetDetector:
 
     name = "yunet"
 
-    def __init__(self, model: Path, score_threshold: float = 0.6, nms_threshold: float = 0.3, threads: int | None = None):
+    def __init__(self, model: Path, score_threshold: float = 0.6, nms_threshold: float = 0.3,
+                 threads: int | None = None):
         model = Path(model)
         if not model.is_file():
             raise ModelError(f"YuNet model {model} not found (recognition.yunet_model)")

@@ -11,20 +11,17 @@ under `cmps`):
 All share the door's `status` topic for availability, so HA greys them out when the unit is
 offline (Last Will). Published on every connect and again when HA's birth message
 (`<prefix>/status` = `online`) arrives; an empty retained payload removes the device
-(`facedoor ha-remove`, or on connect when `mqtt.discovery.enabled` is false).
+(`facedoor ha-remove`: facedoor.cli.homeassistant, or on connect when `mqtt.discovery.enabled` is false).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any
 
 from facedoor import __version__
 from facedoor.config import FacedoorConfig
-
-if TYPE_CHECKING:
-    from facedoor.cli import CliContext
+from facedoor.mqtt import MqttHooks
 
 log = logging.getLogger(__name__)
 
@@ -40,15 +37,6 @@ EVENT_TEMPLATE = (
 )
 IDENTITY_TEMPLATE = "{{ value_json.identity if value_json.identity else 'unknown' }}"
 FPS_TEMPLATE = "{{ value_json.fps | float(0) | round(1) }}"
-
-
-class MQTTHooks(Protocol):
-    """The part of the daemon's MQTT client that integrations use (facedoor.mqtt)."""
-
-    def add_on_connect(self, callback: Any) -> None: ...
-    def subscribe(self, topic: str, callback: Any, qos: int = 1) -> None: ...
-    def publish(self, topic: str, payload: str | bytes, *, qos: int = 1, retain: bool = False,
-                expiry_s: float | None = None) -> bool: ...
 
 
 def discovery_topic(config: FacedoorConfig) -> str:
@@ -121,7 +109,7 @@ def discovery_payload(config: FacedoorConfig) -> dict[str, Any]:
 class HomeAssistantDiscovery:
     """Announces the door to HA on connect and on HA's birth message, or removes it."""
 
-    def __init__(self, config: FacedoorConfig, client: MQTTHooks):
+    def __init__(self, config: FacedoorConfig, client: MqttHooks):
         self.config = config
         self.client = client
         self.topic = discovery_topic(config)
@@ -135,7 +123,7 @@ class HomeAssistantDiscovery:
         else:
             self.client.add_on_connect(self.remove)
 
-    def announce(self, *_: Any) -> bool:
+    def announce(self) -> bool:
         """Publish the retained discovery message; False when the broker is unreachable."""
         payload = json.dumps(discovery_payload(self.config), separators=(",", ":"))
         sent = self.client.publish(self.topic, payload, qos=1, retain=True)
@@ -147,7 +135,7 @@ class HomeAssistantDiscovery:
                         self.topic)
         return sent
 
-    def remove(self, *_: Any) -> bool:
+    def remove(self) -> bool:
         """Clear the retained discovery message: HA removes the device and its entities."""
         sent = self.client.publish(self.topic, b"", qos=1, retain=True)
         if sent:
@@ -158,61 +146,3 @@ class HomeAssistantDiscovery:
         if payload.strip().lower() == b"online":
             log.info("Home Assistant came online: re-announcing door %s", self.config.door_id)
             self.announce()
-
-
-# -- `facedoor ha-remove` ---------------------------------------------------------------------
-def add_command(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser(
-        "ha-remove", help="remove this door's device from Home Assistant (clears the discovery message)",
-        description="Publish an empty retained payload on <discovery prefix>/device/<door_id>/config.",
-    )
-    parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the broker (default 10)")
-    parser.set_defaults(handler=_ha_remove_command)
-
-
-def _ha_remove_command(args: argparse.Namespace, ctx: "CliContext") -> int:
-    from facedoor.cli import CliError
-
-    topic = discovery_topic(ctx.config)
-    if not publish_once(ctx.config, topic, b"", retain=True, timeout_s=args.timeout):
-        raise CliError(f"could not reach the MQTT broker at {ctx.config.mqtt.host}:{ctx.config.mqtt.port} "
-                       f"within {args.timeout:g} s; {topic} was not cleared")
-    ctx.emit({"removed": topic}, f"removed Home Assistant discovery {topic}")
-    return 0
-
-
-def publish_once(config: FacedoorConfig, topic: str, payload: bytes, *, retain: bool, timeout_s: float) -> bool:
-    """Connect with a one-off client id (never the daemon's, which would kick it off the
-    broker), publish one QoS 1 message, wait for its PUBACK, disconnect. False on timeout."""
-    import os
-    import ssl
-
-    import paho.mqtt.client as mqtt
-    from paho.mqtt.enums import CallbackAPIVersion
-
-    m = config.mqtt
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"facedoor-{config.door_id}-cli-{os.getpid()}",
-                         protocol=mqtt.MQTTv5)
-    if m.username:
-        password = m.password()
-        client.username_pw_set(m.username, password.get_secret_value() if password else None)
-    if m.tls is not None:
-        client.tls_set(ca_certs=str(m.tls.ca) if m.tls.ca else None,
-                       certfile=str(m.tls.cert) if m.tls.cert else None,
-                       keyfile=str(m.tls.key) if m.tls.key else None, cert_reqs=ssl.CERT_REQUIRED)
-    try:
-        client.connect(m.host, m.port, keepalive=m.keepalive_s)
-    except OSError as exc:
-        log.warning("MQTT broker %s:%d unreachable: %s", m.host, m.port, exc)
-        return False
-    client.loop_start()
-    try:
-        info = client.publish(topic, payload, qos=1, retain=retain)
-        info.wait_for_publish(timeout_s)
-        return info.is_published()
-    except (RuntimeError, ValueError) as exc:
-        log.warning("publish to %s failed: %s", topic, exc)
-        return False
-    finally:
-        client.disconnect()
-        client.loop_stop()

@@ -9,17 +9,30 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = 1
+SYSTEM_MODELS_DIR = Path("/var/lib/facedoor/models")
+
+
+def default_models_dir() -> Path:
+    """Where models are looked for when none is given, the same for `facedoor` and
+    `facedoor-stylize`: $FACEDOOR_MODELS, else ./models when it holds a manifest, else the door's
+    /var/lib/facedoor/models."""
+    if os.environ.get("FACEDOOR_MODELS"):
+        return Path(os.environ["FACEDOOR_MODELS"])
+    local = Path("models")
+    return local if (local / MANIFEST_NAME).is_file() else SYSTEM_MODELS_DIR
 
 
 class ModelError(RuntimeError):
@@ -35,46 +48,78 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-@dataclass(frozen=True)
-class Preprocessing:
+class _Contract(BaseModel):
+    """A part of the manifest: fields the contract names are required; anything else is kept as
+    metadata (params, architecture, outputs, parity...)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+
+class Preprocessing(_Contract):
     """How pixels become the model's input tensor (recorded by the exporter, followed here).
 
-    `color` is the channel order the model wants ("RGB" or "BGR"). `normalize` is either
-    "per_image_standardization" ((x - mean) / max(std, 1/sqrt(x.size)) per image) or "affine"
-    ((x - mean) * scale per channel).
+    `color` is the channel order the model wants. `normalize` is "per_image_standardization"
+    ((x - mean) / max(std, 1/sqrt(x.size)) per image) or "affine" ((x - mean) * scale per channel).
     """
 
-    color: str = "RGB"
-    normalize: str = "affine"
-    mean: tuple[float, ...] = (0.0, 0.0, 0.0)
-    scale: float = 1.0
-
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> "Preprocessing":
-        return cls(
-            color=str(raw.get("color", "RGB")),
-            normalize=str(raw.get("normalize", "affine")),
-            mean=tuple(float(v) for v in raw.get("mean", (0.0, 0.0, 0.0))),
-            scale=float(raw.get("scale", 1.0)),
-        )
+    color: Literal["RGB", "BGR"]
+    normalize: Literal["per_image_standardization", "affine"]
+    mean: tuple[float, float, float]
+    scale: float
 
 
-@dataclass(frozen=True)
-class ModelEntry:
-    """One model of the manifest: file, hash, input contract and metadata."""
+class ModelInput(_Contract):
+    """The model's one image input."""
 
     name: str
+    shape: tuple[int | None, ...]
+    layout: Literal["NHWC", "NCHW"]
+
+
+class ModelEntry(_Contract):
+    """One model of the manifest: file, hash, input contract and metadata.
+
+    Written by `facedoor-export` (which validates every entry with this class before writing it)
+    and read here; a manifest missing a contract field is refused with the field's name."""
+
+    name: str = Field("", exclude=True)  # the manifest key, filled in by Manifest.load
     kind: str
     file: str
-    sha256: str
-    input_name: str
-    input_shape: tuple[int | None, ...]
-    layout: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    input: ModelInput
     preprocessing: Preprocessing
-    embedding_dim: int | None = None
-    threshold: float | None = None
-    untrained: bool = False
-    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    embedding_dim: int | None = Field(None, gt=0, description="encoders: the embedding's length")
+    threshold: float | None = Field(
+        None, gt=0, lt=2, description="encoders: the recommended operating point (L2 distance), its one home"
+    )
+    weights: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _encoder_contract(self) -> ModelEntry:
+        if self.kind == "encoder" and (self.embedding_dim is None or self.threshold is None):
+            raise ValueError("an encoder entry needs embedding_dim and threshold")
+        return self
+
+    @property
+    def input_name(self) -> str:
+        return self.input.name
+
+    @property
+    def input_shape(self) -> tuple[int | None, ...]:
+        return self.input.shape
+
+    @property
+    def layout(self) -> str:
+        return self.input.layout
+
+    @property
+    def untrained(self) -> bool:
+        """True for generated (test) weights: never for a real door."""
+        return bool(self.weights.get("untrained", False))
+
+    def extra(self, key: str, default: Any = None) -> Any:
+        """A metadata field beyond the contract (e.g. a style-transfer graph's layer names)."""
+        return (self.model_extra or {}).get(key, default)
 
     @property
     def input_size(self) -> tuple[int, int] | None:
@@ -84,16 +129,21 @@ class ModelEntry:
         return (h, w) if h and w else None
 
 
+def describe_invalid(exc: ValidationError) -> str:
+    """Pydantic's report as `field.path: problem` items, for one-line errors."""
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(entry)'}: {e['msg']}"
+                     for e in exc.errors(include_url=False))
+
+
 class Manifest:
     """A parsed `manifest.json` and the directory its files live in."""
 
-    def __init__(self, directory: Path, entries: dict[str, ModelEntry], raw: dict[str, Any]):
+    def __init__(self, directory: Path, entries: dict[str, ModelEntry]):
         self.directory = directory
         self.entries = entries
-        self.raw = raw
 
     @classmethod
-    def load(cls, directory: str | Path) -> "Manifest":
+    def load(cls, directory: str | Path) -> Manifest:
         """Read DIR/manifest.json; a missing or malformed manifest is a ModelError naming it."""
         directory = Path(directory)
         path = directory / MANIFEST_NAME
@@ -106,10 +156,17 @@ class Manifest:
             raw = json.loads(path.read_text())
             if raw.get("format") != MANIFEST_FORMAT:
                 raise ValueError(f"format {raw.get('format')!r}, expected {MANIFEST_FORMAT}")
-            entries = {name: _parse_entry(name, body) for name, body in raw["models"].items()}
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+            models = raw["models"]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ModelError(f"{path}: unreadable model manifest ({exc})") from exc
-        return cls(directory, entries, raw)
+        entries = {}
+        for name, body in models.items():
+            try:
+                entries[name] = ModelEntry.model_validate({**body, "name": name})
+            except ValidationError as exc:
+                raise ModelError(f"{path}: model {name!r} breaks the manifest contract: {describe_invalid(exc)} "
+                                 f"(re-run facedoor-export)") from None
+        return cls(directory, entries)
 
     def entry(self, name: str) -> ModelEntry:
         """The manifest entry for NAME, or a ModelError that says how to build it."""
@@ -121,9 +178,6 @@ class Manifest:
                 f"(has: {', '.join(sorted(self.entries)) or 'none'}); build it with "
                 f"`facedoor-export --out {self.directory} --only {export_group(name)}`"
             ) from None
-
-    def path(self, name: str) -> Path:
-        return self.directory / self.entry(name).file
 
     def verify(self, name: str) -> Path:
         """Check NAME's file exists and its SHA-256 matches the manifest; return its path."""
@@ -139,7 +193,7 @@ class Manifest:
             )
         return path
 
-    def session(self, name: str, threads: int | None = None, *, layout_optimization: bool = False) -> "Any":
+    def session(self, name: str, threads: int | None = None, *, layout_optimization: bool = False) -> Any:
         """An ONNX Runtime session for NAME after its hash check (CPU, optional thread cap).
 
         LAYOUT_OPTIMIZATION applies ORT's NCHWc layout transforms (ORT_ENABLE_ALL) in a child
@@ -197,21 +251,3 @@ def _optimize_in_child(name: str, source: Path, target: Path) -> Path | None:
 def export_group(entry_name: str) -> str:
     """The `facedoor-export --only` group that builds a manifest entry (mtcnn_pnet -> mtcnn)."""
     return entry_name.split("_", 1)[0]
-
-
-def _parse_entry(name: str, body: dict[str, Any]) -> ModelEntry:
-    inp = body["input"]
-    return ModelEntry(
-        name=name,
-        kind=str(body["kind"]),
-        file=str(body["file"]),
-        sha256=str(body["sha256"]),
-        input_name=str(inp["name"]),
-        input_shape=tuple(None if d is None else int(d) for d in inp["shape"]),
-        layout=str(inp.get("layout", "NHWC")),
-        preprocessing=Preprocessing.from_dict(body.get("preprocessing", {})),
-        embedding_dim=body.get("embedding_dim"),
-        threshold=body.get("threshold"),
-        untrained=bool(body.get("weights", {}).get("untrained", False)),
-        raw=body,
-    )

@@ -1,76 +1,152 @@
 """The daemon's MQTT link (paho-mqtt 2.x, MQTT v5): status, decisions, health, and hooks.
 
-Never late: paho queues QoS>0 publishes made while disconnected and re-sends unacknowledged
-ones after a reconnect. A door must not open on such a message, so this link keeps its own
-`connected` flag (set in on_connect/on_disconnect), refuses publishes while it is down, purges
-paho's outgoing queue on every (re)connect before paho re-sends it, and `publish_decision`
-drops a decision older than its TTL. Every refused decision is logged and counted.
+The delivery contract: **an unlock is never delivered late.**
 
-Hooks for other modules (Home Assistant discovery, unlock action): `add_on_connect(callback)`,
-`subscribe(topic, handler)`, `publish(topic, payload, qos, retain, expiry_s) -> bool`.
+- Down: paho queues QoS>0 publishes made while disconnected and re-sends unacknowledged ones
+  after a reconnect. This link keeps its own `connected` flag (set only on CONNACK), refuses
+  publishes while it is down, and purges paho's outgoing queue on every (re)connect before paho
+  re-sends it, so nothing from before an outage goes out after it.
+- Stalled (broker process paused, TCP still up): publishes are accepted by the socket but never
+  acknowledged, and a resumed broker would deliver them with a full Message Expiry (MQTT v5 counts
+  it from the broker's receipt). So a QoS 1 publish that gets no PUBACK within
+  `mqtt.ack_timeout_s` makes the link a *stall*: treated exactly like an outage (`connected`
+  false, nothing decided). Locks still go out on the stalled connection (`publish_lock`), then,
+  `ack_timeout_s` later, the socket is dropped and paho reconnects (purging its queue). A QoS 1
+  probe keeps this check running while nothing else is published, so a stall is seen within
+  about `ack_timeout_s` whether or not anyone is at the door.
+- `deliver()` publishes one QoS 1 message and waits (bounded by its remaining TTL and
+  `ack_timeout_s`) for its PUBACK: True means the broker has it *now*. The unlock action only
+  follows a decision that was delivered this way, and chases an unlock of its own that was not
+  acknowledged in time with the lock command (facedoor.unlock).
+- Message Expiry is the remaining TTL rounded *down* (a message that has under a second left is
+  not sent); every TTL is measured on one monotonic clock from the frame's capture.
+
+Hooks for the listeners (Home Assistant discovery, unlock action) are the `MqttHooks` protocol.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
+import os
+import socket
 import ssl
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
-from pydantic import SecretStr
 
-from .config import FacedoorConfig
+from facedoor.config import FacedoorConfig
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[str, bytes], None]
+MAX_QUEUED = 64  # paho's own queue bound; everything in it is purged on reconnect anyway
+
+
+class MqttHooks(Protocol):
+    """The part of the link that listeners use (Home Assistant discovery, unlock action)."""
+
+    @property
+    def connected(self) -> bool: ...
+    def add_on_connect(self, callback: Callable[[], object]) -> None: ...
+    def subscribe(self, topic: str, handler: Handler, qos: int = 1) -> None: ...
+    def publish(self, topic: str, payload: str | bytes, qos: int = 1, retain: bool = False,
+                expiry_s: float | None = None) -> bool: ...
+    def deliver(self, topic: str, payload: str | bytes, captured_mono: float, ttl_s: float,
+                what: str) -> bool: ...
+    def publish_lock(self, topic: str, payload: str | bytes) -> bool: ...
+
+
+def create_client(cfg: FacedoorConfig, client_id: str) -> mqtt.Client:
+    """A paho MQTT v5 client with the configured credentials and TLS: the one factory for the
+    daemon's link and the one-shot publishers (`facedoor ha-remove`)."""
+    m = cfg.mqtt
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+    if m.username:
+        password = m.password()
+        client.username_pw_set(m.username, password.get_secret_value() if password else None)
+    if m.tls is not None:
+        client.tls_set(
+            ca_certs=str(m.tls.ca) if m.tls.ca else None,
+            certfile=str(m.tls.cert) if m.tls.cert else None,
+            keyfile=str(m.tls.key) if m.tls.key else None,
+            cert_reqs=ssl.CERT_REQUIRED,
+        )
+    return client
+
+
+def expiry_interval(remaining_s: float) -> int | None:
+    """MQTT v5 Message Expiry for REMAINING_S: whole seconds rounded down, None under one second."""
+    seconds = math.floor(remaining_s)
+    return seconds if seconds >= 1 else None
+
+
+def publish_once(cfg: FacedoorConfig, topic: str, payload: bytes, *, retain: bool, timeout_s: float) -> bool:
+    """Connect with a one-off client id (never the daemon's, which would kick it off the
+    broker), publish one QoS 1 message, wait for its PUBACK, disconnect. False on timeout."""
+    client = create_client(cfg, f"facedoor-{cfg.door_id}-cli-{os.getpid()}")
+    m = cfg.mqtt
+    try:
+        client.connect(m.host, m.port, keepalive=m.keepalive_s)
+    except OSError as exc:
+        log.warning("MQTT broker %s:%d unreachable: %s", m.host, m.port, exc)
+        return False
+    client.loop_start()
+    try:
+        info = client.publish(topic, payload, qos=1, retain=retain)
+        info.wait_for_publish(timeout_s)
+        return info.is_published()
+    except (RuntimeError, ValueError) as exc:
+        log.warning("publish to %s failed: %s", topic, exc)
+        return False
+    finally:
+        client.disconnect()
+        client.loop_stop()
 
 
 class MqttLink:
-    """One MQTT v5 connection for a door: retained status with Last Will, QoS 1 decisions."""
+    """One MQTT v5 connection for a door: retained status with Last Will, acknowledged decisions."""
 
-    def __init__(self, cfg: FacedoorConfig, password: SecretStr | None = None):
+    def __init__(self, cfg: FacedoorConfig):
         self.cfg = cfg
         self.status_topic = cfg.topic("status")
         self.decision_topic = cfg.topic("decision")
         self.health_topic = cfg.topic("health")
+        self.probe_topic = cfg.topic("probe")
         m = cfg.mqtt
         self.client_id = m.client_id or f"facedoor-{cfg.door_id}"
-        self._client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv5)
+        self.ack_timeout_s = m.ack_timeout_s
+        self._client = create_client(cfg, self.client_id)
         self._client.will_set(self.status_topic, "offline", qos=1, retain=True)
-        if m.username:
-            self._client.username_pw_set(m.username, password.get_secret_value() if password else None)
-        if m.tls is not None:
-            self._client.tls_set(
-                ca_certs=str(m.tls.ca) if m.tls.ca else None,
-                certfile=str(m.tls.cert) if m.tls.cert else None,
-                keyfile=str(m.tls.key) if m.tls.key else None,
-                cert_reqs=ssl.CERT_REQUIRED,
-            )
-        self._client.reconnect_delay_set(m.reconnect_min_s, m.reconnect_max_s)
-        self._client.max_queued_messages_set(64)
+        self._client.reconnect_delay_set(m.reconnect_min_s, m.reconnect_max_s)  # type: ignore[arg-type]  # floats work
+        self._client.max_queued_messages_set(MAX_QUEUED)
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_connect_fail = self._on_connect_fail
         self._client.on_message = self._on_message
         self._lock = threading.Lock()
         self._connected = threading.Event()
-        self._on_connect_hooks: list[Callable[[], None]] = []
+        self._on_connect_hooks: list[Callable[[], object]] = []
         self._subscriptions: dict[str, tuple[Handler, int]] = {}
+        self._unacked: list[tuple[mqtt.MQTTMessageInfo, float]] = []  # our QoS 1 publishes and send times
+        self._stop = threading.Event()
+        self._monitor = threading.Thread(target=self._watch_acks, name="facedoor-mqtt-acks", daemon=True)
         self.connects = 0
         self.reconnects = 0
+        self.stalls = 0
         self.dropped_decisions = 0
         self.purged = 0
         self.failed_attempts = 0
         self.down_since: float | None = time.monotonic()
-        self._stopping = False
+        self.stalled_since: float | None = None
         self.last_outage_s: float | None = None
+        self.state = "connecting"  # connecting | up | down | stalled
+        self._stopping = False
 
     # --- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -80,13 +156,15 @@ class MqttLink:
                  extra={"fields": {"event": "mqtt_connecting", "tls": m.tls is not None}})
         self._client.connect_async(m.host, m.port, keepalive=m.keepalive_s, clean_start=True)
         self._client.loop_start()
+        self._monitor.start()
 
     def stop(self, timeout_s: float = 2.0) -> None:
         """Publish retained `offline`, then disconnect cleanly (no Last Will needed)."""
+        self._stop.set()
         if self.connected:
             info = self._client.publish(self.status_topic, "offline", qos=1, retain=True)
             try:
-                info.wait_for_publish(timeout_s)
+                info.wait_for_publish(min(timeout_s, self.ack_timeout_s))
             except (RuntimeError, ValueError) as exc:
                 log.warning("MQTT: could not confirm retained offline status: %s", exc)
         self._stopping = True
@@ -96,13 +174,14 @@ class MqttLink:
 
     @property
     def connected(self) -> bool:
+        """True while the broker is connected and acknowledging (not down, not stalled)."""
         return self._connected.is_set()
 
     def wait_connected(self, timeout_s: float) -> bool:
         return self._connected.wait(timeout_s)
 
     # --- hooks -------------------------------------------------------------------------------
-    def add_on_connect(self, callback: Callable[[], None]) -> None:
+    def add_on_connect(self, callback: Callable[[], object]) -> None:
         """Call CALLBACK (from paho's thread) after every (re)connect, once status is online."""
         self._on_connect_hooks.append(callback)
         if self.connected:
@@ -117,34 +196,101 @@ class MqttLink:
 
     def publish(self, topic: str, payload: str | bytes, qos: int = 1, retain: bool = False,
                 expiry_s: float | None = None) -> bool:
-        """Publish now, or return False (and queue nothing) while the broker is unreachable."""
-        if not self.connected:
+        """Publish now without waiting, or return False (and queue nothing) while down or stalled."""
+        return self._send(topic, payload, qos, retain, expiry_s) is not None
+
+    def publish_lock(self, topic: str, payload: str | bytes) -> bool:
+        """Publish a fail-closed command (a lock) QoS 1 with no expiry, also on a stalled connection,
+        right behind anything already written; True when the link is up to acknowledge it."""
+        if self.state not in ("up", "stalled"):
             return False
+        info = self._client.publish(topic, payload, qos=1, retain=False)
+        return info.rc == mqtt.MQTT_ERR_SUCCESS and self.connected
+
+    def deliver(self, topic: str, payload: str | bytes, captured_mono: float, ttl_s: float, what: str) -> bool:
+        """QoS 1, never retained, expiry = remaining TTL; True only once the broker acknowledged it
+        within `ack_timeout_s` (and the TTL). Otherwise False, and a missing PUBACK is a stall."""
+        remaining = ttl_s - (time.monotonic() - captured_mono)
+        expiry = expiry_interval(remaining)
+        if expiry is None:
+            self._refused(what, "expired", f"{ttl_s - remaining:.2f}s old, TTL {ttl_s:.1f}s")
+            return False
+        info = self._send(topic, payload, 1, False, expiry)
+        if info is None:
+            self._refused(what, "disconnected", f"broker {self.cfg.mqtt.host}:{self.cfg.mqtt.port} unreachable")
+            return False
+        try:
+            info.wait_for_publish(max(0.0, min(self.ack_timeout_s, ttl_s - (time.monotonic() - captured_mono))))
+        except (RuntimeError, ValueError):
+            pass
+        if info.is_published():
+            return True
+        self._refused(what, "unacknowledged", f"no PUBACK within {self.ack_timeout_s:g}s")
+        self._declare_stall(f"{what} not acknowledged")
+        return False
+
+    def _send(self, topic: str, payload: str | bytes, qos: int, retain: bool,
+              expiry_s: float | None) -> mqtt.MQTTMessageInfo | None:
+        if not self.connected:
+            return None
         props = None
         if expiry_s is not None:
             props = Properties(PacketTypes.PUBLISH)
-            props.MessageExpiryInterval = max(1, int(math.ceil(expiry_s)))
+            props.MessageExpiryInterval = max(1, int(expiry_s))
         info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
-        return info.rc == mqtt.MQTT_ERR_SUCCESS
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            return None
+        if qos > 0:
+            with self._lock:
+                self._unacked.append((info, time.monotonic()))
+        return info
 
-    def publish_decision(self, payload: dict[str, Any], captured_mono: float, ttl_s: float) -> bool:
-        """QoS 1, never retained, expiry = remaining TTL; dropped (False) if late or offline."""
-        remaining = ttl_s - (time.monotonic() - captured_mono)
-        fields = {"event": "decision_dropped", "id": payload.get("id"), "decision": payload.get("decision"),
-                  "identity": payload.get("identity")}
-        if remaining <= 0:
-            self.dropped_decisions += 1
-            log.warning("decision %s dropped: %.2fs old, TTL %.1fs; the door stays as it is",
-                        payload.get("id"), ttl_s - remaining, ttl_s,
-                        extra={"fields": {**fields, "reason": "expired"}})
-            return False
-        if not self.publish(self.decision_topic, json.dumps(payload), qos=1, retain=False, expiry_s=remaining):
-            self.dropped_decisions += 1
-            log.warning("decision %s dropped: broker %s:%d unreachable; never queued for later",
-                        payload.get("id"), self.cfg.mqtt.host, self.cfg.mqtt.port,
-                        extra={"fields": {**fields, "reason": "disconnected"}})
-            return False
-        return True
+    def _refused(self, what: str, reason: str, detail: str) -> None:
+        self.dropped_decisions += 1
+        log.warning("%s dropped (%s): %s; never sent later, the door stays as it is", what, reason, detail,
+                    extra={"fields": {"event": "decision_dropped", "what": what, "reason": reason}})
+
+    # --- stall detection ---------------------------------------------------------------------
+    def _watch_acks(self) -> None:
+        """Declare a stall when a QoS 1 publish waits longer than ack_timeout_s for its PUBACK;
+        while idle, send a QoS 1 probe so a stall is seen even when nobody is at the door."""
+        period = self.ack_timeout_s / 4
+        last_probe = 0.0
+        while not self._stop.wait(period):
+            now = time.monotonic()
+            with self._lock:
+                self._unacked = [(info, t) for info, t in self._unacked if not info.is_published()]
+                oldest = self._unacked[0][1] if self._unacked else None
+            if self.stalled_since is not None and now - self.stalled_since >= self.ack_timeout_s:
+                self._drop_socket()
+            elif oldest is not None and now - oldest > self.ack_timeout_s:
+                self._declare_stall(f"a QoS 1 message waited {now - oldest:.1f}s for its PUBACK")
+            elif oldest is None and self.connected and now - last_probe >= self.ack_timeout_s:
+                last_probe = now
+                self._send(self.probe_topic, b"", 1, False, expiry_interval(self.ack_timeout_s + 1))
+
+    def _declare_stall(self, why: str) -> None:
+        """Treat a broker that stopped acknowledging like an outage: decide nothing, reconnect."""
+        with self._lock:
+            if not self._connected.is_set():
+                return
+            self._connected.clear()
+            self.stalls += 1
+            self.state = "stalled"
+            self.down_since = self.stalled_since = time.monotonic()
+        log.warning("MQTT: broker %s:%d stalled (%s); treated as an outage: nothing is decided, reconnecting",
+                    self.cfg.mqtt.host, self.cfg.mqtt.port, why,
+                    extra={"fields": {"event": "mqtt_stalled", "stalls": self.stalls}})
+
+    def _drop_socket(self) -> None:
+        """End a stalled connection (what it already holds stays written): paho reconnects and purges."""
+        self.stalled_since = None
+        sock = self._client.socket()
+        if isinstance(sock, socket.socket):  # ssl.SSLSocket too
+            try:  # wakes paho's loop: it sees a lost connection and reconnects with backoff
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     # --- paho callbacks (paho's network thread) ----------------------------------------------
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
@@ -164,14 +310,16 @@ class MqttLink:
             self.last_outage_s = time.monotonic() - self.down_since
             self.down_since = None
         self.failed_attempts = 0
-        client.publish(self.status_topic, "online", qos=1, retain=True)
         with self._lock:
+            self._unacked.clear()
             subs = list(self._subscriptions.items())
+        client.publish(self.status_topic, "online", qos=1, retain=True)
         for topic, (_, qos) in subs:
             client.subscribe(topic, qos)
+        self.state = "up"
         self._connected.set()
         log.info("MQTT: connected to %s:%d", self.cfg.mqtt.host, self.cfg.mqtt.port,
-                 extra={"fields": {"event": "mqtt_up", "reconnects": self.reconnects,
+                 extra={"fields": {"event": "mqtt_up", "reconnects": self.reconnects, "stalls": self.stalls,
                                    "outage_s": self.last_outage_s, "dropped_decisions": self.dropped_decisions}})
         for hook in list(self._on_connect_hooks):
             try:
@@ -186,6 +334,7 @@ class MqttLink:
             log.info("MQTT: disconnected from %s:%d (stopping)", self.cfg.mqtt.host, self.cfg.mqtt.port,
                      extra={"fields": {"event": "mqtt_closed"}})
         elif was_connected:
+            self.state = "down"
             self.down_since = time.monotonic()
             log.warning("MQTT: disconnected from %s:%d (%s); decisions are dropped until it is back",
                         self.cfg.mqtt.host, self.cfg.mqtt.port, reason,
@@ -201,9 +350,10 @@ class MqttLink:
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         with self._lock:
-            handlers = [h for topic, (h, _) in self._subscriptions.items() if mqtt.topic_matches_sub(topic, message.topic)]
+            handlers = [h for topic, (h, _) in self._subscriptions.items()
+                        if mqtt.topic_matches_sub(topic, message.topic)]
         for handler in handlers:
             try:
-                handler(message.topic, message.payload)
+                handler(message.topic, bytes(message.payload))
             except Exception:
                 log.exception("MQTT handler for %s failed", message.topic)

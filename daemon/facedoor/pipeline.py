@@ -67,7 +67,7 @@ class FacePipeline:
         self.min_face_size = int(min_face_size)
 
     @classmethod
-    def from_config(cls, cfg: FacedoorConfig) -> "FacePipeline":
+    def from_config(cls, cfg: FacedoorConfig) -> FacePipeline:
         """Load the manifest from `cfg.models`, verify hashes, open sessions (ModelError on any problem)."""
         rec = cfg.recognition
         manifest = Manifest.load(cfg.models)

@@ -19,7 +19,7 @@ from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Literal
 
-from .config import PolicyConfig
+from facedoor.config import PolicyConfig
 
 UNKNOWN = "\0unknown"  # vote key of a detected face that matched nobody (not a valid name)
 
@@ -77,8 +77,7 @@ class Policy:
         """Add one processed frame; return the decision it completes, if any."""
         self._window.append(obs)
         recent = [o for o in self._window if obs.t - o.t <= self.cfg.window_s]
-        votes = Counter(self._vote(o) for o in recent)
-        votes.pop(None, None)
+        votes = Counter(key for o in recent if (key := self._vote(o)) is not None)
         for key, count in votes.most_common():
             if count < self.cfg.frames_required:
                 break

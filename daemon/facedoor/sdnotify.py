@@ -32,7 +32,7 @@ class Notifier:
         if self._sock is None:
             return False
         try:
-            self._sock.sendto("\n".join(lines).encode(), self._address)
+            self._sock.sendto("\n".join(lines).encode(), self._address or "")
             return True
         except OSError as exc:
             if not self._warned:

@@ -1,63 +1,57 @@
 """`facedoor run`: the door service. The per-frame path reads top to bottom in `DoorService.process`:
 
-    frame -> pipeline.analyze -> largest face -> gallery.identify -> policy -> publish -> log
+    frame -> pipeline.analyze -> largest face -> gallery.identify -> policy -> deliver -> listeners
 
 Fail closed everywhere: an exception in the frame path is logged and decides nothing; while the
-broker is unreachable or the camera is down nothing is decided (the evidence window is reset);
-a decision older than its TTL is never published. SIGHUP reloads the store's gallery (after a
-failed reload nobody matches, faces are reported unknown, until a reload succeeds); SIGTERM/SIGINT
-stop cleanly (retained `offline`, camera closed, exit 0).
+broker is unreachable or stalled, or the camera is down, nothing is decided (the evidence window
+is reset); a decision is delivered only if the broker acknowledges it within its TTL and
+`mqtt.ack_timeout_s` (facedoor.mqtt). SIGHUP reloads the store's gallery (after a failed reload
+nobody matches, faces are reported unknown, until a reload succeeds); SIGTERM/SIGINT stop cleanly
+(retained `offline`, camera closed, exit 0).
 
-Beside each decision, `facedoor.integrations.Integrations` (unlock action, audit log, Home
-Assistant discovery) is told what was decided and whether it was delivered.
+Each decision becomes a `DecisionEvent` handed to the listeners (facedoor.events): the unlock
+action, then the audit log. `build_service` wires the door the same way for `facedoor run` and
+the demo.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import math
 import signal
 import threading
 import time
 import uuid
-from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
-from .camera import Camera, CameraError, CameraState, Frame, describe
-from .config import FacedoorConfig
-from .logs import setup_logging
-from .match import Gallery, Match
-from .mqtt import MqttLink
-from .policy import Decision, Observation, Policy
-from .sdnotify import Notifier, watchdog_interval_s
+from facedoor.camera import Camera, CameraState, Frame, describe
+from facedoor.config import FacedoorConfig
+from facedoor.events import DecisionEvent, DecisionListener
+from facedoor.formatting import finite, iso_utc
+from facedoor.logs import setup_logging
+from facedoor.match import Gallery, Match
+from facedoor.mqtt import MqttLink
+from facedoor.policy import Decision, Observation, Policy
+from facedoor.sdnotify import Notifier, watchdog_interval_s
 
 if TYPE_CHECKING:
-    from .integrations import Integrations
-    from .pipeline import Face, FacePipeline
+    from facedoor.pipeline import Face, FacePipeline
 
 log = logging.getLogger(__name__)
-
-def _finite(x: float | None, digits: int = 4) -> float | None:
-    return round(float(x), digits) if x is not None and math.isfinite(x) else None
-
-
-def _iso(epoch_s: float) -> str:
-    return datetime.fromtimestamp(epoch_s, tz=timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class DoorService:
     """Owns the frame loop; everything it talks to is passed in (tests use real parts)."""
 
-    def __init__(self, cfg: FacedoorConfig, pipeline: "FacePipeline", load_gallery: Callable[[], Gallery],
-                 camera: Camera, link: MqttLink, notifier: Notifier, integrations: "Integrations | None" = None):
+    def __init__(self, cfg: FacedoorConfig, pipeline: FacePipeline, load_gallery: Callable[[], Gallery],
+                 camera: Camera, link: MqttLink, notifier: Notifier, listeners: Sequence[DecisionListener] = ()):
         self.cfg = cfg
         self.pipeline = pipeline
         self.load_gallery = load_gallery
         self.camera = camera
         self.link = link
         self.notifier = notifier
-        self.integrations = integrations
+        self.listeners = list(listeners)
         self.policy = Policy(cfg.policy)
         self.threshold = cfg.recognition.threshold
         self.gallery: Gallery | None = load_gallery()   # None after a failed reload: nobody matches
@@ -80,16 +74,22 @@ class DoorService:
     def request_reload(self, *_: Any) -> None:
         self._reload.set()
 
+    def start(self) -> None:
+        """Start capturing and connecting (both in the background)."""
+        self.camera.start()
+        self.link.start()
+
     # --- the loop ----------------------------------------------------------------------------
     def run(self) -> int:
         """Process frames until stopped or the video ends; 0 on a clean stop."""
         watchdog = watchdog_interval_s()
         ping_every = min(1.0, watchdog / 2) if watchdog else None
         last_ping = last_health = 0.0
-        self.notifier.ready(f"watching {describe(self.camera.source)}; {len(self.gallery.identities)} enrolled")
+        enrolled = len(self.gallery.identities) if self.gallery is not None else 0
+        self.notifier.ready(f"watching {describe(self.camera.source)}; {enrolled} enrolled")
         log.info("facedoor running", extra={"fields": {
             "event": "ready", "door": self.cfg.door_id, "source": describe(self.camera.source),
-            "enrolled": len(self.gallery.identities), "threshold": self.threshold}})
+            "enrolled": enrolled, "threshold": self.threshold}})
         while not self._stop.is_set():
             frame = self.camera.get(timeout=0.2)
             if self._reload.is_set():
@@ -149,8 +149,8 @@ class DoorService:
             return Match(None, float("inf"), self.threshold)
         return self.gallery.identify(embedding)
 
-    def publish_decision(self, decision: Decision, frame: Frame, face: "Face | None") -> bool:
-        """Publish DECISION (unless late or offline), log it, tell the integrations; True if delivered."""
+    def publish_decision(self, decision: Decision, frame: Frame, face: Face | None) -> bool:
+        """Deliver DECISION (acknowledged within its TTL, or dropped), log it, tell the listeners."""
         latency_ms = (time.monotonic() - frame.t_mono) * 1000
         ttl = self.cfg.decision_ttl_s
         payload = {
@@ -159,17 +159,19 @@ class DoorService:
             "decision": decision.decision,
             "reason": decision.reason,
             "identity": decision.identity,
-            "distance": _finite(decision.distance),
+            "distance": finite(decision.distance),
             "threshold": decision.threshold,
             "frames": decision.frames,
             "window": decision.window,
             "faces": decision.faces,
-            "ts": _iso(frame.t_wall),
+            "ts": iso_utc(frame.t_wall),
             "ts_ms": int(frame.t_wall * 1000),
             "ttl_s": ttl,
+            "expires_at_ms": int((frame.t_wall + ttl) * 1000),
             "latency_ms": round(latency_ms, 1),
         }
-        delivered = self.link.publish_decision(payload, frame.t_mono, ttl)
+        delivered = self.link.deliver(self.link.decision_topic, json.dumps(payload), frame.t_mono, ttl,
+                                      f"decision {payload['id']} ({decision.decision})")
         if delivered:
             self.counts[decision.decision] += 1
             self._latencies_ms.append(latency_ms)
@@ -180,12 +182,12 @@ class DoorService:
             "identity": decision.identity, "distance": payload["distance"], "threshold": decision.threshold,
             "frames": f"{decision.frames}/{decision.window}", "faces": decision.faces,
             "latency_ms": payload["latency_ms"], "delivered": delivered}})
-        if self.integrations is not None:
-            crop = _crop(frame, face) if self.cfg.audit.save_crops else None
+        event = DecisionEvent(payload, delivered, frame, face)
+        for listener in self.listeners:
             try:
-                self.integrations.on_decision(payload, delivered, crop)
+                listener.on_decision(event)
             except Exception:
-                log.exception("integrations failed for decision %s", payload["id"])
+                log.exception("decision listener %s failed for decision %s", type(listener).__name__, payload["id"])
         return delivered
 
     # --- housekeeping ------------------------------------------------------------------------
@@ -230,21 +232,23 @@ class DoorService:
         self._latencies_ms = lat[-200:]
         return {
             "door": self.cfg.door_id,
-            "ts": _iso(time.time()),
+            "ts": iso_utc(time.time()),
             "ts_ms": int(time.time() * 1000),
             "uptime_s": round(now - self._started, 1),
             "camera": self.camera.state.value,
             "fps": round(len(self._processed) / span, 2) if span > 0 else 0.0,
-            "last_frame_age_s": _finite(self.camera.last_frame_age(), 3),
+            "last_frame_age_s": finite(self.camera.last_frame_age(), 3),
             "camera_reopens": self.camera.reopens,
             "camera_failures": self.camera.failures,
+            "broker": self.link.state,
             "broker_reconnects": self.link.reconnects,
-            "last_broker_outage_s": _finite(self.link.last_outage_s, 1),
+            "broker_stalls": self.link.stalls,
+            "last_broker_outage_s": finite(self.link.last_outage_s, 1),
             "dropped_decisions": self.link.dropped_decisions,
             "purged_messages": self.link.purged,
             "enrolled": len(self.gallery.identities) if self.gallery is not None else 0,
             "store_error": self.store_error,
-            "latency_ms_median": _finite(lat[len(lat) // 2], 1) if lat else None,
+            "latency_ms_median": finite(lat[len(lat) // 2], 1) if lat else None,
             **{k: v for k, v in self.counts.items()},
         }
 
@@ -253,29 +257,47 @@ class DoorService:
         self.link.publish(self.link.health_topic, json.dumps(report), qos=0, retain=False,
                           expiry_s=max(1.0, 3 * self.cfg.mqtt.health_interval_s))
         self.notifier.status(f"camera {report['camera']}, {report['fps']} fps, "
-                             f"broker {'up' if self.link.connected else 'down'}, {report['unlock']} unlocks")
+                             f"broker {self.link.state}, {report['unlock']} unlocks")
 
     def close(self) -> None:
-        """Stop cleanly: STOPPING=1, extensions, camera, then retained offline and disconnect."""
+        """Stop cleanly: STOPPING=1, listeners (a due relock goes out), camera, then retained offline."""
         self.notifier.stopping()
-        if self.integrations is not None:
+        for listener in self.listeners:
             try:
-                self.integrations.close()
+                listener.close()
             except Exception:
-                log.exception("integrations shutdown failed")
+                log.exception("decision listener %s failed to close", type(listener).__name__)
         self.camera.stop()
         self.link.stop()
         log.info("facedoor stopped", extra={"fields": {"event": "stopped", **self.counts}})
 
 
-def _crop(frame: Frame, face: "Face | None") -> Any:
-    """The face box cut from the frame (a copy), for the audit log."""
-    if face is None:
-        return None
-    h, w = frame.image.shape[:2]
-    x1, y1, x2, y2 = (int(round(v)) for v in face.box)
-    x1, y1, x2, y2 = max(0, x1), max(0, y1), min(w, x2), min(h, y2)
-    return frame.image[y1:y2, x1:x2].copy() if x2 > x1 and y2 > y1 else None
+def build_service(cfg: FacedoorConfig, pipeline: FacePipeline, *, source: int | str | None = None,
+                  loop: bool | None = None, notifier: Notifier | None = None,
+                  extra_listeners: Sequence[DecisionListener] = ()) -> DoorService:
+    """Wire the door: store, camera, MQTT link, Home Assistant discovery and the decision listeners
+    (unlock action, then EXTRA_LISTENERS, then the audit log). `facedoor run` and the demo both
+    start here, so they cannot drift. Raises StoreError before anything is started."""
+    from facedoor.audit import AuditLog
+    from facedoor.homeassistant import HomeAssistantDiscovery
+    from facedoor.store import EmbeddingStore
+    from facedoor.unlock import UnlockAction
+
+    def load_gallery() -> Gallery:
+        with EmbeddingStore(cfg.store, pipeline.encoder_sha256, create=False, readonly=True) as store:
+            return store.gallery(cfg.recognition.threshold)
+
+    link = MqttLink(cfg)
+    HomeAssistantDiscovery(cfg, link).attach()
+    listeners: list[DecisionListener] = []
+    if cfg.unlock_action is not None:
+        listeners.append(UnlockAction(cfg.unlock_action, link, cfg.decision_ttl_s))
+    listeners.extend(extra_listeners)
+    audit = AuditLog.from_config(cfg)
+    if audit is not None:
+        listeners.append(audit)
+    camera = Camera(cfg.camera, source, loop)
+    return DoorService(cfg, pipeline, load_gallery, camera, link, notifier or Notifier(), listeners)
 
 
 def run_daemon(cfg: FacedoorConfig, source: int | str | None = None, loop: bool | None = None) -> int:
@@ -283,55 +305,21 @@ def run_daemon(cfg: FacedoorConfig, source: int | str | None = None, loop: bool 
 
     Raises ConfigError/ModelError/StoreError/CameraError before READY (the CLI exits 2).
     """
-    from .integrations import Integrations
-    from .pipeline import FacePipeline
-    from .store import EmbeddingStore
+    from facedoor.pipeline import FacePipeline
 
     setup_logging(cfg.logging.level, cfg.logging.format)
     notifier = Notifier()
     notifier.status("loading models")
     pipeline = FacePipeline.from_config(cfg)
-
-    def load_gallery() -> Gallery:
-        with EmbeddingStore(cfg.store, pipeline.encoder_sha256, create=False, readonly=True) as store:
-            return store.gallery(cfg.recognition.threshold)
-
-    camera = Camera(cfg.camera, source, loop)
-    link = MqttLink(cfg, cfg.mqtt.password())
-    service = DoorService(cfg, pipeline, load_gallery, camera, link, notifier, Integrations(cfg, link))
-    if not service.gallery.identities:
+    service = build_service(cfg, pipeline, source=source, loop=loop, notifier=notifier)
+    if service.gallery is not None and not service.gallery.identities:
         log.warning("nobody is enrolled in %s: every face will be denied (enrol with `facedoor enroll`)",
                     cfg.store, extra={"fields": {"event": "empty_store"}})
     signal.signal(signal.SIGTERM, service.request_stop)
     signal.signal(signal.SIGINT, service.request_stop)
     signal.signal(signal.SIGHUP, service.request_reload)
-    camera.start()
-    link.start()
+    service.start()
     try:
         return service.run()
     finally:
         service.close()
-
-
-def add_command(commands: argparse._SubParsersAction) -> None:
-    """Register `facedoor run`."""
-    parser = commands.add_parser(
-        "run", help="run the door service: camera -> recognition -> MQTT decisions (systemd-ready)",
-        description="Watch the camera, decide, publish unlock/deny decisions over MQTT. "
-                    "SIGHUP reloads the store; SIGTERM/SIGINT stop cleanly.",
-    )
-    parser.add_argument("--source", default=None,
-                        help="camera source overriding camera.source: V4L2 index or /dev/videoN, "
-                             "rtsp:// or http:// URL, or a video file")
-    parser.add_argument("--loop", action="store_true", default=None,
-                        help="restart a video file at its end instead of stopping")
-    parser.set_defaults(handler=_run_command)
-
-
-def _run_command(args: argparse.Namespace, ctx: Any) -> int:
-    from .cli import CliError
-
-    try:
-        return run_daemon(ctx.config, source=args.source, loop=args.loop)
-    except CameraError as exc:
-        raise CliError(str(exc)) from None

@@ -11,10 +11,10 @@ from __future__ import annotations
 import logging
 import sqlite3
 import unicodedata
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -114,7 +114,8 @@ class EmbeddingStore:
             raise
         except sqlite3.Error as exc:
             self._db.close()
-            raise StoreError(f"{self.path}: damaged embedding store ({exc}); restore a backup or move it away") from None
+            raise StoreError(f"{self.path}: damaged embedding store ({exc}); "
+                             "restore a backup or move it away") from None
 
     # -- opening -----------------------------------------------------------------------------
 
@@ -167,7 +168,7 @@ class EmbeddingStore:
             self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         log.info("created embedding store %s", self.path)
 
-    def _transaction(self, read: bool = False) -> "_Transaction":
+    def _transaction(self, read: bool = False) -> _Transaction:
         return _Transaction(self._db, self.path, read)
 
     # -- writing -----------------------------------------------------------------------------
@@ -211,7 +212,8 @@ class EmbeddingStore:
                 if sha in seen:  # this photo is already enrolled for NAME
                     continue
                 seen.add(sha)
-                rows.append((identity_id, vector.astype("<f4").tobytes(), vector.shape[0], self.encoder_sha256, sha, now))
+                blob = vector.astype("<f4").tobytes()
+                rows.append((identity_id, blob, vector.shape[0], self.encoder_sha256, sha, now))
             self._db.executemany(
                 "INSERT INTO embeddings (identity_id, vector, dim, encoder_sha256, image_sha256, created)"
                 " VALUES (?, ?, ?, ?, ?, ?)",
@@ -297,7 +299,7 @@ class EmbeddingStore:
     def close(self) -> None:
         self._db.close()
 
-    def __enter__(self) -> "EmbeddingStore":
+    def __enter__(self) -> EmbeddingStore:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -5,7 +5,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from .errors import ExportError
+from facedoor_export.errors import ExportError
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -42,15 +42,3 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
-
-
-def check_writable(directory: Path) -> None:
-    """Create DIRECTORY if needed and prove a file can be created in it (before any slow work)."""
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=directory):
-            pass
-    except OSError as exc:
-        raise ExportError(
-            f"output directory {directory} is not writable: {exc.strerror or exc}"
-        ) from exc

@@ -21,11 +21,13 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-from .errors import ExportError
+from facedoor.files import NotWritableError, check_writable
+from facedoor_export.errors import ExportError
 
 
 class Option:
@@ -112,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="facedoor-export",
         description="Convert pretrained Keras models to verified ONNX files + manifest.json.",
     )
-    parser.add_argument("--out", required=True, type=Path, metavar="DIR",
+    parser.add_argument("-o", "--out", required=True, type=Path, metavar="DIR",
                         help="output directory for the ONNX files and manifest.json")
     parser.add_argument("--only", action="append", metavar="NAMES",
                         help="model groups, comma-separated or repeated: "
@@ -120,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
                              f"{', '.join(g.name for g in GROUPS if g.default)})")
     parser.add_argument("--force", action="store_true",
                         help="rebuild models even when their outputs are up to date")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
     for group in GROUPS:
         if group.options:
             section = parser.add_argument_group(f"{group.name}: {group.help}")
@@ -136,13 +138,14 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     leaves the directory (files and manifest) as it was.
     """
     groups = _parse_only(args.only)
-    from .atomic import check_writable
-
     out: Path = args.out
-    check_writable(out)
+    try:
+        check_writable(out)
+    except NotWritableError as exc:
+        raise ExportError(str(exc)) from None
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from . import manifest
-    from .convert import ExportContext
+    from facedoor_export import manifest
+    from facedoor_export.convert import ExportContext
 
     previous = manifest.read_previous(out)
     ctx = ExportContext(out=out, args=args, force=args.force, previous=previous)

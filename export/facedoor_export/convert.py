@@ -11,17 +11,17 @@ import argparse
 import logging
 import os
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
 from facedoor.models import sha256_file
-
-from .atomic import write_temp
-from .errors import ExportError
+from facedoor_export.atomic import write_temp
+from facedoor_export.errors import ExportError
 
 log = logging.getLogger(__name__)
 

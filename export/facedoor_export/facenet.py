@@ -14,11 +14,10 @@ from typing import Any
 import keras
 from keras import layers
 
-from facedoor import datasets
-
-from .convert import ExportContext, export_encoder
-from .errors import ExportError
-from .h5weights import assign_by_name, read_h5_weights
+from facedoor.demo import datasets
+from facedoor_export.convert import ExportContext, export_encoder
+from facedoor_export.errors import ExportError
+from facedoor_export.h5weights import assign_by_name, read_h5_weights
 
 NAME = "facenet"
 INPUT_SIZE = 160

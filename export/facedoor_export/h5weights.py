@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from .errors import ExportError
+from facedoor_export.errors import ExportError
 
 
 def _text(value: Any) -> str:

@@ -13,10 +13,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from facedoor import __version__
-from facedoor.models import MANIFEST_FORMAT, MANIFEST_NAME
+from pydantic import ValidationError
 
-from .atomic import atomic_write_bytes
+from facedoor import __version__
+from facedoor.models import MANIFEST_FORMAT, MANIFEST_NAME, ModelEntry, describe_invalid
+from facedoor_export.atomic import atomic_write_bytes
+from facedoor_export.errors import ExportError
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +63,13 @@ def read_previous(out: Path) -> dict[str, dict[str, Any]]:
 
 
 def write_manifest(out: Path, models: dict[str, dict[str, Any]], opset: int) -> Path:
-    """Atomically write OUT/manifest.json listing MODELS (sorted by name)."""
+    """Atomically write OUT/manifest.json listing MODELS (sorted by name), each entry first checked
+    against the runtime's contract (`facedoor.models.ModelEntry`), so the door can always read it."""
+    for name, entry in models.items():
+        try:
+            ModelEntry.model_validate({**entry, "name": name})
+        except ValidationError as exc:
+            raise ExportError(f"manifest entry {name!r} breaks the contract: {describe_invalid(exc)}") from None
     body = {
         "format": MANIFEST_FORMAT,
         "facedoor_version": __version__,

@@ -11,17 +11,17 @@ normalised image with bilinear crop-and-resize to 24x24 / 48x48.
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import keras
 import numpy as np
 from keras import layers
 
 from facedoor.models import sha256_file
-
-from .convert import ExportContext, export_onnx, random_samples
-from .errors import ExportError
+from facedoor_export.convert import ExportContext, export_onnx, random_samples
+from facedoor_export.errors import ExportError
 
 WHEEL = "mtcnn==1.0.0"
 PREPROCESSING = {
@@ -75,7 +75,7 @@ def _dense_head(x: Any, units: int, name: str) -> Any:
 
 
 def _crop_net(name: str, side: int, stages: list[tuple[int, int, str]], last: int, units: int,
-              heads: list[tuple[str, int]]) -> keras.Model:
+              heads: list[tuple[str | None, int]]) -> keras.Model:
     """R-Net / O-Net: 3x3 conv + pool STAGES (filters, pool size, padding), a 2x2 conv of LAST
     filters, a dense layer of UNITS, then one dense head per (activation, units) in HEADS."""
     inputs = keras.Input((side, side, 3), name="input")

@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from .convert import ExportContext, convert_function, staged_file_fields
-from .errors import ExportError
-from .nst_graph import DEFAULT_CONTENT_LAYERS, DEFAULT_STYLE_LAYERS, NSTGraph
-from .vgg19 import CONV_LAYERS, IMAGENET_MEAN_RGB, PLAN, VGGWeights, load_weights
+from facedoor_export.convert import ExportContext, convert_function, staged_file_fields
+from facedoor_export.errors import ExportError
+from facedoor_export.nst_graph import DEFAULT_CONTENT_LAYERS, DEFAULT_STYLE_LAYERS, NSTGraph
+from facedoor_export.vgg19 import CONV_LAYERS, IMAGENET_MEAN_RGB, PLAN, VGGWeights, load_weights
 
 PARITY_TOLERANCE = 1e-3  # relative L2 error, loss terms and gradient
 PARITY_SIZES = ((40, 52), (33, 47))  # (H, W); the second is odd in both axes
@@ -128,8 +128,10 @@ def export(ctx: ExportContext) -> list[tuple[str, dict[str, Any]]]:
         print("vgg19: WARNING: untrained weights (--vgg19-untrained): for tests only; "
               "stylised images will not look like the style")
     previous = [ctx.fresh(name, weights.sha256) for name in ("vgg19_features", "vgg19_nst_step")]
-    if all(p is not None and all(p.get(k) == v for k, v in layers.items()) for p in previous):
-        return [("vgg19_features", previous[0]), ("vgg19_nst_step", previous[1])]
+    features, step = previous
+    if features is not None and step is not None and all(
+            p.get(k) == v for p in (features, step) for k, v in layers.items()):
+        return [("vgg19_features", features), ("vgg19_nst_step", step)]
 
     graph = NSTGraph(weights, content_layers, style_layers, layout="NCHW")
     reference = NSTGraph(weights, content_layers, style_layers, layout="NHWC")

@@ -20,11 +20,12 @@ conv1_1's input channels are reversed, so the Keras (Caffe, BGR) weights see wha
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
-from .vgg19 import IMAGENET_MEAN_RGB, PLAN, VGGWeights
+from facedoor_export.vgg19 import IMAGENET_MEAN_RGB, PLAN, VGGWeights
 
 DEFAULT_CONTENT_LAYERS = ("conv4_2",)
 DEFAULT_STYLE_LAYERS = ("conv1_1", "conv2_1", "conv3_1", "conv4_1", "conv5_1")

@@ -13,16 +13,17 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import keras
 import numpy as np
 from keras import layers
 from tqdm import tqdm
 
-from .convert import ExportContext, export_encoder
-from .errors import ExportError
+from facedoor_export.convert import ExportContext, export_encoder
+from facedoor_export.errors import ExportError
 
 log = logging.getLogger(__name__)
 

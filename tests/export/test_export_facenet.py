@@ -2,14 +2,12 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-
 from export_support import onnx_leftovers, randomize, write_keras2_h5
 
 pytest.importorskip("tensorflow")

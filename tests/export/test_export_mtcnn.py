@@ -52,10 +52,11 @@ def test_manifest_entries(mtcnn_models):
 
 def test_onnx_matches_the_wheels_networks(mtcnn_models):
     """Same numbers as mtcnn 1.0.0's own Keras networks: architecture and weight order are right."""
-    from facedoor.models import Manifest
     from mtcnn.stages.stage_onet import StageONet
     from mtcnn.stages.stage_pnet import StagePNet
     from mtcnn.stages.stage_rnet import StageRNet
+
+    from facedoor.models import Manifest
 
     manifest = Manifest.load(mtcnn_models)
     rng = np.random.default_rng(2)

@@ -3,11 +3,9 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
-
 from export_support import onnx_leftovers, randomize, write_openface_csvs
 
 pytest.importorskip("tensorflow")

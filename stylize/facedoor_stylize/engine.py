@@ -7,15 +7,14 @@ float32 (H, W, 3) in [0, 255]; the graph subtracts the ImageNet means itself.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from facedoor.models import Manifest, ModelError
-
-from .images import fit_area, resize
+from facedoor_stylize.images import fit_area, resize
 
 log = logging.getLogger(__name__)
 
@@ -104,16 +103,16 @@ class Stylizer:
             raise
         entry = manifest.entry(STEP)
         log.info("loaded %s and %s from %s (%s weights)", FEATURES, STEP, self.directory,
-                 entry.raw.get("weights", {}).get("source", "unknown"))
+                 entry.extra("weights", {}).get("source", "unknown"))
         self.untrained = entry.untrained or manifest.entry(FEATURES).untrained
-        self.content_layers: list[str] = list(entry.raw.get("content_layers", []))
-        self.style_layers: list[str] = list(entry.raw.get("style_layers", []))
-        defaults = entry.raw.get("defaults", {})
+        self.content_layers: list[str] = list(entry.extra("content_layers", []))
+        self.style_layers: list[str] = list(entry.extra("style_layers", []))
+        defaults = entry.extra("defaults", {})
         self.default_content = dict(zip(self.content_layers, defaults.get(
             "content_weights", [1.0] * len(self.content_layers))))
         self.default_style = dict(zip(self.style_layers, defaults.get(
             "style_weights", [1.0 / max(1, len(self.style_layers))] * len(self.style_layers))))
-        self.channels: dict[str, int] = dict(entry.raw.get("layer_channels", {}))
+        self.channels: dict[str, int] = dict(entry.extra("layer_channels", {}))
         self.step_inputs = [i.name for i in self.step_session.get_inputs()]
 
     # -- weights ----------------------------------------------------------------------------
@@ -246,6 +245,7 @@ class Stylizer:
                     x = _lbfgs(evaluate, x, iterations)
                 else:
                     x = _adam(evaluate, x, iterations, settings.lr)
+            assert x is not None
             j, jc, js, _ = self.step(x, targets, content_w, style_w, settings)  # of the result
             interrupted = False
         except KeyboardInterrupt:
@@ -282,8 +282,8 @@ def _adam(evaluate: Callable[[np.ndarray], tuple[float, np.ndarray]], x: np.ndar
     `evaluate` sees the image before each update (iteration 0: the initial image).
     """
     x = x.astype(np.float32).copy()
-    m = np.zeros_like(x)
-    v = np.zeros_like(x)
+    m: np.ndarray = np.zeros_like(x)
+    v: np.ndarray = np.zeros_like(x)
     for t in range(1, iterations + 1):
         _, grad = evaluate(x.copy())
         m = beta1 * m + (1 - beta1) * grad

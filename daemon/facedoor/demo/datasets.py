@@ -17,7 +17,7 @@ import tarfile
 import tempfile
 from pathlib import Path, PurePosixPath
 
-from .models import sha256_file
+from facedoor.models import sha256_file
 
 log = logging.getLogger(__name__)
 

@@ -59,7 +59,7 @@ def _paste(frame: np.ndarray, photo: np.ndarray, cx: float, cy: float, height: f
     h = max(8, int(height))
     w = max(8, int(pw * h / ph))
     sprite = cv2.resize(photo, (w, h), interpolation=cv2.INTER_AREA if h < ph else cv2.INTER_LINEAR).astype(np.float32)
-    mask = np.zeros((h, w), np.float32)
+    mask: np.ndarray = np.zeros((h, w), np.float32)
     cv2.ellipse(mask, (w // 2, h // 2), (int(w * 0.47), int(h * 0.48)), 0, 0, 360, 1.0, -1)
     mask = cv2.GaussianBlur(mask, (0, 0), max(1.0, h / 40))[..., None]
     x0, y0 = int(cx - w / 2), int(cy - h / 2)
@@ -115,7 +115,8 @@ def write_walkup(path: str | Path, visitors: Sequence[Visitor], *, fps: float = 
     """Write the walk-up video to PATH (Motion-JPEG AVI) and return its timeline."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, size)
+    fourcc = cv2.VideoWriter_fourcc(*"MJPG")  # type: ignore[attr-defined]  # missing from the stubs
+    writer = cv2.VideoWriter(str(path), fourcc, fps, size)
     if not writer.isOpened():
         raise RuntimeError(f"OpenCV cannot write {path}")
     writer.set(cv2.VIDEOWRITER_PROP_QUALITY, 90)

@@ -1,48 +1,38 @@
-"""The recognition subcommands of `facedoor`: enroll, list, remove, verify, identify.
+"""`facedoor enroll | list | remove | verify | identify`: the embedding store from the command line.
 
 Photos given on the command line are still images (any size, possibly a tight face crop), read
-with OpenCV; see `FacePipeline.detect_still` for how tight crops are handled.
+by `facedoor.images.read_image`; see `FacePipeline.detect_still` for how tight crops are handled.
+Heavy modules (OpenCV, ONNX Runtime) load inside the handlers that need them.
 """
 from __future__ import annotations
 
 import argparse
-import hashlib
+import math
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from facedoor.cli import EXIT_ERROR, EXIT_NO_MATCH, EXIT_OK, REPORTING, CliContext, CliError
 
 if TYPE_CHECKING:
+    from facedoor.match import Gallery
     from facedoor.pipeline import Face
 
 
-def read_image(path: Path) -> tuple[np.ndarray, str]:
-    """Decode PATH with OpenCV into a BGR image; return it with the file's SHA-256."""
-    import cv2
-
-    try:
-        data = path.read_bytes()
-    except IsADirectoryError:
-        raise CliError(f"{path}: is a directory, expected an image file") from None
-    except OSError as exc:
-        raise CliError(f"{path}: cannot read ({exc.strerror})") from None
-    image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR) if data else None
-    if image is None:
-        raise CliError(f"{path}: not a readable image (expected JPEG, PNG, BMP, WebP, TIFF...)")
-    return image, hashlib.sha256(data).hexdigest()
-
-
 def _round(x: float) -> float | None:
-    return round(x, 4) if np.isfinite(x) else None
+    return round(x, 4) if math.isfinite(x) else None
 
 
-def _largest_face(ctx: CliContext, path: Path, image: np.ndarray) -> tuple["Face", int]:
-    """The largest face of a still photo, encoded, and the number of faces; no face is bad input."""
+def _largest_face(ctx: CliContext, path: Path) -> tuple[Face, int]:
+    """The largest face of the photo at PATH, encoded, and the number of faces; no face is bad input."""
+    from facedoor.images import ImageError, read_image
+
     pipeline = ctx.pipeline()
-    faces = pipeline.detect_still(image)
+    try:
+        image, _ = read_image(path)
+    except ImageError as exc:
+        raise CliError(str(exc)) from None
+    faces = pipeline.detect_still(image)  # largest first
     if not faces:
         raise CliError(f"{path}: no face found")
     pipeline.encode(image, faces[:1])
@@ -52,43 +42,35 @@ def _largest_face(ctx: CliContext, path: Path, image: np.ndarray) -> tuple["Face
 # -- enroll ---------------------------------------------------------------------------------
 
 def _enroll(args: argparse.Namespace, ctx: CliContext) -> int:
-    from facedoor.pipeline import PhotoRejected
+    from facedoor.enrolment import embed_photos
     from facedoor.store import validate_name
 
     validate_name(args.name)
-    pipeline = ctx.pipeline()
-    accepted: list[tuple[Path, np.ndarray, str]] = []
-    rejected = 0
-    for path in args.images:
-        try:
-            image, sha = read_image(path)
-            face = pipeline.enrolment_face(image)
-        except (CliError, PhotoRejected) as exc:
-            reason = str(exc).removeprefix(f"{path}: ")
-            rejected += 1
-            print(f"facedoor enroll: {'skipped' if args.skip_bad else 'rejected'} {path}: {reason}", file=sys.stderr)
-            if ctx.json:
-                ctx.emit({"image": str(path), "identity": args.name, "status": "rejected", "reason": reason}, "")
-            continue
-        accepted.append((path, face.embedding, sha))
-    if rejected and not args.skip_bad:
+
+    def rejected(path: Path, reason: str) -> None:
+        print(f"facedoor enroll: {'skipped' if args.skip_bad else 'rejected'} {path}: {reason}", file=sys.stderr)
+        if ctx.json:
+            ctx.emit({"image": str(path), "identity": args.name, "status": "rejected", "reason": reason}, "")
+
+    photos = embed_photos(ctx.pipeline(), args.images, on_reject=rejected)
+    if photos.rejected and not args.skip_bad:
         raise CliError(
-            f"{rejected} of {len(args.images)} photo(s) rejected, nothing enrolled for {args.name!r} "
+            f"{len(photos.rejected)} of {len(args.images)} photo(s) rejected, nothing enrolled for {args.name!r} "
             "(fix or drop them, or pass --skip-bad to enrol the good ones)"
         )
-    if not accepted:
+    if not photos.paths:
         raise CliError(f"no usable photo for {args.name!r}, nothing enrolled")
     store = ctx.store(create=True)
-    added = store.enroll(
-        args.name, np.stack([e for _, e, _ in accepted]), [s for _, _, s in accepted], replace=args.replace
-    )
-    for path, _, _ in accepted:
+    added = store.enroll(args.name, photos.matrix(), photos.hashes, replace=args.replace)
+    for path in photos.paths:
         if ctx.json:
             ctx.emit({"image": str(path), "identity": args.name, "status": "enrolled"}, "")
+    skipped = len(photos.rejected)
     ctx.emit(
-        {"identity": args.name, "enrolled": len(accepted), "new": added, "rejected": rejected, "store": str(store.path)},
-        f"enrolled {args.name}: {len(accepted)} photo(s), {added} new embedding(s)"
-        + (f", {rejected} skipped" if rejected else "") + f" in {store.path}",
+        {"identity": args.name, "enrolled": len(photos.paths), "new": added, "rejected": skipped,
+         "store": str(store.path)},
+        f"enrolled {args.name}: {len(photos.paths)} photo(s), {added} new embedding(s)"
+        + (f", {skipped} skipped" if skipped else "") + f" in {store.path}",
     )
     return EXIT_OK
 
@@ -116,7 +98,7 @@ def _remove(args: argparse.Namespace, ctx: CliContext) -> int:
 
 # -- verify / identify ----------------------------------------------------------------------
 
-def _gallery(ctx: CliContext):
+def _gallery(ctx: CliContext) -> Gallery:
     gallery = ctx.store().gallery(ctx.config.recognition.threshold)
     if len(gallery) == 0:
         raise CliError(f"no one enrolled in {ctx.config.store}: enrol with `facedoor enroll NAME IMAGE...`")
@@ -127,8 +109,8 @@ def _verify(args: argparse.Namespace, ctx: CliContext) -> int:
     gallery = _gallery(ctx)
     if args.name not in gallery.identities:
         raise CliError(f"no identity named {args.name!r} in {ctx.config.store} (see `facedoor list`)")
-    image, _ = read_image(args.image)
-    face, _ = _largest_face(ctx, args.image, image)
+    face, _ = _largest_face(ctx, args.image)
+    assert face.embedding is not None
     match = gallery.verify(args.name, face.embedding)
     ctx.emit(
         {"image": str(args.image), "identity": args.name, "distance": _round(match.distance),
@@ -144,12 +126,12 @@ def _identify(args: argparse.Namespace, ctx: CliContext) -> int:
     failed = 0
     for path in args.images:
         try:
-            image, _ = read_image(path)
-            face, count = _largest_face(ctx, path, image)
+            face, count = _largest_face(ctx, path)
         except CliError as exc:
             failed += 1
             print(f"facedoor identify: error: {exc}", file=sys.stderr)
             continue
+        assert face.embedding is not None
         match = gallery.identify(face.embedding)
         who = match.identity if match.matched else None
         ctx.emit(

@@ -9,14 +9,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+from daemon_support import Subscriber
 from facedoor.audit import read_entries
 from facedoor.cli import main
 from facedoor.config import parse_config
 from facedoor.homeassistant import EVENT_TYPES, discovery_topic
 from facedoor.integrations import Integrations
 from facedoor.mqtt import MqttLink
-
-from daemon_support import Subscriber
 
 ACTION_TOPIC = "zigbee2mqtt/front_door/set"
 DISCOVERY = "homeassistant/device/front/config"
@@ -136,7 +135,7 @@ def test_cli_ha_remove_clears_discovery(mosquitto, tmp_path, link_factory, capsy
 
 
 def test_ha_remove_without_broker_is_a_clear_error(tmp_path, capsys) -> None:
-    from facedoor.broker import free_port
+    from facedoor.demo.broker import free_port
 
     config_file = tmp_path / "facedoor.yaml"
     config_file.write_text(yaml.safe_dump({"mqtt": {"host": "127.0.0.1", "port": free_port()}}))

@@ -1,6 +1,7 @@
-"""`facedoor` command line: enrol, list, remove, verify and identify; other modules add commands.
+"""`facedoor` command line: one module per command group in this package.
 
-Adding a subcommand takes one line: put its module in `COMMAND_MODULES`. That module defines
+Adding a command group takes one line: put its module in `COMMAND_MODULES`. That module imports
+nothing heavy at the top (so `facedoor list` never loads OpenCV, ONNX Runtime or paho) and defines
 
     def add_command(commands: argparse._SubParsersAction) -> None:
         parser = commands.add_parser("run", help="...", parents=[REPORTING])  # REPORTING adds --json
@@ -10,6 +11,10 @@ Adding a subcommand takes one line: put its module in `COMMAND_MODULES`. That mo
 Handlers get a `CliContext` (config with --models/--store applied, lazy pipeline and store,
 `emit()` for text or `--json` lines) and raise `CliError` (or ConfigError/ModelError/StoreError)
 for bad input: `main` prints one line on stderr and returns 2, never a traceback.
+
+Exit codes, the same in `facedoor`, `facedoor-export` and `facedoor-stylize`: 0 ok, 1 no match
+(`verify`), 2 bad input or a configuration, model or store fault (systemd does not restart the
+door for these), 3 an unexpected error (systemd restarts the door), 130 interrupted (Ctrl-C).
 """
 from __future__ import annotations
 
@@ -18,12 +23,14 @@ import importlib
 import json
 import logging
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from facedoor.config import DEFAULT_CONFIG_PATH, ConfigError, FacedoorConfig, load_config
 from facedoor.models import ModelError
+from facedoor.store import StoreError
 
 if TYPE_CHECKING:
     from facedoor.pipeline import FacePipeline
@@ -31,16 +38,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Modules that contribute subcommands (each defines `add_command(commands)`); one line each.
+# Command groups (each module defines `add_command(commands)`); one line each.
 COMMAND_MODULES: tuple[str, ...] = (
-    "facedoor.cli_recognition",
-    "facedoor.audit",
-    "facedoor.homeassistant",
-    "facedoor.service",
-    "facedoor.demo",
+    "facedoor.cli.recognition",
+    "facedoor.cli.audit",
+    "facedoor.cli.homeassistant",
+    "facedoor.cli.run",
+    "facedoor.cli.demo",
 )
 
-EXIT_OK, EXIT_NO_MATCH, EXIT_ERROR = 0, 1, 2
+EXIT_OK, EXIT_NO_MATCH, EXIT_ERROR, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 # Parent parser for commands that report: gives them `--json` (one JSON object per line).
 REPORTING = argparse.ArgumentParser(add_help=False)
@@ -59,10 +66,10 @@ class CliContext:
 
     config: FacedoorConfig
     json: bool = False
-    _pipeline: "FacePipeline | None" = field(default=None, repr=False)
-    _store: "EmbeddingStore | None" = field(default=None, repr=False)
+    _pipeline: FacePipeline | None = field(default=None, repr=False)
+    _store: EmbeddingStore | None = field(default=None, repr=False)
 
-    def pipeline(self) -> "FacePipeline":
+    def pipeline(self) -> FacePipeline:
         """The face pipeline from the configured models directory (hash-checked once)."""
         if self._pipeline is None:
             from facedoor.pipeline import FacePipeline
@@ -70,14 +77,15 @@ class CliContext:
             self._pipeline = FacePipeline.from_config(self.config)
         return self._pipeline
 
-    def store(self, *, create: bool = False) -> "EmbeddingStore":
+    def store(self, *, create: bool = False) -> EmbeddingStore:
         """The embedding store bound to the loaded encoder; CREATE allows a new file."""
         if self._store is None:
             from facedoor.store import EmbeddingStore
 
             path = self.config.store
             if not create and not path.exists():
-                raise CliError(f"no embedding store at {path}: enrol someone first with `facedoor enroll NAME IMAGE...`")
+                raise CliError(f"no embedding store at {path}: "
+                               "enrol someone first with `facedoor enroll NAME IMAGE...`")
             self._store = EmbeddingStore(path, self.encoder_sha256())
         return self._store
 
@@ -127,9 +135,7 @@ def _effective_config(args: argparse.Namespace) -> FacedoorConfig:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse ARGV, run the subcommand and return its exit code (0 ok, 1 no match, 2 error)."""
-    from facedoor.store import StoreError
-
+    """Parse ARGV, run the subcommand and return its exit code (see the module docstring)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -147,12 +153,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_ERROR
     except KeyboardInterrupt:
         print(f"facedoor {args.command}: interrupted", file=sys.stderr)
-        return EXIT_ERROR
-    except Exception as exc:  # last resort: still one line, details only with --verbose
-        log.debug("unexpected error", exc_info=True)
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # last resort: one line (traceback with -v); a code systemd restarts on
+        log.error("unexpected error", exc_info=args.verbose)
         print(f"facedoor {args.command}: internal error: {type(exc).__name__}: {exc} (run with -v for details)",
               file=sys.stderr)
-        return EXIT_ERROR
+        return EXIT_INTERNAL
     finally:
         if ctx is not None:
             ctx.close()

@@ -10,22 +10,19 @@ from __future__ import annotations
 import argparse
 import glob
 import logging
-import os
 import sys
-import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
-from facedoor.config import DEFAULT_STATE_DIR
-from facedoor.models import ModelError
-
-from . import images
-from .engine import BASE_BYTES, BYTES_PER_PIXEL, MIN_SIDE, Progress, Settings, Stylizer
-from .images import ImageError
+from facedoor.files import NotWritableError, check_writable
+from facedoor.models import SYSTEM_MODELS_DIR, ModelError, default_models_dir
+from facedoor_stylize import images
+from facedoor_stylize.engine import BASE_BYTES, BYTES_PER_PIXEL, MIN_SIDE, Progress, Result, Settings, Stylizer
+from facedoor_stylize.images import ImageError
 
 PROG = "facedoor-stylize"
 
@@ -128,14 +125,6 @@ def _positive(value: str) -> int:
     return n
 
 
-def default_models() -> Path:
-    """$FACEDOOR_MODELS, else ./models when it holds a manifest, else the daemon's directory."""
-    if os.environ.get("FACEDOOR_MODELS"):
-        return Path(os.environ["FACEDOOR_MODELS"])
-    local = Path("models")
-    return local if (local / "manifest.json").is_file() else DEFAULT_STATE_DIR / "models"
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG, description="Neural style transfer (Gatys et al.) on ONNX Runtime, one "
@@ -145,11 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("content", metavar="CONTENT", help="content image, glob or @LIST")
     p.add_argument("style", metavar="STYLE",
                    help="style image, glob or @LIST; a.jpg:0.7+b.jpg:0.3 blends styles")
-    p.add_argument("-o", "--output", required=True, type=Path, metavar="OUT",
+    p.add_argument("-o", "--out", required=True, type=Path, metavar="OUT",
                    help="output image (one pair) or directory (batch: CONTENT__STYLE.png)")
     p.add_argument("--models", type=Path, default=None, metavar="DIR",
                    help="models directory (default: $FACEDOOR_MODELS, ./models, "
-                        f"{DEFAULT_STATE_DIR / 'models'})")
+                        f"{SYSTEM_MODELS_DIR})")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--size", type=_size, default=None, metavar="HxW",
                       help="output size (default 300x400, as the exercise)")
@@ -186,18 +175,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_positive, default=None,
                    help="ONNX Runtime threads (default: all cores)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    p.add_argument("-v", "--verbose", action="store_true", help="info logging")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
     return p
 
 
 def _check_writable(directory: Path) -> None:
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=directory):
-            pass
-    except OSError as exc:
-        raise UsageError(f"output directory {directory} is not writable: "
-                         f"{exc.strerror or exc}") from exc
+        check_writable(directory)
+    except NotWritableError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def available_memory() -> int | None:
@@ -256,7 +242,7 @@ def run(args: argparse.Namespace) -> int:
     contents = _expand(args.content, "content")
     styles = _style_specs(args.style)
     pairs = [(c, s) for c in contents for s in styles]
-    outputs = _outputs(args.output, pairs)
+    outputs = _outputs(args.out, pairs)
     for directory in dict.fromkeys(o.parent for o in outputs):
         _check_writable(directory)
     loaded = {p: images.read_rgb(p) for p in
@@ -269,7 +255,7 @@ def run(args: argparse.Namespace) -> int:
     largest = max(sizes.values(), key=lambda hw: hw[0] * hw[1])
     check_memory(*largest, available_memory())
 
-    models = args.models or default_models()
+    models = args.models or default_models_dir()
     stylizer = Stylizer(models, args.threads)
     if stylizer.untrained:
         print(f"{PROG}: WARNING: {models} holds UNTRAINED VGG-19 weights (exported with "
@@ -309,7 +295,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _stylize_one(stylizer: Stylizer, content: np.ndarray, styles: list[tuple[np.ndarray, float]],
                  settings: Settings, args: argparse.Namespace, out: Path,
-                 steps_dir: Path | None) -> tuple["object", float]:
+                 steps_dir: Path | None) -> tuple[Result, float]:
     """One content/style pair with a progress bar; intermediates every --save-every."""
     from tqdm import tqdm
 
@@ -337,7 +323,7 @@ def _stylize_one(stylizer: Stylizer, content: np.ndarray, styles: list[tuple[np.
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return run(args)
