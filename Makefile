@@ -26,7 +26,7 @@ models: venv
 	$(BIN)/facedoor-export --out $(MODELS)
 
 demo: venv mosquitto
-	$(BIN)/facedoor demo --models $(MODELS) $(if $(STRANGERS),--strangers $(STRANGERS))
+	$(BIN)/facedoor --models $(MODELS) demo $(if $(STRANGERS),--strangers $(STRANGERS))
 
 lint: venv
 	$(BIN)/ruff check daemon export stylize tests benchmarks

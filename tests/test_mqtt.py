@@ -2,15 +2,13 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import time
 
 import pytest
 
 from daemon_support import Subscriber, retained
 from facedoor.config import parse_config
-from facedoor.mqtt import MqttLink
+from facedoor.mqtt import MqttLink, expiry_interval
 
 
 @pytest.fixture
@@ -19,8 +17,17 @@ def cfg(mosquitto):
                                                    "reconnect_max_s": 0.5}})
 
 
-def decision(n: int) -> dict:
-    return {"id": f"test-{n}", "decision": "unlock", "identity": "alice"}
+def decision(n: int) -> str:
+    return json.dumps({"id": f"test-{n}", "decision": "unlock", "identity": "alice"})
+
+
+def deliver(link: MqttLink, n: int, captured_mono: float) -> bool:
+    return link.deliver(link.decision_topic, decision(n), captured_mono, 5.0, f"decision test-{n}")
+
+
+def test_expiry_rounds_down_and_refuses_under_a_second() -> None:
+    assert expiry_interval(4.99) == 4 and expiry_interval(1.0) == 1
+    assert expiry_interval(0.99) is None and expiry_interval(-1) is None
 
 
 @pytest.fixture
@@ -47,10 +54,10 @@ def test_decision_is_qos1_not_retained_with_expiry(mosquitto, link) -> None:
     sub = Subscriber(mosquitto.host, mosquitto.port, "facedoor/d1/decision")
     try:
         time.sleep(0.3)
-        assert link.publish_decision(decision(1), time.monotonic(), ttl_s=5.0)
+        assert deliver(link, 1, time.monotonic())  # True only after its PUBACK
         got = sub.wait_for(lambda m: True, 5)
         assert got is not None and json.loads(got["payload"])["id"] == "test-1"
-        assert got["qos"] == 1 and got["retain"] is False and got["expiry"] == 5
+        assert got["qos"] == 1 and got["retain"] is False and got["expiry"] == 4  # 4.99 s left, rounded down
     finally:
         sub.stop()
     assert retained(mosquitto.host, mosquitto.port, "facedoor/d1/decision", timeout=1.0) is None
@@ -60,7 +67,7 @@ def test_a_decision_older_than_its_ttl_is_dropped(mosquitto, link) -> None:
     sub = Subscriber(mosquitto.host, mosquitto.port, "facedoor/d1/decision")
     try:
         time.sleep(0.3)
-        assert not link.publish_decision(decision(2), time.monotonic() - 6.0, ttl_s=5.0)
+        assert not deliver(link, 2, time.monotonic() - 6.0)
         assert link.dropped_decisions == 1
         assert sub.wait_for(lambda m: True, 1.5) is None
     finally:
@@ -73,7 +80,7 @@ def test_nothing_is_queued_while_the_broker_is_down(mosquitto, link) -> None:
     while link.connected and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not link.connected
-    assert not link.publish_decision(decision(3), time.monotonic(), ttl_s=5.0)
+    assert not deliver(link, 3, time.monotonic())
     assert not link.publish("facedoor/d1/other", "x", qos=1)
     mosquitto.start()
     sub = Subscriber(mosquitto.host, mosquitto.port, "facedoor/d1/#")
@@ -92,9 +99,9 @@ def test_an_unacknowledged_decision_is_never_resent_after_reconnect(mosquitto, c
     link.start()
     assert link.wait_connected(5)
     try:
-        os.kill(mosquitto.proc.pid, signal.SIGSTOP)  # broker hangs: the PUBACK never comes
-        assert link.publish_decision(decision(4), time.monotonic(), ttl_s=5.0)
-        time.sleep(0.3)
+        mosquitto.pause()  # broker hangs: the PUBACK never comes
+        assert not deliver(link, 4, time.monotonic())  # not acknowledged in time: a stall, not delivered
+        assert link.state == "stalled" and not link.connected
         mosquitto.proc.kill()  # then dies; paho still holds decision 4 as in flight
         mosquitto.proc.wait()
         mosquitto.proc = None
@@ -142,7 +149,7 @@ def test_password_is_read_from_file_and_never_logged(tmp_path, caplog) -> None:
     cfg = parse_config({"mqtt": {"username": "door", "password_file": str(tmp_path / "pw"), "port": 1}})
     assert cfg.mqtt.password().get_secret_value() == secret
     caplog.set_level("DEBUG")
-    link = MqttLink(cfg, cfg.mqtt.password())
+    link = MqttLink(cfg)  # reads the password file itself (facedoor.mqtt.create_client)
     link.start()
     time.sleep(0.3)
     link.stop()
