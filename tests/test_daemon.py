@@ -321,3 +321,34 @@ def test_sighup_reloads_the_store_and_a_broken_store_fails_closed(door: Door, mo
     assert after and all(d["decision"] == "deny" and d["identity"] is None for d in after)
     report = json.loads(health["payload"])
     assert report["store_error"] and report["enrolled"] == 0
+
+
+# A fault no configuration can cause: publishing health raises OSError (say ENOSPC in the
+# kernel's socket buffers) once the door runs. The real CLI and daemon, one method broken.
+RUNTIME_FAULT = (
+    "import sys\n"
+    "from facedoor import service\n"
+    "def broken(self):\n"
+    "    raise OSError(28, 'No space left on device')\n"
+    "service.DoorService.publish_health = broken\n"
+    "from facedoor.cli import main\n"
+    "sys.exit(main(sys.argv[2:]))\n"
+)
+
+
+def test_runtime_fault_exits_with_a_code_systemd_restarts(door: Door, mosquitto, tmp_path: Path) -> None:
+    """Exit 2 is reserved for configuration, model and store faults (RestartPreventExitStatus=2);
+    anything else must exit with a code that `Restart=on-failure` restarts."""
+    video = tmp_path / "walkup.avi"
+    write_walkup(video, [door.known], visit_s=2.0, gap_s=0.2)
+    config = write_config(tmp_path / "facedoor.yaml", door.models, door.store, mosquitto.port)
+    daemon = Daemon(config, str(video), "--loop", prefix=[sys.executable, "-c", RUNTIME_FAULT])
+    try:
+        rc = daemon.wait(60)
+    finally:
+        daemon.kill()
+    output = daemon.log()
+    unit = (Path(__file__).resolve().parents[1] / "systemd" / "facedoor.service").read_text()
+    assert "RestartPreventExitStatus=2" in unit and "Restart=on-failure" in unit
+    assert rc not in (0, 2) and rc == 3, output[-3000:]
+    assert "internal error: OSError" in output and "No space left on device" in output

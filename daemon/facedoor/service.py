@@ -311,6 +311,12 @@ def run_daemon(cfg: FacedoorConfig, source: int | str | None = None, loop: bool 
     notifier = Notifier()
     notifier.status("loading models")
     pipeline = FacePipeline.from_config(cfg)
+    recommended = pipeline.encoder.entry.threshold
+    if recommended is not None and cfg.recognition.threshold > recommended:
+        log.warning("recognition.threshold %.3f is above the encoder's recommended operating point %.3f "
+                    "(manifest): strangers are accepted more often; see the README's Threshold section",
+                    cfg.recognition.threshold, recommended,
+                    extra={"fields": {"event": "threshold_above_recommended"}})
     service = build_service(cfg, pipeline, source=source, loop=loop, notifier=notifier)
     if service.gallery is not None and not service.gallery.identities:
         log.warning("nobody is enrolled in %s: every face will be denied (enrol with `facedoor enroll`)",
