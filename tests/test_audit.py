@@ -62,7 +62,8 @@ def test_age_pruning_drops_old_files_and_lines(tmp_path: Path) -> None:
     rotated = path.with_name("audit.jsonl.1")
     rotated.write_text(json.dumps(decision(0, ts_ms=old_ms)) + "\n")
     os.utime(rotated, (now - 10 * 86400, now - 10 * 86400))
-    path.write_text("".join(json.dumps(decision(i, ts_ms=t)) + "\n" for i, t in [(1, old_ms), (2, old_ms), (3, new_ms)]))
+    lines = [(1, old_ms), (2, old_ms), (3, new_ms)]
+    path.write_text("".join(json.dumps(decision(i, ts_ms=t)) + "\n" for i, t in lines))
     prune_by_age(path, max_age_s=7 * 86400, now=now)
     assert not rotated.exists()
     assert [e["id"] for e in read_entries(path)] == ["d3"]

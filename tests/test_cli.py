@@ -76,7 +76,8 @@ def test_identify_camera_0_and_1(happy_house: list[str], shared_dir: Path, capsy
     images = [str(shared_dir / f"data/happyhouse/camera_{i}.jpg") for i in (0, 1)]
     code, rows, _ = run(capsys, *happy_house, "identify", *images)
     assert code == 0
-    assert [(r["image"], r["faces"], r["identity"]) for r in rows] == [(images[0], 1, "younes"), (images[1], 1, "bertrand")]
+    assert [(r["image"], r["faces"], r["identity"]) for r in rows] == [
+        (images[0], 1, "younes"), (images[1], 1, "bertrand")]
     assert all(r["distance"] < r["threshold"] == 0.7 for r in rows)
 
 
@@ -191,7 +192,8 @@ def test_bad_input_is_one_line_exit_2(real_models: Path, tmp_path: Path, photos,
 def test_corrupt_store_is_reported_not_overwritten(real_models: Path, tmp_path: Path, photos, capsys) -> None:
     store = tmp_path / "s.db"
     store.write_bytes(b"\x00garbage" * 100)
-    code, _, err = run(capsys, "--models", str(real_models), "--store", str(store), "enroll", "tony", str(photos["good"]))
+    code, _, err = run(capsys, "--models", str(real_models), "--store", str(store), "enroll", "tony",
+                       str(photos["good"]))
     assert_clean_error(code, err, str(store), "not a facedoor embedding store")
     assert store.read_bytes() == b"\x00garbage" * 100
 

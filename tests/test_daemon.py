@@ -82,7 +82,8 @@ def door(real_models: Path, celebrity_dir: Path, tmp_path_factory: pytest.TempPa
 
     known = [(m.distance, name, p) for name in ENROLLED for p in sorted((celebrity_dir / "val" / name).glob("*.jpg"))
              if (m := still(p)) is not None and m.identity == name]
-    strangers = [(m.distance, name, p) for name in STRANGERS for p in sorted((celebrity_dir / "val" / name).glob("*.jpg"))
+    strangers = [(m.distance, name, p) for name in STRANGERS
+                 for p in sorted((celebrity_dir / "val" / name).glob("*.jpg"))
                  if (m := still(p)) is not None]
     assert known and strangers, "no usable val photo: the recognition core cannot identify the 5-celebrity set"
     best = min(known)

@@ -13,25 +13,28 @@ from facedoor.embed import Encoder, preprocess
 from facedoor.models import Manifest, ModelError, Preprocessing
 
 
+def pre(color: str = "RGB", normalize: str = "per_image_standardization", mean=(0.0, 0.0, 0.0),
+        scale: float = 1.0) -> Preprocessing:
+    return Preprocessing(color=color, normalize=normalize, mean=mean, scale=scale)
+
+
 def test_per_image_standardization_and_rgb() -> None:
     rng = np.random.default_rng(0)
     crops = rng.integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
-    x = preprocess(crops, Preprocessing(color="RGB", normalize="per_image_standardization"))
+    x = preprocess(crops, pre())
     for i in range(3):
         rgb = crops[i, ..., ::-1].astype(np.float64)
         expected = (rgb - rgb.mean()) / max(rgb.std(), 1 / np.sqrt(rgb.size))
         np.testing.assert_allclose(x[i], expected, atol=1e-5)
     # a flat crop does not divide by zero
-    flat = preprocess(np.full((1, 8, 8, 3), 7, np.uint8), Preprocessing(normalize="per_image_standardization"))
+    flat = preprocess(np.full((1, 8, 8, 3), 7, np.uint8), pre())
     assert np.all(flat == 0)
 
 
 def test_affine_and_bgr() -> None:
     crops = np.arange(2 * 4 * 4 * 3, dtype=np.uint8).reshape(2, 4, 4, 3)
-    pre = Preprocessing(color="BGR", normalize="affine", mean=(10.0, 20.0, 30.0), scale=0.5)
-    np.testing.assert_allclose(preprocess(crops, pre), (crops - np.array([10, 20, 30])) * 0.5)
-    with pytest.raises(ModelError, match="unsupported"):
-        preprocess(crops, Preprocessing(normalize="zscore"))
+    affine = pre(color="BGR", normalize="affine", mean=(10.0, 20.0, 30.0), scale=0.5)
+    np.testing.assert_allclose(preprocess(crops, affine), (crops - np.array([10, 20, 30])) * 0.5)
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +46,7 @@ def face_crops(shared_dir: Path) -> np.ndarray:
 @pytest.mark.slow
 def test_batch_equals_one_by_one_and_unit_length(real_models: Path, face_crops: np.ndarray) -> None:
     encoder = Encoder(Manifest.load(real_models), "facenet")
-    assert (encoder.size, encoder.dim, encoder.threshold) == (160, 128, 0.7)
+    assert (encoder.size, encoder.dim, encoder.entry.threshold) == (160, 128, 0.7)
     batch = encoder(face_crops)
     single = np.concatenate([encoder(c[None]) for c in face_crops])
     assert batch.shape == (5, 128) and batch.dtype == np.float32
@@ -88,3 +91,22 @@ def test_layout_optimised_session_matches_plain_and_falls_back(
         fallback = manifest.session("facenet", layout_optimization=True)
     assert "layout optimisation failed" in caplog.text
     np.testing.assert_allclose(fallback.run(None, {"input": x})[0], plain, atol=1e-5)
+
+
+@pytest.mark.parametrize(("field", "value", "named"), [
+    ("color", None, "preprocessing.color"),           # missing: never guessed
+    ("normalize", "zscore", "preprocessing.normalize"),  # unknown
+    ("scale", None, "preprocessing.scale"),
+])
+def test_manifest_missing_or_bad_contract_field_is_refused_by_name(real_models: Path, tmp_path: Path, field: str,
+                                                                   value, named: str) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    raw = json.loads((real_models / "manifest.json").read_text())
+    if value is None:
+        del raw["models"]["facenet"]["preprocessing"][field]
+    else:
+        raw["models"]["facenet"]["preprocessing"][field] = value
+    (models / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(ModelError, match=f"'facenet'.*{named}"):
+        Manifest.load(models)

@@ -45,4 +45,4 @@ def test_unit_keeps_the_camera_reachable_and_is_a_notify_service() -> None:
                  "StateDirectory=facedoor", "ProtectSystem=strict", "NoNewPrivileges=yes", "Restart=on-failure",
                  "RestartPreventExitStatus=2", "ExecReload=/bin/kill -HUP $MAINPID"):
         assert line in text.splitlines(), line
-    assert "WatchdogSec=" in text and not any(l.startswith("PrivateDevices=") for l in text.splitlines())
+    assert "WatchdogSec=" in text and not any(line.startswith("PrivateDevices=") for line in text.splitlines())

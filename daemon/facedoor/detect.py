@@ -173,7 +173,6 @@ class MTCNNDetector:
         self.scale = np.float32(pre.scale)
         self.score_threshold = score_threshold
 
-
     def _normalize(self, image: np.ndarray) -> np.ndarray:
         return (image.astype(np.float32) - self.mean) * self.scale
 

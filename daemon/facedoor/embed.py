@@ -48,7 +48,6 @@ class Encoder:
         self.size = size[0]
         self.sha256 = self.entry.sha256
         self.dim = int(self.entry.embedding_dim or self.session.get_outputs()[0].shape[-1])
-        self.threshold = float(self.entry.threshold) if self.entry.threshold is not None else 0.7
         self._nchw = self.entry.layout == "NCHW"
         self._output = self.session.get_outputs()[0].name
         if self.entry.untrained:

@@ -138,6 +138,6 @@ def test_cli_error_is_one_line_without_traceback(tmp_path):
                            "--facenet-weights", str(tmp_path / "missing.h5")],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
-    lines = [l for l in proc.stderr.splitlines() if l.startswith("facedoor-export")]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("facedoor-export")]
     assert len(lines) == 1 and "missing.h5" in lines[0] and "Traceback" not in proc.stderr
     assert onnx_leftovers(tmp_path / "m") == []
