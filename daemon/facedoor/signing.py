@@ -78,7 +78,7 @@ def load_key(path: str | Path) -> bytes:
     return key
 
 
-def _number(value: int | float) -> str:
+def _number(value: float) -> str:
     """ECMAScript Number::toString of a finite number (RFC 8785 section 3.2.2.3)."""
     if isinstance(value, int):
         if abs(value) > MAX_SAFE_INT:
@@ -88,7 +88,7 @@ def _number(value: int | float) -> str:
         raise ValueError("NaN and infinity cannot be signed")
     if value == 0:
         return "0"
-    sign, digits, exponent = Decimal(repr(abs(value))).normalize().as_tuple()
+    _, digits, exponent = Decimal(repr(abs(value))).normalize().as_tuple()
     s = "".join(map(str, digits))
     k, n = len(s), len(digits) + exponent
     prefix = "-" if value < 0 else ""
@@ -113,7 +113,7 @@ def _encode(value: Any, out: list[str]) -> None:
         out.append("{")
         for i, key in enumerate(sorted(value, key=lambda k: str(k).encode("utf-16-be"))):
             if not isinstance(key, str):
-                raise ValueError(f"object keys must be strings, got {type(key).__name__}")
+                raise TypeError(f"object keys must be strings, got {type(key).__name__}")
             out.append("," if i else "")
             out.append(json.dumps(key, ensure_ascii=False) + ":")
             _encode(value[key], out)
@@ -209,7 +209,7 @@ def check_message(
         return Verdict(False, "unsigned")
     try:
         expected = signature(payload, key)
-    except (ValueError, RecursionError):
+    except (TypeError, ValueError, RecursionError):
         return Verdict(False, "malformed")
     if not hmac.compare_digest(sig.encode("utf-8", "replace"), expected.encode()):
         return Verdict(False, "bad-signature")
