@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from facedoor.config import MAX_CONFIG_BYTES, ConfigError, FacedoorConfig, load_config, parse_config
+from facedoor.models import ModelEntry, Preprocessing, threshold_warning
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "config" / "facedoor.yaml"
 
@@ -42,6 +43,13 @@ def _error(raw: dict) -> str:
 def test_a_threshold_that_matches_everyone_is_refused(threshold: float) -> None:
     assert "recognition.threshold" in _error({"recognition": {"threshold": threshold}})
     assert parse_config({"recognition": {"threshold": 1.99}}).recognition.threshold == 1.99
+
+
+def test_a_threshold_above_the_manifest_operating_point_is_warned_about() -> None:
+    facenet = ModelEntry("facenet", "encoder", "facenet.onnx", "0" * 64, "input", (None, 160, 160, 3), "NHWC",
+                         Preprocessing(), embedding_dim=128, threshold=0.7)
+    assert threshold_warning(0.7, facenet) is None and threshold_warning(0.6, facenet) is None
+    assert "0.9 is above the facenet encoder's recommended 0.7" in threshold_warning(0.9, facenet)
 
 
 @pytest.mark.parametrize("topic", ["zigbee2mqtt/+/set", "cmnd/door/#", "#"])
