@@ -242,8 +242,6 @@ def parse_config(raw: Any, source: str = "<config>") -> FacedoorConfig:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping of settings at the top level, got {type(raw).__name__}")
-    if not all(isinstance(key, str) for key in raw):
-        raise ConfigError(f"{source}: every top-level key must be a string")
     try:
         return FacedoorConfig.model_validate(raw)
     except ValidationError as exc:
