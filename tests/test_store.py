@@ -224,6 +224,15 @@ def test_store_wal_and_shm_are_private_whatever_the_umask(tmp_path: Path) -> Non
     assert stat.S_IMODE(path.parent.parent.stat().st_mode) == 0o700
 
 
+def test_an_existing_store_readable_by_others_is_warned_about(tmp_path: Path, caplog) -> None:
+    path = tmp_path / "store.db"
+    EmbeddingStore(path, ENC_A).close()
+    path.chmod(0o644)  # made by an older facedoor
+    with caplog.at_level("WARNING", logger="facedoor.store"):
+        EmbeddingStore(path, ENC_A, readonly=True).close()
+    assert any("mode 0644" in r.getMessage() and "chmod 600" in r.getMessage() for r in caplog.records)
+
+
 def _remove(path: str, name: str) -> None:
     with EmbeddingStore(path, ENC_A) as store:
         store.remove(name)

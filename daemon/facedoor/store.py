@@ -98,6 +98,9 @@ class EmbeddingStore:
         if exists:
             if not self.path.is_file():
                 raise StoreError(f"{self.path}: not a regular file; give the path of an embedding store file")
+            if self.path.stat().st_mode & 0o077:
+                log.warning("%s can be read by other users (mode %04o) and holds biometric data: chmod 600 it",
+                            self.path, self.path.stat().st_mode & 0o777)
             self._check_header()
         else:
             self._create_private()
