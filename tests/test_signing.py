@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from facedoor import signing
 from facedoor.signing import ReplayCache, SigningKeyError, canonical, check_message, load_key, sign
 
 KEY = b"k" * 32
@@ -43,6 +44,16 @@ def test_signature_is_hmac_sha256_over_the_documented_bytes() -> None:
     assert signed["sig"] == hmac.new(KEY, body, hashlib.sha256).hexdigest()
     with pytest.raises(ValueError, match="expires_at_ms"):
         sign({"id": "x"}, KEY)
+
+
+def test_the_documented_test_vector() -> None:
+    key = b"facedoor-example-key-0123456789abcdef"
+    message = {"id": "9f1c2e", "door": "front", "decision": "unlock", "identity": "alice", "distance": 0.41,
+               "ts_ms": 1780000000000, "expires_at_ms": 1780000005000}
+    sig = "d82940bad3c6c16e2938d22555fde1d56b9e9381c936840e766f38cea5efa78a"
+    assert sign(message, key)["sig"] == sig
+    assert sig in signing.__doc__ and canonical(message).decode() in signing.__doc__
+    assert check_message(_raw(message | {"sig": sig}), key, 1780000000000, ReplayCache()).ok
 
 
 def test_valid_message_is_accepted_once_then_refused_as_replay() -> None:

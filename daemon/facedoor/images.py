@@ -124,7 +124,7 @@ def image_size(data: bytes) -> tuple[int, int] | None:
         raise ImageError(f"damaged image header ({exc})") from None
 
 
-def read_image(path: Path, max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, str]:
+def read_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, str]:
     """PATH decoded as BGR with its SHA-256; refused before decoding when its header is too large."""
     import cv2
 

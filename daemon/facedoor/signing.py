@@ -24,6 +24,13 @@ Algorithm (what a consumer in any language implements):
    (default 5 minutes, which also bounds the replay cache); and `id` was not accepted before.
    Remember accepted ids until their `expires_at_ms` has passed: after that the expiry check
    alone refuses a replay.
+
+Test vector (also checked by the tests, and reproducible with `openssl dgst -sha256 -hmac KEY`):
+key `facedoor-example-key-0123456789abcdef`; message
+`{"id": "9f1c2e", "door": "front", "decision": "unlock", "identity": "alice", "distance": 0.41,
+"ts_ms": 1780000000000, "expires_at_ms": 1780000005000}`; canonical bytes
+`{"decision":"unlock","distance":0.41,"door":"front","expires_at_ms":1780000005000,"id":"9f1c2e","identity":"alice","ts_ms":1780000000000}`;
+sig `d82940bad3c6c16e2938d22555fde1d56b9e9381c936840e766f38cea5efa78a`.
 """
 from __future__ import annotations
 
