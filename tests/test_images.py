@@ -73,7 +73,7 @@ def test_unknown_damaged_and_missing_files_are_clear_errors(tmp_path: Path) -> N
         read_image(text)
     truncated = tmp_path / "cut.png"
     truncated.write_bytes(_bilevel_png(10, 10)[:20])
-    with pytest.raises(ImageError, match="cut.png: not a readable image: damaged image header"):
+    with pytest.raises(ImageError, match=r"cut\.png: not a readable image: damaged image header"):
         read_image(truncated)
     zero = tmp_path / "zero.png"
     zero.write_bytes(_bilevel_png(10, 10).replace(struct.pack(">II", 10, 10), struct.pack(">II", 0, 10), 1))

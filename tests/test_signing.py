@@ -107,7 +107,7 @@ def test_key_file_rules(tmp_path: Path) -> None:
     key.chmod(0o600)
     assert load_key(key) == KEY
     key.chmod(0o640)
-    with pytest.raises(SigningKeyError, match="0640.*owner only"):
+    with pytest.raises(SigningKeyError, match=r"0640.*owner only"):
         load_key(key)
     short = tmp_path / "short"
     fd = os.open(short, os.O_WRONLY | os.O_CREAT, 0o600)
