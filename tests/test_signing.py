@@ -115,5 +115,8 @@ def test_key_file_rules(tmp_path: Path) -> None:
     os.close(fd)
     with pytest.raises(SigningKeyError, match="6 bytes, at least 32"):
         load_key(short)
+    short.write_bytes(b"x" * 5000)
+    with pytest.raises(SigningKeyError, match="longer than 4096"):
+        load_key(short)
     with pytest.raises(SigningKeyError, match="cannot read"):
         load_key(tmp_path / "missing")

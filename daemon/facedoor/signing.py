@@ -6,7 +6,7 @@ door's key can tell an authentic, fresh, first-seen message from everything else
 Algorithm (what a consumer in any language implements):
 
 1. Key: the bytes of the key file (`mqtt.signing_key_file`) with leading and trailing ASCII
-   whitespace removed, used as-is (not hex- or base64-decoded); at least 32 bytes. Generate one
+   whitespace removed, used as-is (not hex- or base64-decoded); 32 to 4096 bytes. Generate one
    with `head -c 32 /dev/urandom | base64 > key` and keep it mode 0600.
 2. The message is a UTF-8 JSON object. Remove its top-level member `"sig"`; the rest (including
    `id` and `expires_at_ms`) is the signed part.
@@ -50,6 +50,7 @@ from facedoor.config import ConfigError
 
 SIG_FIELD = "sig"
 MIN_KEY_BYTES = 32
+MAX_KEY_BYTES = 4096
 MAX_MESSAGE_BYTES = 65_536
 MAX_AHEAD_MS = 300_000
 MAX_SAFE_INT = 2**53
@@ -76,7 +77,9 @@ def load_key(path: str | Path) -> bytes:
                 f"mqtt.signing_key_file: {path} has mode {stat.S_IMODE(mode):04o}; it must be readable by its "
                 f"owner only (chmod 600 {path}, owned by the user the door runs as)"
             )
-        key = fh.read(4097).strip()
+        key = fh.read(MAX_KEY_BYTES + 1).strip()
+    if len(key) > MAX_KEY_BYTES:
+        raise SigningKeyError(f"mqtt.signing_key_file: {path} is longer than {MAX_KEY_BYTES} bytes; not a key file")
     if len(key) < MIN_KEY_BYTES:
         raise SigningKeyError(
             f"mqtt.signing_key_file: {path} holds {len(key)} bytes, at least {MIN_KEY_BYTES} are needed "
