@@ -214,8 +214,7 @@ def _shown(value: Any) -> str:
 
 
 def _describe(err: dict[str, Any]) -> str:
-    path = ".".join(_shown(p) if not isinstance(p, (str, int)) else str(p)[:SHOWN_INPUT_CHARS] for p in err["loc"])
-    path = path or "(top level)"
+    path = ".".join(str(p)[:SHOWN_INPUT_CHARS] for p in err["loc"]) or "(top level)"
     if err["type"] == "extra_forbidden":
         return f"{path}: unknown key"
     got = err.get("input")
