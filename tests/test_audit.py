@@ -4,6 +4,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import stat
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from facedoor import audit
 from facedoor.audit import AuditLimits, AuditLog, log_files, parse_time, prune_by_age, read_entries
 from facedoor.cli import main
 
@@ -81,14 +83,14 @@ def test_writer_prunes_by_age_on_start(tmp_path: Path) -> None:
 
 def test_disk_full_is_logged_and_never_raised(tmp_path: Path, monkeypatch, caplog) -> None:
     path = tmp_path / "audit.jsonl"
-    real_open = open
+    real_open = audit.open_private
 
-    def full_disk(file, mode="r", *args, **kwargs):
-        if str(file) == str(path) and "a" in mode:
+    def full_disk(file: Path, flags: int) -> int:
+        if str(file) == str(path) and flags & os.O_APPEND:
             raise OSError(errno.ENOSPC, "No space left on device", str(file))
-        return real_open(file, mode, *args, **kwargs)
+        return real_open(file, flags)
 
-    monkeypatch.setattr("builtins.open", full_disk)
+    monkeypatch.setattr(audit, "open_private", full_disk)
     alog = make_log(path)
     assert alog.record(decision(1, "deny"))   # the caller is unaffected
     assert alog.record(decision(2, "deny"))
@@ -96,7 +98,7 @@ def test_disk_full_is_logged_and_never_raised(tmp_path: Path, monkeypatch, caplo
     assert alog.dropped == 2 and alog.written == 0
     errors = [r for r in caplog.records if "cannot write audit log" in r.getMessage()]
     assert len(errors) == 1 and "disk full" in errors[0].getMessage()  # once per streak, not per entry
-    monkeypatch.setattr("builtins.open", real_open)
+    monkeypatch.setattr(audit, "open_private", real_open)
     alog.record(decision(3))
     alog.close()
     assert [e["id"] for e in read_entries(path)] == ["d3"]  # recovers once the disk has room
@@ -152,3 +154,27 @@ def test_cli_audit_since_json_and_table(tmp_path: Path, capsys) -> None:
     assert "alice" in table[1] and "0.411" in table[1] and "deny" in table[2]
     assert main(["audit", "--path", str(path), "--since", "last tuesday"]) == 2
     assert "--since" in capsys.readouterr().err
+
+
+def test_log_rotations_pruned_files_and_crops_are_private_whatever_the_umask(tmp_path: Path) -> None:
+    path = tmp_path / "state" / "audit.jsonl"
+    old = os.umask(0)
+    try:
+        alog = make_log(path, max_bytes=40_000, crops=True)
+        for i in range(100):
+            alog.record(decision(i), np.full((40, 30, 3), i, np.uint8))
+        alog.close()
+        old_ms = int((time.time() - 3 * 86400) * 1000)
+        with open(path, "r+") as fh:  # an old first line: pruning rewrites the file through a temporary
+            lines = fh.readlines()
+            fh.seek(0)
+            fh.writelines([json.dumps(decision(-1, ts_ms=old_ms)) + "\n", *lines])
+        prune_by_age(path, max_age_s=86400)
+    finally:
+        os.umask(old)
+    assert "d-1" not in path.read_text()
+    files = list((tmp_path / "state").rglob("*"))
+    assert len(log_files(path)) > 1 and any(p.suffix == ".jpg" for p in files)
+    modes = {p.relative_to(tmp_path): oct(stat.S_IMODE(p.stat().st_mode)) for p in [path.parent, *files]}
+    assert set(modes.values()) == {"0o600", "0o700"}, modes
+    assert all(mode == "0o700" for p, mode in modes.items() if (tmp_path / p).is_dir())

@@ -38,6 +38,26 @@ def test_sources_are_classified_and_credentials_masked() -> None:
     assert describe("rtsp://admin:s3cret@10.0.0.5/stream") == "rtsp://admin:***@10.0.0.5/stream"
 
 
+@pytest.mark.parametrize("source, shown", [
+    ("rtsp://admin:pa/ss@cam:554/s1", "rtsp://admin:***@cam:554/s1"),
+    ("rtsp://admin:p@ss@cam/s1", "rtsp://admin:***@cam/s1"),
+    ("rtsp://admin:pa?ss@cam/s1", "rtsp://admin:***@cam/s1"),
+    ("rtsp://:tok3n@cam/s1", "rtsp://***@cam/s1"),
+    ("rtsp://tok3n@cam/s1", "rtsp://***@cam/s1"),
+    ("http://cam/video.cgi?user=admin&password=s3cret&res=hi", "http://cam/video.cgi?user=admin&password=***&res=hi"),
+    ("http://cam/mjpg?token=s3cret", "http://cam/mjpg?token=***"),
+    ("http://cam/mjpg?a=1&access_token=s3cret;pwd=x", "http://cam/mjpg?a=1&access_token=***;pwd=***"),
+    ("HTTP://u:s3cret@cam/?API_KEY=s3cret#f", "HTTP://u:***@cam/?API_KEY=***#f"),
+    ("rtsp://cam/stream?contact=a@b.example", "rtsp://***@b.example"),
+    ("rtsp://cam:554/stream", "rtsp://cam:554/stream"),
+    ("/srv/videos/user@host.avi", "/srv/videos/user@host.avi"),
+    (0, "0"),
+])
+def test_every_form_of_url_credentials_is_masked(source: int | str, shown: str) -> None:
+    assert describe(source) == shown
+    assert "s3cret" not in describe(source) and "tok3n" not in describe(source)
+
+
 def test_missing_video_file_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(CameraError, match="camera.source: video file .*nope.avi does not exist"):
         Camera(CameraConfig(source=str(tmp_path / "nope.avi")))

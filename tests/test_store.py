@@ -3,14 +3,16 @@ from __future__ import annotations
 
 import hashlib
 import multiprocessing
+import os
 import sqlite3
+import stat
 import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from facedoor.store import EmbeddingStore, StoreError
+from facedoor.store import EmbeddingStore, StoreError, StoreWatcher
 
 ENC_A = "a" * 64
 ENC_B = "b" * 64
@@ -183,3 +185,90 @@ def test_reader_and_writer_work_concurrently(tmp_path: Path) -> None:
     assert len(set(seen)) > 1  # and it did read while the writer wrote
     with EmbeddingStore(path, ENC_A, readonly=True) as store:
         assert len(store.gallery()) == 3 * count
+
+
+@pytest.mark.parametrize("dangling", [True, False])
+def test_a_symlink_as_store_is_refused_and_nothing_is_created(tmp_path: Path, dangling: bool) -> None:
+    target = tmp_path / "elsewhere" / "target.db"
+    if not dangling:
+        with EmbeddingStore(target, ENC_A) as store:
+            store.enroll("ana", _emb(1), _shas(1))
+    before = None if dangling else target.read_bytes()
+    link = tmp_path / "store.db"
+    link.symlink_to(target)
+    with pytest.raises(StoreError, match="symbolic link"):
+        EmbeddingStore(link, ENC_A)
+    if dangling:
+        assert not target.parent.exists()  # nothing created at the link's target
+    else:
+        assert target.read_bytes() == before
+
+
+def test_a_directory_as_store_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="not a regular file"):
+        EmbeddingStore(tmp_path, ENC_A)
+
+
+def test_store_wal_and_shm_are_private_whatever_the_umask(tmp_path: Path) -> None:
+    path = tmp_path / "state" / "sub" / "store.db"
+    old = os.umask(0)
+    try:
+        with EmbeddingStore(path, ENC_A) as store, EmbeddingStore(path, ENC_A, readonly=True) as reader:
+            store.enroll("ana", _emb(2), _shas(2))
+            assert len(reader.gallery()) == 2
+            modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in path.parent.iterdir()}
+    finally:
+        os.umask(old)
+    assert modes == {"store.db": 0o600, "store.db-wal": 0o600, "store.db-shm": 0o600}
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    assert stat.S_IMODE(path.parent.parent.stat().st_mode) == 0o700
+
+
+def test_an_existing_store_readable_by_others_is_warned_about(tmp_path: Path, caplog) -> None:
+    path = tmp_path / "store.db"
+    EmbeddingStore(path, ENC_A).close()
+    path.chmod(0o644)  # made by an older facedoor
+    with caplog.at_level("WARNING", logger="facedoor.store"):
+        EmbeddingStore(path, ENC_A, readonly=True).close()
+    assert any("mode 0644" in r.getMessage() and "chmod 600" in r.getMessage() for r in caplog.records)
+
+
+def _remove(path: str, name: str) -> None:
+    with EmbeddingStore(path, ENC_A) as store:
+        store.remove(name)
+
+
+def _enroll(path: str, name: str) -> None:
+    with EmbeddingStore(path, ENC_A) as store:
+        store.enroll(name, _emb(1, seed=7), _shas(1, name))
+
+
+def test_watcher_sees_commits_of_another_process(tmp_path: Path) -> None:
+    path = tmp_path / "store.db"
+    with EmbeddingStore(path, ENC_A) as store:
+        store.enroll("ana", _emb(2), _shas(2, "ana"))
+    spawn = multiprocessing.get_context("spawn")
+    with StoreWatcher(path) as watcher:
+        assert not watcher.changed()
+        for target, name in ((_remove, "ana"), (_enroll, "bo")):
+            proc = spawn.Process(target=target, args=(str(path), name))
+            proc.start()
+            proc.join(30)
+            assert proc.exitcode == 0
+            assert watcher.changed(), f"{target.__name__} {name} not seen"
+            assert not watcher.changed()  # once per change
+        with EmbeddingStore(path, ENC_A, readonly=True) as reader:
+            assert [i.name for i in reader.identities()] == ["bo"]
+
+
+def test_watcher_sees_a_replaced_or_vanished_store(tmp_path: Path) -> None:
+    path, other = tmp_path / "store.db", tmp_path / "restored.db"
+    for p in (path, other):
+        with EmbeddingStore(p, ENC_A) as store:
+            store.enroll("ana", _emb(1), _shas(1))
+    with StoreWatcher(path) as watcher:
+        assert not watcher.changed()
+        os.replace(other, path)
+        assert watcher.changed() and not watcher.changed()
+        path.unlink()
+        assert watcher.changed() and watcher.changed()  # unreadable: always "reload" (fails closed there)

@@ -4,6 +4,7 @@ Each decision becomes one line: time, door, decision, identity, distance, frames
 optionally, the path of a JPEG face crop. The frame loop only puts a record on a bounded queue;
 a background thread writes it, so a slow or full disk never delays a decision, and a write
 error (ENOSPC, EROFS, ...) is logged and the record dropped, never raised into the caller.
+Files are created 0600 and directories 0700 whatever the umask: they hold identities and faces.
 
 The log is bounded twice: by size (the live file rotates into `audit.jsonl.1 .. .N`; all of
 them together stay under `max_bytes`) and by age (rotated files, lines and crops older than
@@ -34,6 +35,7 @@ import numpy as np
 from facedoor.config import AuditConfig, FacedoorConfig
 from facedoor.events import DecisionEvent
 from facedoor.formatting import iso_utc, table
+from facedoor.private import open_private, private_dir
 
 log = logging.getLogger(__name__)
 
@@ -167,12 +169,12 @@ class AuditLog:
 
     def _write(self, entry: dict[str, Any], crop: np.ndarray | None) -> None:
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            private_dir(self.path.parent)
             if crop is not None:
                 entry["crop"] = self._save_crop(entry, crop)
             line = (json.dumps(entry, default=str, separators=(",", ":")) + "\n").encode()
             self._rotate_if_needed(len(line))
-            with open(self.path, "ab") as fh:
+            with os.fdopen(open_private(self.path, os.O_WRONLY | os.O_APPEND), "ab") as fh:
                 fh.write(line)
             self.written += 1
             if self._failing:
@@ -192,12 +194,13 @@ class AuditLog:
         day = datetime.fromtimestamp(entry["ts_ms"] / 1000.0, timezone.utc).strftime("%Y%m%d")
         name = f"{entry['ts_ms']}-{entry.get('id') or 'x'}-{entry.get('decision', 'event')}.jpg"
         target = self.crops_dir / day / re.sub(r"[^A-Za-z0-9_.-]", "_", name)
-        target.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(target.parent)
         ok, jpeg = cv2.imencode(".jpg", crop, [cv2.IMWRITE_JPEG_QUALITY, 85])
         if not ok:
             log.warning("audit: could not encode the face crop of decision %s", entry.get("id"))
             return None
-        target.write_bytes(jpeg.tobytes())
+        with os.fdopen(open_private(target, os.O_WRONLY | os.O_TRUNC), "wb") as fh:
+            fh.write(jpeg.tobytes())
         return str(target)
 
     def _rotate_if_needed(self, incoming: int) -> None:
@@ -275,7 +278,7 @@ def prune_by_age(path: Path, max_age_s: float, now: float | None = None) -> None
                 keep_from = fh.tell()
             fh.seek(keep_from)
             tmp = file.with_name(file.name + ".tmp")
-            with open(tmp, "wb") as out:
+            with os.fdopen(open_private(tmp, os.O_WRONLY | os.O_TRUNC), "wb") as out:
                 shutil.copyfileobj(fh, out)
         os.replace(tmp, file)
 

@@ -63,9 +63,24 @@ def is_video_file(source: int | str) -> bool:
     return not source.startswith("/dev/")
 
 
+_SECRET_PARAM = re.compile(
+    r"([?&;][^=&;#]*(?:pass|pwd|token|key|secret|auth|sig|cred|session)[^=&;#]*=)[^&;#]*", re.IGNORECASE
+)
+
+
 def describe(source: int | str) -> str:
-    """The source for logs, with any URL credentials masked (rtsp://user:pass@host)."""
-    return re.sub(r"(://[^:/@]+:)[^@/]+@", r"\1***@", str(source))
+    """The source for logs with every credential masked: user:password@, token@, ?password=, &token=."""
+    text = str(source)
+    scheme = _URL.match(text)
+    if not scheme:
+        return text
+    rest = text[scheme.end():]
+    at = rest.rfind("@")  # the last @ anywhere: a password may hold '/', '?' or '@'; better too much hidden
+    if at >= 0:
+        user, colon, _ = rest[:at].partition(":")
+        masked = f"{user}:***" if colon and user and not any(ch in user for ch in "/?#") else "***"
+        rest = masked + rest[at:]
+    return scheme.group(0) + _SECRET_PARAM.sub(r"\1***", rest)
 
 
 class Camera:

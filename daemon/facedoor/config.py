@@ -6,6 +6,8 @@ file, the key path and what was expected. A config that does not validate never 
 """
 from __future__ import annotations
 
+import ipaddress
+import reprlib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,6 +18,8 @@ from facedoor.models import default_models_dir
 
 DEFAULT_CONFIG_PATH = Path("/etc/facedoor/facedoor.yaml")
 DEFAULT_STATE_DIR = Path("/var/lib/facedoor")
+MAX_CONFIG_BYTES = 1_000_000  # a door's config is a few KB; anything larger is a mistake or an attack
+SHOWN_INPUT_CHARS = 80        # an error message quotes at most this much of a bad value
 
 
 class ConfigError(ValueError):
@@ -41,7 +45,9 @@ class CameraConfig(_Section):
 
 
 class RecognitionConfig(_Section):
-    threshold: float = Field(0.7, gt=0, le=4.0, description="a match is an L2 distance strictly below this")
+    threshold: float = Field(
+        0.7, gt=0, lt=2.0, description="a match is an L2 distance strictly below this (unit vectors: 2.0 matches all)"
+    )
     encoder: Literal["facenet", "openface"] = "facenet"
     detector: Literal["mtcnn", "yunet"] = "mtcnn"
     yunet_model: Path | None = Field(None, description="YuNet ONNX file for detector: yunet")
@@ -106,6 +112,10 @@ class MQTTConfig(_Section):
         1.0, ge=0.1, le=10, description="a QoS 1 message unacknowledged this long means the broker stalled"
     )
     tls: TLSConfig | None = None
+    allow_plaintext_password: bool = Field(
+        False, description="send the password without TLS to a non-loopback broker (readable on the network)"
+    )
+    signing_key_file: Path | None = Field(None, description="HMAC key that signs every decision (facedoor.signing)")
     discovery: DiscoveryConfig = DiscoveryConfig()
 
     @field_validator("topic_prefix")
@@ -114,6 +124,16 @@ class MQTTConfig(_Section):
         if any(ch in value for ch in "+#") or value.startswith("/") or value.endswith("/"):
             raise ValueError("must be a plain topic without wildcards or leading/trailing '/'")
         return value
+
+    @model_validator(mode="after")
+    def _no_plaintext_password(self) -> MQTTConfig:
+        if self.password_file is not None and self.tls is None and not self.allow_plaintext_password \
+                and not _is_loopback(self.host):
+            raise ValueError(
+                f"mqtt.password_file with a broker at {_shown(self.host)} but no mqtt.tls: the password would "
+                "cross the network in clear text; configure mqtt.tls (or set mqtt.allow_plaintext_password: true)"
+            )
+        return self
 
     def password(self) -> SecretStr | None:
         """The broker password read from `password_file` (never stored in the config itself)."""
@@ -125,6 +145,16 @@ class MQTTConfig(_Section):
             raise ConfigError(f"mqtt.password_file: cannot read {self.password_file}: {exc.strerror}") from exc
 
 
+def _is_loopback(host: str) -> bool:
+    """True for localhost and loopback addresses, where a plaintext password never leaves the machine."""
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 class UnlockActionConfig(_Section):
     topic: str = Field(..., min_length=1, description="e.g. zigbee2mqtt/front_door/set")
     payload: str = Field(..., description='sent with an unlock decision, e.g. {"state": "UNLOCK"}')
@@ -132,6 +162,13 @@ class UnlockActionConfig(_Section):
         ..., description="sent to relock, and at once behind an unlock the broker did not acknowledge in time"
     )
     relock_after_s: float | None = Field(None, gt=0, le=600, description="relock this long after an unlock")
+
+    @field_validator("topic")
+    @classmethod
+    def _publishable(cls, value: str) -> str:
+        if any(ch in value for ch in "+#\0"):
+            raise ValueError("must be a topic to publish on: no '+' or '#' wildcards (and no NUL)")
+        return value
 
 
 class AuditConfig(_Section):
@@ -166,13 +203,37 @@ class FacedoorConfig(_Section):
         return f"{self.mqtt.topic_prefix}/{self.door_id}/{leaf}"
 
 
+_REPR = reprlib.Repr()  # bounded: never walks or copies more of a value than it shows
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict = 2, 4, 4, 4
+_REPR.maxstring, _REPR.maxother, _REPR.maxlong = SHOWN_INPUT_CHARS, SHOWN_INPUT_CHARS, 40
+
+
+def _shown(value: Any) -> str:
+    """A bounded repr of a config value for an error message (a huge value is never expanded)."""
+    text = _REPR.repr(value)
+    return text if len(text) <= SHOWN_INPUT_CHARS else text[:SHOWN_INPUT_CHARS - 3] + "..."
+
+
 def _describe(err: Any) -> str:
-    path = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    path = ".".join(str(p)[:SHOWN_INPUT_CHARS] for p in err["loc"]) or "(top level)"
     if err["type"] == "extra_forbidden":
         return f"{path}: unknown key"
     got = err.get("input")
-    shown = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
-    return f"{path}: {err['msg']}{shown}"
+    shown = "" if isinstance(got, dict) or got is None else f" (got {_shown(got)})"
+    return f"{path}: {err['msg'][:4 * SHOWN_INPUT_CHARS]}{shown}"
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """SafeLoader that refuses anchors and aliases: a config never needs them, billion laughs does."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise yaml.composer.ComposerError(
+                None, None, "YAML anchors and aliases (&name, *name) are not allowed in a facedoor config",
+                event.start_mark,
+            )
+        return super().compose_node(parent, index)
 
 
 def parse_config(raw: Any, source: str = "<config>") -> FacedoorConfig:
@@ -194,11 +255,16 @@ def load_config(path: str | Path | None) -> FacedoorConfig:
         return FacedoorConfig()
     path = Path(path)
     try:
-        text = path.read_text()
+        with open(path, "rb") as fh:
+            data = fh.read(MAX_CONFIG_BYTES + 1)
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read configuration ({exc.strerror})") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES} bytes; not a facedoor configuration")
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(data.decode("utf-8"), Loader=_NoAliasLoader)  # a SafeLoader subclass
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        raise ConfigError(f"{path}: not valid YAML ({str(exc)[:4 * SHOWN_INPUT_CHARS]})") from None
     return parse_config(raw, str(path))

@@ -226,6 +226,16 @@ class Manifest:
             raise ModelError(f"model {name!r}: ONNX Runtime cannot load {path}: {exc}") from exc
 
 
+def threshold_warning(threshold: float, entry: ModelEntry) -> str | None:
+    """A start-up warning when THRESHOLD accepts more than ENTRY's recommended operating point, else None."""
+    if entry.threshold is None or threshold <= entry.threshold:
+        return None
+    return (
+        f"recognition.threshold {threshold:g} is above the {entry.name} encoder's recommended {entry.threshold:g} "
+        "(model manifest): a looser match accepts look-alikes more often"
+    )
+
+
 _OPTIMIZE = """
 import sys, onnxruntime as ort
 options = ort.SessionOptions()

@@ -33,18 +33,23 @@ from facedoor.match import Gallery, Match
 from facedoor.mqtt import MqttLink
 from facedoor.policy import Decision, Observation, Policy
 from facedoor.sdnotify import Notifier, watchdog_interval_s
+from facedoor.signing import load_key, sign
+from facedoor.store import StoreWatcher
 
 if TYPE_CHECKING:
     from facedoor.pipeline import Face, FacePipeline
 
 log = logging.getLogger(__name__)
 
+STORE_CHECK_S = 0.25  # a `facedoor remove` takes effect within this (+ one frame), no SIGHUP needed
+
 
 class DoorService:
     """Owns the frame loop; everything it talks to is passed in (tests use real parts)."""
 
     def __init__(self, cfg: FacedoorConfig, pipeline: FacePipeline, load_gallery: Callable[[], Gallery],
-                 camera: Camera, link: MqttLink, notifier: Notifier, listeners: Sequence[DecisionListener] = ()):
+                 camera: Camera, link: MqttLink, notifier: Notifier, listeners: Sequence[DecisionListener] = (),
+                 store_watcher: StoreWatcher | None = None, signing_key: bytes | None = None):
         self.cfg = cfg
         self.pipeline = pipeline
         self.load_gallery = load_gallery
@@ -52,6 +57,8 @@ class DoorService:
         self.link = link
         self.notifier = notifier
         self.listeners = list(listeners)
+        self.store_watcher = store_watcher  # another process enrolled or removed someone: reload at once
+        self.signing_key = signing_key
         self.policy = Policy(cfg.policy)
         self.threshold = cfg.recognition.threshold
         self.gallery: Gallery | None = load_gallery()   # None after a failed reload: nobody matches
@@ -84,7 +91,7 @@ class DoorService:
         """Process frames until stopped or the video ends; 0 on a clean stop."""
         watchdog = watchdog_interval_s()
         ping_every = min(1.0, watchdog / 2) if watchdog else None
-        last_ping = last_health = 0.0
+        last_ping = last_health = last_store_check = 0.0
         enrolled = len(self.gallery.identities) if self.gallery is not None else 0
         self.notifier.ready(f"watching {describe(self.camera.source)}; {enrolled} enrolled")
         log.info("facedoor running", extra={"fields": {
@@ -92,6 +99,11 @@ class DoorService:
             "enrolled": enrolled, "threshold": self.threshold}})
         while not self._stop.is_set():
             frame = self.camera.get(timeout=0.2)
+            now = time.monotonic()
+            if self.store_watcher is not None and now - last_store_check >= STORE_CHECK_S:
+                last_store_check = now
+                if self.store_watcher.changed():
+                    self._reload.set()
             if self._reload.is_set():
                 self._reload.clear()
                 self.reload_gallery()
@@ -170,6 +182,8 @@ class DoorService:
             "expires_at_ms": int((frame.t_wall + ttl) * 1000),
             "latency_ms": round(latency_ms, 1),
         }
+        if self.signing_key is not None:
+            payload = sign(payload, self.signing_key)
         delivered = self.link.deliver(self.link.decision_topic, json.dumps(payload), frame.t_mono, ttl,
                                       f"decision {payload['id']} ({decision.decision})")
         if delivered:
@@ -192,7 +206,8 @@ class DoorService:
 
     # --- housekeeping ------------------------------------------------------------------------
     def reload_gallery(self) -> None:
-        """SIGHUP: re-read the store; on failure nobody matches (fail closed) until a reload works."""
+        """Re-read the store (SIGHUP, or another process changed it); on failure nobody matches
+        (fail closed) until a reload works. The evidence so far is forgotten either way."""
         try:
             self.gallery = self.load_gallery()
             self.store_error = None
@@ -269,6 +284,8 @@ class DoorService:
                 log.exception("decision listener %s failed to close", type(listener).__name__)
         self.camera.stop()
         self.link.stop()
+        if self.store_watcher is not None:
+            self.store_watcher.close()
         log.info("facedoor stopped", extra={"fields": {"event": "stopped", **self.counts}})
 
 
@@ -282,6 +299,9 @@ def build_service(cfg: FacedoorConfig, pipeline: FacePipeline, *, source: int | 
     from facedoor.homeassistant import HomeAssistantDiscovery
     from facedoor.store import EmbeddingStore
     from facedoor.unlock import UnlockAction
+
+    key = load_key(cfg.mqtt.signing_key_file) if cfg.mqtt.signing_key_file is not None else None
+    watcher = StoreWatcher(cfg.store)  # before the first load, so no commit in between is missed
 
     def load_gallery() -> Gallery:
         with EmbeddingStore(cfg.store, pipeline.encoder_sha256, create=False, readonly=True) as store:
@@ -297,7 +317,8 @@ def build_service(cfg: FacedoorConfig, pipeline: FacePipeline, *, source: int | 
     if audit is not None:
         listeners.append(audit)
     camera = Camera(cfg.camera, source, loop)
-    return DoorService(cfg, pipeline, load_gallery, camera, link, notifier or Notifier(), listeners)
+    return DoorService(cfg, pipeline, load_gallery, camera, link, notifier or Notifier(), listeners,
+                       store_watcher=watcher, signing_key=key)
 
 
 def run_daemon(cfg: FacedoorConfig, source: int | str | None = None, loop: bool | None = None) -> int:
@@ -305,18 +326,16 @@ def run_daemon(cfg: FacedoorConfig, source: int | str | None = None, loop: bool 
 
     Raises ConfigError/ModelError/StoreError/CameraError before READY (the CLI exits 2).
     """
+    from facedoor.models import threshold_warning
     from facedoor.pipeline import FacePipeline
 
     setup_logging(cfg.logging.level, cfg.logging.format)
     notifier = Notifier()
     notifier.status("loading models")
     pipeline = FacePipeline.from_config(cfg)
-    recommended = pipeline.encoder.entry.threshold
-    if recommended is not None and cfg.recognition.threshold > recommended:
-        log.warning("recognition.threshold %.3f is above the encoder's recommended operating point %.3f "
-                    "(manifest): strangers are accepted more often; see the README's Threshold section",
-                    cfg.recognition.threshold, recommended,
-                    extra={"fields": {"event": "threshold_above_recommended"}})
+    warning = threshold_warning(cfg.recognition.threshold, pipeline.encoder.entry)
+    if warning:
+        log.warning(warning, extra={"fields": {"event": "threshold_above_recommended"}})
     service = build_service(cfg, pipeline, source=source, loop=loop, notifier=notifier)
     if service.gallery is not None and not service.gallery.identities:
         log.warning("nobody is enrolled in %s: every face will be denied (enrol with `facedoor enroll`)",

@@ -4,11 +4,14 @@ Every embedding records the SHA-256 of the encoder that produced it and of the p
 from. Embeddings of another encoder are never mixed into a gallery: the store refuses and says
 to re-enrol. Enrolment is one transaction (all photos or none). The daemon reads while the CLI
 writes (WAL, busy timeout). A file that is not a facedoor store, or is damaged, is reported as a
-StoreError naming it and is never written to.
+StoreError naming it and is never written to; a symbolic link is refused, never followed. A new
+store (and its -wal/-shm, which SQLite gives the store's mode) is 0600 in a 0700 directory.
+A running reader sees another process's commits through `StoreWatcher`.
 """
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 import unicodedata
 from collections.abc import Sequence
@@ -19,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from facedoor.match import Gallery
+from facedoor.private import open_private, private_dir
 
 log = logging.getLogger(__name__)
 
@@ -84,13 +88,22 @@ class EmbeddingStore:
         self.path = Path(path)
         self.encoder_sha256 = encoder_sha256
         self.readonly = readonly
+        if self.path.is_symlink():
+            raise StoreError(
+                f"{self.path}: is a symbolic link; refusing to follow it (give the store's real path)"
+            )
         exists = self.path.exists()
         if not exists and (readonly or not create):
             raise StoreError(f"{self.path}: no embedding store here (enrol someone with `facedoor enroll`)")
         if exists:
+            if not self.path.is_file():
+                raise StoreError(f"{self.path}: not a regular file; give the path of an embedding store file")
+            if self.path.stat().st_mode & 0o077:
+                log.warning("%s can be read by other users (mode %04o) and holds biometric data: chmod 600 it",
+                            self.path, self.path.stat().st_mode & 0o777)
             self._check_header()
         else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._create_private()
         mode = "ro" if readonly else ("rw" if exists else "rwc")
         try:
             self._db = sqlite3.connect(
@@ -118,6 +131,14 @@ class EmbeddingStore:
                              "restore a backup or move it away") from None
 
     # -- opening -----------------------------------------------------------------------------
+
+    def _create_private(self) -> None:
+        """Create the empty store file 0600 (and missing directories 0700) before SQLite opens it 0644."""
+        try:
+            private_dir(self.path.parent)
+            os.close(open_private(self.path, os.O_WRONLY))
+        except OSError as exc:
+            raise StoreError(f"{self.path}: cannot create the embedding store ({exc.strerror})") from None
 
     def _check_header(self) -> None:
         """Refuse, before SQLite touches it, a file that is not SQLite or is shorter than its header says."""
@@ -300,6 +321,53 @@ class EmbeddingStore:
         self._db.close()
 
     def __enter__(self) -> EmbeddingStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class StoreWatcher:
+    """Tells a running reader, for the cost of a stat and a pragma, that another process changed the store.
+
+    `changed()` is True once after each commit by any other connection (SQLite `PRAGMA
+    data_version`), when the file was replaced (new inode) and, failing closed, when it cannot
+    be read; the caller then reloads the gallery and meets any error there.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._db: sqlite3.Connection | None = None
+        self._inode: tuple[int, int] | None = None
+        self._version: int | None = None
+        self.changed()
+
+    def changed(self) -> bool:
+        """Whether the store changed since the previous call (True on the first call too)."""
+        try:
+            st = os.stat(self.path)
+            inode = (st.st_dev, st.st_ino)
+            if inode != self._inode or self._db is None:
+                self.close()
+                self._db = sqlite3.connect(
+                    f"{self.path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None,
+                    check_same_thread=False,
+                )
+                self._inode, self._version = inode, None
+            version = self._db.execute("PRAGMA data_version").fetchone()[0]
+        except (OSError, sqlite3.Error) as exc:
+            log.warning("store watcher: cannot read %s (%s); reloading", self.path, exc)
+            self._inode = self._version = None
+            return True
+        previous, self._version = self._version, version
+        return version != previous
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    def __enter__(self) -> StoreWatcher:
         return self
 
     def __exit__(self, *exc: object) -> None:

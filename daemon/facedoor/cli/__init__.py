@@ -45,6 +45,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "facedoor.cli.homeassistant",
     "facedoor.cli.run",
     "facedoor.cli.demo",
+    "facedoor.cli.signing",
 )
 
 EXIT_OK, EXIT_NO_MATCH, EXIT_ERROR, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130

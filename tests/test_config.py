@@ -1,0 +1,120 @@
+"""Configuration: the shipped example, validation rules that prevent harm, and hostile YAML."""
+from __future__ import annotations
+
+import tracemalloc
+from pathlib import Path
+
+import pytest
+
+from facedoor.config import MAX_CONFIG_BYTES, ConfigError, FacedoorConfig, load_config, parse_config
+from facedoor.models import ModelEntry, Preprocessing, threshold_warning
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "config" / "facedoor.yaml"
+
+
+def test_example_config_is_complete_valid_and_the_defaults() -> None:
+    text = EXAMPLE.read_text()
+    assert load_config(EXAMPLE) == FacedoorConfig()
+    for key in FacedoorConfig.model_fields:
+        assert f"\n{key}:" in text, f"{key} missing from {EXAMPLE}"
+    for section in ("camera", "recognition", "policy", "mqtt", "audit", "logging"):
+        for key in type(getattr(FacedoorConfig(), section)).model_fields:
+            assert f"  {key}:" in text, f"{section}.{key} missing from {EXAMPLE}"
+    for key in ("ca", "cert", "key", "topic", "payload", "lock_payload", "relock_after_s"):
+        assert f"#  {key}:" in text or f"#  {key}: " in text, f"commented example of {key} missing"
+
+
+def test_a_bad_value_names_file_key_and_expectation(tmp_path: Path) -> None:
+    bad = tmp_path / "facedoor.yaml"
+    bad.write_text(EXAMPLE.read_text().replace("frames_required: 3", "frames_required: many"))
+    with pytest.raises(ConfigError) as err:
+        load_config(bad)
+    message = str(err.value)
+    assert str(bad) in message and "policy.frames_required" in message and "integer" in message
+
+
+def _error(raw: dict) -> str:
+    with pytest.raises(ConfigError) as err:
+        parse_config(raw, "door.yaml")
+    return str(err.value)
+
+
+@pytest.mark.parametrize("threshold", [2.0, 3.5])
+def test_a_threshold_that_matches_everyone_is_refused(threshold: float) -> None:
+    assert "recognition.threshold" in _error({"recognition": {"threshold": threshold}})
+    assert parse_config({"recognition": {"threshold": 1.99}}).recognition.threshold == 1.99
+
+
+def test_a_threshold_above_the_manifest_operating_point_is_warned_about() -> None:
+    facenet = ModelEntry("facenet", "encoder", "facenet.onnx", "0" * 64, "input", (None, 160, 160, 3), "NHWC",
+                         Preprocessing(), embedding_dim=128, threshold=0.7)
+    assert threshold_warning(0.7, facenet) is None and threshold_warning(0.6, facenet) is None
+    assert "0.9 is above the facenet encoder's recommended 0.7" in threshold_warning(0.9, facenet)
+
+
+@pytest.mark.parametrize("topic", ["zigbee2mqtt/+/set", "cmnd/door/#", "#"])
+def test_a_wildcard_unlock_topic_is_refused_at_validation(topic: str) -> None:
+    message = _error({"unlock_action": {"topic": topic, "payload": "ON"}})
+    assert "unlock_action.topic" in message and "wildcards" in message
+    assert parse_config({"unlock_action": {"topic": "cmnd/door/POWER", "payload": "ON"}}).unlock_action
+
+
+def test_a_password_in_clear_text_to_a_remote_broker_is_refused() -> None:
+    remote = {"host": "broker.lan", "username": "door", "password_file": "/etc/facedoor/mqtt-password"}
+    message = _error({"mqtt": remote})
+    assert "mqtt" in message and "clear text" in message and "allow_plaintext_password" in message
+    assert parse_config({"mqtt": remote | {"allow_plaintext_password": True}}).mqtt.allow_plaintext_password
+    assert parse_config({"mqtt": remote | {"tls": {"ca": "/etc/facedoor/ca.crt"}}}).mqtt.tls is not None
+    for host in ("127.0.0.1", "127.0.0.53", "::1", "localhost"):
+        assert parse_config({"mqtt": remote | {"host": host}}).mqtt.host == host
+    assert parse_config({"mqtt": {"host": "broker.lan", "username": "door"}}).mqtt.password_file is None
+
+
+def test_signing_key_file_is_a_path() -> None:
+    cfg = parse_config({"mqtt": {"signing_key_file": "/etc/facedoor/signing-key"}})
+    assert cfg.mqtt.signing_key_file == Path("/etc/facedoor/signing-key")
+    assert FacedoorConfig().mqtt.signing_key_file is None
+
+
+def test_billion_laughs_is_refused_before_expanding(tmp_path: Path) -> None:
+    lines = ['lol: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 10) + "]" for i in range(1, 10)]
+    lines.append("door_id: *l9")
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("\n".join(lines) + "\n")
+    tracemalloc.start()
+    try:
+        with pytest.raises(ConfigError) as err:
+            load_config(bomb)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert "anchors and aliases" in str(err.value) and str(bomb) in str(err.value)
+    assert peak < 5_000_000 and len(str(err.value)) < 1000
+
+
+def test_a_lone_alias_or_merge_key_is_refused_too(tmp_path: Path) -> None:
+    config = tmp_path / "merge.yaml"
+    config.write_text("base: &b {threshold: 0.7}\nrecognition:\n  <<: *b\n")
+    with pytest.raises(ConfigError, match="anchors and aliases"):
+        load_config(config)
+
+
+def test_huge_values_are_never_quoted_whole(tmp_path: Path) -> None:
+    config = tmp_path / "big.yaml"
+    config.write_text(f"door_id: {'x' * 20_000}\nrecognition:\n  threshold: [{', '.join(['1'] * 3000)}]\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(config)
+    message = str(err.value)
+    assert "door_id" in message and "recognition.threshold" in message and len(message) < 1000
+
+
+def test_an_oversized_or_binary_file_is_refused(tmp_path: Path) -> None:
+    big = tmp_path / "big.yaml"
+    big.write_text("# padding\n" * (MAX_CONFIG_BYTES // 10 + 1))
+    with pytest.raises(ConfigError, match="larger than"):
+        load_config(big)
+    binary = tmp_path / "bin.yaml"
+    binary.write_bytes(b"door_id: \xff\xfe\n")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_config(binary)
