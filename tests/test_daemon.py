@@ -280,11 +280,17 @@ def test_startup_faults_exit_2_with_one_clear_line(fault: str, door: Door, mosqu
     assert hashlib.sha256(store.read_bytes()).hexdigest() == store_before  # nothing rewritten
 
 
-def test_sighup_reloads_the_store_and_a_broken_store_fails_closed(door: Door, mosquitto, tmp_path: Path) -> None:
+def lingering_member(door: Door, tmp_path: Path) -> tuple[Path, Path]:
+    """A copy of the door's store to change, and a video of the enrolled person staying in view."""
     store = tmp_path / "store.db"
     store.write_bytes(door.store.read_bytes())
     video = tmp_path / "lingering.avi"
     write_walkup(video, [door.known], visit_s=6.0, gap_s=0.3)
+    return store, video
+
+
+def test_sighup_reloads_the_store_and_a_broken_store_fails_closed(door: Door, mosquitto, tmp_path: Path) -> None:
+    store, video = lingering_member(door, tmp_path)
     config = write_config(tmp_path / "facedoor.yaml", door.models, store, mosquitto.port,
                           policy={"cooldown_s": 1.0, "unknown_interval_s": 1.0})
     sub = Subscriber(mosquitto.host, mosquitto.port, "facedoor/#")
@@ -357,10 +363,7 @@ def test_runtime_fault_exits_with_a_code_systemd_restarts(door: Door, mosquitto,
 
 def test_removed_member_in_view_is_never_let_in_after_a_second(door: Door, mosquitto, tmp_path: Path) -> None:
     """Revocation without SIGHUP: `facedoor remove` while the member keeps standing at the door."""
-    store = tmp_path / "store.db"
-    store.write_bytes(door.store.read_bytes())
-    video = tmp_path / "lingering.avi"
-    write_walkup(video, [door.known], visit_s=6.0, gap_s=0.3)
+    store, video = lingering_member(door, tmp_path)
     config = write_config(tmp_path / "facedoor.yaml", door.models, store, mosquitto.port,
                           policy={"cooldown_s": 0.5})
     sub = Subscriber(mosquitto.host, mosquitto.port, "facedoor/front/decision")
