@@ -9,12 +9,15 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from facedoor.cli import EXIT_ERROR, EXIT_NO_MATCH, EXIT_OK, REPORTING, CliContext, CliError
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from facedoor.match import Gallery
     from facedoor.pipeline import Face
 
@@ -46,6 +49,11 @@ def _enroll(args: argparse.Namespace, ctx: CliContext) -> int:
     from facedoor.store import validate_name
 
     validate_name(args.name)
+    sources = sum((bool(args.images), args.video is not None, args.camera is not None))
+    if sources != 1:
+        raise CliError("give photos, or --video FILE, or --camera [SOURCE]: exactly one of them")
+    if not args.images:
+        return _enroll_from_frames(args, ctx)
 
     def rejected(path: Path, reason: str) -> None:
         print(f"facedoor enroll: {'skipped' if args.skip_bad else 'rejected'} {path}: {reason}", file=sys.stderr)
@@ -72,6 +80,107 @@ def _enroll(args: argparse.Namespace, ctx: CliContext) -> int:
         f"enrolled {args.name}: {len(photos.paths)} photo(s), {added} new embedding(s)"
         + (f", {skipped} skipped" if skipped else "") + f" in {store.path}",
     )
+    return EXIT_OK
+
+
+def _video_frames(path: Path, every_s: float, seconds: float | None) -> Iterator[np.ndarray]:
+    """Frames of the video file at PATH, one per EVERY_S of video time (its first SECONDS)."""
+    import cv2
+
+    cap = cv2.VideoCapture(str(path))
+    if not cap.isOpened():
+        raise CliError(f"{path}: not a readable video")
+    fps = cap.get(cv2.CAP_PROP_FPS) or 25.0
+    step = max(1, round(fps * every_s))
+    try:
+        index = 0
+        while seconds is None or index < seconds * fps:
+            ok, image = cap.read()
+            if not ok:
+                return
+            if index % step == 0:
+                yield image
+            index += 1
+    finally:
+        cap.release()
+
+
+def _camera_frames(ctx: CliContext, source: str, every_s: float, seconds: float) -> Iterator[np.ndarray]:
+    """Frames of the door camera (or SOURCE), one per EVERY_S, for SECONDS."""
+    import time
+
+    from facedoor.camera import Camera, CameraError
+
+    camera = Camera(ctx.config.camera, source or None)
+    camera.start()
+    try:
+        deadline = next_at = time.monotonic()
+        deadline += seconds
+        while time.monotonic() < deadline:
+            frame = camera.get(timeout=0.5)
+            if frame is not None and frame.t_mono >= next_at:
+                next_at = frame.t_mono + every_s
+                yield frame.image
+            elif frame is None and camera.ended:
+                return
+    except CameraError as exc:
+        raise CliError(str(exc)) from None
+    finally:
+        camera.stop()
+
+
+def _enroll_from_frames(args: argparse.Namespace, ctx: CliContext) -> int:
+    """`enroll NAME --video FILE | --camera [SOURCE]`: the K most diverse good frames, all or nothing."""
+    import hashlib
+
+    import numpy as np
+    from tqdm import tqdm
+
+    from facedoor.enrolment import EnrolmentError, frame_candidates, most_diverse, one_person
+
+    if args.frames < 1 or args.every <= 0 or (args.seconds is not None and args.seconds <= 0):
+        raise CliError("--frames, --every and --seconds must be positive")
+    if args.video is not None:
+        if not args.video.is_file():
+            raise CliError(f"{args.video}: no such video file")
+        frames, what = _video_frames(args.video, args.every, args.seconds), str(args.video)
+        total = None
+    else:
+        seconds = args.seconds or 10.0
+        frames, what = _camera_frames(ctx, args.camera, args.every, seconds), f"camera {args.camera or 'default'}"
+        total = int(seconds / args.every)
+        print(f"facedoor enroll: look at the camera for {seconds:g} s, turning your head a little", file=sys.stderr)
+    rejected: dict[str, int] = {}
+    bar = tqdm(total=total, desc=f"enrol {args.name}", unit="frame", file=sys.stderr, disable=ctx.json)
+
+    def seen(index: int, reason: str | None) -> None:
+        if reason is not None:
+            rejected[reason.split(" (")[0]] = rejected.get(reason.split(" (")[0], 0) + 1
+        bar.update(1)
+        bar.set_postfix(good=bar.n - sum(rejected.values()))
+
+    try:
+        candidates = frame_candidates(ctx.pipeline(), frames, on_frame=seen)
+    finally:
+        bar.close()
+    reasons = ", ".join(f"{n} {why}" for why, n in sorted(rejected.items(), key=lambda kv: -kv[1]))
+    if len(candidates) < args.frames:
+        raise CliError(f"{what}: {len(candidates)} usable frame(s) of {len(candidates) + sum(rejected.values())}, "
+                       f"need {args.frames} (rejected: {reasons or 'none'}); nothing enrolled for {args.name!r}")
+    try:
+        kept = most_diverse(one_person(candidates), args.frames)
+    except EnrolmentError as exc:
+        raise CliError(f"{what}: {exc}; nothing enrolled for {args.name!r}") from None
+    if len(kept) < args.frames:
+        raise CliError(f"{what}: only {len(kept)} consistent frame(s), need {args.frames}; nothing enrolled")
+    hashes = [hashlib.sha256(c.embedding.tobytes()).hexdigest() for c in kept]
+    store = ctx.store(create=True)
+    added = store.enroll(args.name, np.stack([c.embedding for c in kept]), hashes, replace=args.replace)
+    ctx.emit({"identity": args.name, "enrolled": len(kept), "new": added, "source": what,
+              "usable_frames": len(candidates), "rejected_frames": sum(rejected.values()),
+              "store": str(store.path)},
+             f"enrolled {args.name}: {len(kept)} diverse frame(s) of {len(candidates)} usable from {what}, "
+             f"{added} new embedding(s) in {store.path}")
     return EXIT_OK
 
 
@@ -146,14 +255,25 @@ def _identify(args: argparse.Namespace, ctx: CliContext) -> int:
 def add_command(commands: argparse._SubParsersAction) -> None:
     """Register enroll, list, remove, verify and identify."""
     p = commands.add_parser(
-        "enroll", parents=[REPORTING], help="enrol a person from one or more photos",
+        "enroll", parents=[REPORTING], help="enrol a person from photos, a video, or at the door camera",
         description="Each photo must show exactly one usable face: at least 28 px, sharp enough, and no "
                     "second face at least half its size. Tight face crops (e.g. 96x96 ID photos) work: "
                     "when no face is found on a small photo it is retried padded and upscaled. "
-                    "All photos are stored in one transaction, or none.",
+                    "With --camera or --video every sampled frame passes the same checks, frames of anyone "
+                    "else are refused, and the --frames most diverse good frames (head pose, appearance) "
+                    "are kept, so enrolment shares the door camera's light and angle. "
+                    "Everything is stored in one transaction, or nothing.",
     )
     p.add_argument("name", help="identity name (unique, up to 64 characters)")
-    p.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+    p.add_argument("images", nargs="*", type=Path, metavar="IMAGE")
+    p.add_argument("--video", type=Path, metavar="FILE", help="enrol from the frames of a video file")
+    p.add_argument("--camera", nargs="?", const="", default=None, metavar="SOURCE",
+                   help="enrol at the camera (default: camera.source of the config)")
+    p.add_argument("--seconds", type=float, default=None,
+                   help="how long to watch the camera (default 10), or how much of the video to use (default all)")
+    p.add_argument("--frames", type=int, default=5, help="frames to keep (default 5)")
+    p.add_argument("--every", type=float, default=0.2, metavar="S",
+                   help="look at one frame every S seconds (default 0.2)")
     p.add_argument("--skip-bad", action="store_true", help="enrol the usable photos, skipping rejected ones")
     p.add_argument("--replace", action="store_true",
                    help="replace NAME's existing embeddings (re-enrolment, e.g. after changing the encoder)")
