@@ -94,6 +94,12 @@ GROUPS: tuple[ModelGroup, ...] = (
                              "conv4_1,conv5_1)")),
         sources=("vgg19", "nst_graph"),
     ),
+    ModelGroup(
+        "antispoof", "facedoor_export.antispoof",
+        "MiniFASNet V2 + V1SE liveness models (Silent-Face ONNX files, copied and hash-pinned; no TensorFlow)",
+        options=(Option("--antispoof-dir", metavar="DIR", type=Path,
+                        help="directory holding MiniFASNetV2.onnx and MiniFASNetV1SE.onnx"),),
+    ),
 )
 
 
