@@ -184,6 +184,14 @@ class LoggingConfig(_Section):
     format: Literal["text", "json"] = "text"
 
 
+class LivenessConfig(_Section):
+    """Presentation-attack gate (MiniFASNet): a track unlocks only when its mean live score reaches `threshold`."""
+
+    enabled: bool = Field(True, description="off (with a log line) anyway when the antispoof models are not exported")
+    threshold: float = Field(0.5, gt=0, lt=1, description="mean live score over a track's frames needed to unlock")
+    min_frames: int = Field(3, ge=1, le=100, description="frames of liveness evidence before a track is judged")
+
+
 class FacedoorConfig(_Section):
     door_id: str = Field("front", pattern=r"^[A-Za-z0-9_-]{1,64}$")
     state_dir: Path = DEFAULT_STATE_DIR
@@ -197,6 +205,7 @@ class FacedoorConfig(_Section):
     unlock_action: UnlockActionConfig | None = None
     audit: AuditConfig = AuditConfig()
     logging: LoggingConfig = LoggingConfig()
+    liveness: LivenessConfig = LivenessConfig()
 
     def topic(self, leaf: str) -> str:
         """`<topic_prefix>/<door_id>/<leaf>`, e.g. facedoor/front/decision."""
