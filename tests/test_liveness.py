@@ -161,7 +161,7 @@ def _nuaa_faces(shared_dir: Path, real_models: Path, folder: str, subject: str, 
     from facedoor.detect import MTCNNDetector
 
     detector = MTCNNDetector(Manifest.load(real_models))
-    paths = sorted((shared_dir / "data/antispoof/nuaa" / folder).glob(f"{subject}_*.jpg"))[:: 7][:count]
+    paths = sorted((shared_dir / "data/antispoof/nuaa" / folder).glob(f"{subject}_*.jpg"))[::7][:count]
     faces = []
     for path in paths:
         image = cv2.imread(str(path))
@@ -172,9 +172,9 @@ def _nuaa_faces(shared_dir: Path, real_models: Path, folder: str, subject: str, 
 
 
 def test_real_live_faces_score_above_printed_photos(gate, shared_dir, real_models):
-    """NUAA subject 0002 (not a calibration subject): every live photo outscores every print."""
-    live = [gate.score(image, box) for image, box in _nuaa_faces(shared_dir, real_models, "live", "0002", 4)]
-    prints = [gate.score(image, box) for image, box in _nuaa_faces(shared_dir, real_models, "print", "0002", 4)]
+    """NUAA subject 0004 (not a calibration subject): every live photo outscores every print."""
+    live = [gate.score(image, box) for image, box in _nuaa_faces(shared_dir, real_models, "live", "0004", 4)]
+    prints = [gate.score(image, box) for image, box in _nuaa_faces(shared_dir, real_models, "print", "0004", 4)]
     assert all(0.0 <= s <= 1.0 for s in live + prints)
     assert min(live) > max(prints), (live, prints)
     threshold = LivenessConfig().threshold

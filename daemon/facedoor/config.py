@@ -188,7 +188,7 @@ class LivenessConfig(_Section):
     """Presentation-attack gate (MiniFASNet): a track unlocks only when its mean live score reaches `threshold`."""
 
     enabled: bool = Field(True, description="off (with a log line) anyway when the antispoof models are not exported")
-    threshold: float = Field(0.5, gt=0, lt=1, description="mean live score over a track's frames needed to unlock")
+    threshold: float = Field(0.25, gt=0, lt=1, description="mean live score over a track's frames needed to unlock")
     min_frames: int = Field(3, ge=1, le=100, description="frames of liveness evidence before a track is judged")
 
 
