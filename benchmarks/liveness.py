@@ -3,18 +3,19 @@
 Sources: NUAA (16 people, webcam; live vs hand-held printed photos) and the replay videos (two
 other people; live webcam video vs a replay of it on a phone or monitor). Faces come from
 facedoor's MTCNN. Everything tuned here is tuned on the NUAA *calibration* people (odd subject
-ids) only: the crop calibration (scale and vertical shift of the MTCNN box) and the threshold
-(the highest one whose per-track BPCER on them is <= the budget). The table reports the other
-NUAA people and the video people, none of whom were seen while tuning.
+ids) only: the crop calibration (scale and vertical shift of the MTCNN box, kept only when it cuts
+their log-loss by 10 %) and the threshold (the centre of the range where their per-track APCER and
+BPCER are both <= 5 %). The table reports the other NUAA people and the video people, none of
+whom were seen while tuning. The planar-motion cue is measured (AUC), not used by the gate.
 
 A track is what the door sees of one person: consecutive frames of one video (--video-track
 frames, every --video-step-th frame), or consecutive photos of one NUAA subject/session
 (--nuaa-track photos). Its score is the mean live score of its frames (`TrackLiveness`).
 APCER = attack tracks/frames accepted as live; BPCER = live tracks/frames rejected.
 
-    PYTHONPATH=daemon:export .venv/bin/python benchmarks/liveness.py --models MODELS [--antispoof-dir DIR]
+    .venv/bin/python benchmarks/liveness.py [--models models] [--antispoof-dir DIR]
 
-MODELS holds the MTCNN export; the MiniFASNet ONNX files are read from --antispoof-dir (default
+--models holds the MTCNN export; the MiniFASNet ONNX files are read from --antispoof-dir (default
 ../shared/models/antispoof). Detections are cached in benchmarks/results/ (git-ignored), where the
 DET curve PNG is written too.
 """
@@ -291,7 +292,7 @@ def rates_row(label: str, samples: list[Sample], scores: np.ndarray, thresholds:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", type=Path, required=True, help="models directory with the MTCNN export")
+    parser.add_argument("--models", type=Path, default=REPO / "models", help="models directory with the MTCNN export")
     parser.add_argument("--antispoof-dir", type=Path, default=SHARED / "models/antispoof")
     parser.add_argument("--data", type=Path, default=SHARED / "data/antispoof")
     parser.add_argument("--nuaa-track", type=int, default=5, help="consecutive NUAA photos per track")
@@ -300,6 +301,9 @@ def main() -> int:
     parser.add_argument("--min-frames", type=int, default=3, help="a track needs this many faces to be judged")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
+    for needed in (args.data / "nuaa", args.data / "videos", *(args.antispoof_dir / f for f in FILES.values())):
+        if not needed.exists():
+            parser.error(f"{needed} not found (the reference data and models of ../shared/README.md)")
 
     samples = detect_all(args)
     model = open_model(args.antispoof_dir, BoxCalibration(), args.threads)

@@ -32,6 +32,7 @@ LIVE_CLASS = 1
 MODEL_SCALES: dict[str, float] = {"antispoof_v2": 2.7, "antispoof_v1se": 4.0}
 
 Verdict = Literal["live", "spoof", "undecided"]
+Box = Sequence[float] | np.ndarray  # x1, y1, x2, y2 in image pixels
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ class BoxCalibration:
     scale: float = 1.0
     shift_y: float = 0.0
 
-    def apply(self, box: Sequence[float]) -> np.ndarray:
+    def apply(self, box: Box) -> np.ndarray:
         """The calibrated (x1, y1, x2, y2) float box."""
         x1, y1, x2, y2 = (float(v) for v in box[:4])
         cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
@@ -57,7 +58,7 @@ class BoxCalibration:
 MTCNN_CALIBRATION = BoxCalibration()
 
 
-def crop_box(box: Sequence[float], scale: float, width: int, height: int) -> tuple[int, int, int, int]:
+def crop_box(box: Box, scale: float, width: int, height: int) -> tuple[int, int, int, int]:
     """The (x1, y1, x2, y2) integer region of a WIDTH x HEIGHT image that a model of crop SCALE sees.
 
     Silent-Face geometry: the box grows by SCALE around its centre, SCALE shrunk so the region fits
@@ -81,7 +82,7 @@ def crop_box(box: Sequence[float], scale: float, width: int, height: int) -> tup
     return int(left), int(top), int(right), int(bottom)
 
 
-def crop_input(image_bgr: np.ndarray, box: Sequence[float], scale: float) -> np.ndarray:
+def crop_input(image_bgr: np.ndarray, box: Box, scale: float) -> np.ndarray:
     """The (1, 3, 80, 80) float32 BGR 0-255 NCHW input for a model of crop SCALE at BOX."""
     h, w = image_bgr.shape[:2]
     x1, y1, x2, y2 = crop_box(box, scale, w, h)
@@ -115,7 +116,7 @@ class LivenessModel:
             sessions.append((name, manifest.session(name, threads), scale))
         return cls(sessions, calibration)
 
-    def probabilities(self, image_bgr: np.ndarray, box: Sequence[float]) -> np.ndarray:
+    def probabilities(self, image_bgr: np.ndarray, box: Box) -> np.ndarray:
         """(models, 3) softmax of each model for the face at detector BOX."""
         calibrated = self.calibration.apply(box)
         probs = []
@@ -124,7 +125,7 @@ class LivenessModel:
             probs.append(_softmax(np.asarray(logits, dtype=np.float64).reshape(-1)))
         return np.stack(probs)
 
-    def score(self, image_bgr: np.ndarray, box: Sequence[float]) -> float:
+    def score(self, image_bgr: np.ndarray, box: Box) -> float:
         """Live score in [0, 1] of the face at detector BOX (x1, y1, x2, y2 pixels) of IMAGE_BGR."""
         return float(self.probabilities(image_bgr, box)[:, LIVE_CLASS].mean())
 

@@ -10,9 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from facedoor.models import sha256_file
-
-from .convert import ExportContext, staged_file_fields
-from .errors import ExportError
+from facedoor_export.convert import ExportContext, staged_file_fields
+from facedoor_export.errors import ExportError
 
 # manifest entry -> (file in --antispoof-dir, crop scale of the face box the network was trained on)
 MODELS: dict[str, tuple[str, float]] = {
