@@ -2,22 +2,22 @@
 
 Sources: NUAA (16 people, webcam; live vs hand-held printed photos) and the replay videos (two
 other people; live webcam video vs a replay of it on a phone or monitor). Faces come from
-facedoor's MTCNN. Everything tuned here is tuned on the NUAA *calibration* people (odd subject
-ids) only: the crop calibration (scale and vertical shift of the MTCNN box, kept only when it cuts
-their log-loss by 10 %) and the threshold (the centre of the range where their per-track APCER and
-BPCER are both <= 5 %). The table reports the other NUAA people and the video people, none of
-whom were seen while tuning. The planar-motion cue is measured (AUC), not used by the gate.
+facedoor's MTCNN (or YuNet). Everything tuned here is tuned on the NUAA *calibration* people (odd
+subject ids) only: the crop calibration (scale and vertical shift of the detector's box, kept only
+when it cuts their log-loss by 10 %) and the threshold (the centre of the range where their
+per-track APCER and BPCER are both <= 5 %). The table reports the other NUAA people and the video
+people, none of whom were seen while tuning. The planar-motion cue is measured (AUC), not used.
 
 A track is what the door sees of one person: consecutive frames of one video (--video-track
 frames, every --video-step-th frame), or consecutive photos of one NUAA subject/session
 (--nuaa-track photos). Its score is the mean live score of its frames (`TrackLiveness`).
 APCER = attack tracks/frames accepted as live; BPCER = live tracks/frames rejected.
 
-    .venv/bin/python benchmarks/liveness.py [--models models] [--antispoof-dir DIR]
+    .venv/bin/python benchmarks/liveness.py [--models models] [--detector mtcnn|yunet] [--antispoof-dir DIR]
 
---models holds the MTCNN export; the MiniFASNet ONNX files are read from --antispoof-dir (default
-../shared/models/antispoof). Detections are cached in benchmarks/results/ (git-ignored), where the
-DET curve PNG is written too.
+--models holds the MTCNN export (YuNet comes from ../shared/models/yunet); the MiniFASNet ONNX
+files are read from --antispoof-dir (default ../shared/models/antispoof). Detections and scores
+are cached in benchmarks/results/ (git-ignored), where the DET curve PNG is written too.
 """
 from __future__ import annotations
 
@@ -32,13 +32,14 @@ import cv2
 import numpy as np
 import onnxruntime as ort
 
-from facedoor.detect import MTCNNDetector
+from facedoor.detect import Detector, MTCNNDetector, YuNetDetector
 from facedoor.liveness import MODEL_SCALES, BoxCalibration, LivenessModel, TrackLiveness
 from facedoor.models import Manifest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 RESULTS = REPO / "benchmarks/results"
+YUNET = SHARED / "models/yunet/face_detection_yunet_2023mar.onnx"
 FILES = {"antispoof_v2": "MiniFASNetV2.onnx", "antispoof_v1se": "MiniFASNetV1SE.onnx"}
 BPCER_BUDGET = 0.05
 SCALE_GRID = (0.8, 1.0, 1.25)
@@ -106,11 +107,11 @@ def iter_frames(data: Path, nuaa_track: int, video_track: int, video_step: int):
 
 
 def detect_all(args: argparse.Namespace) -> list[Sample]:
-    """Every sample with its largest MTCNN face (cached in benchmarks/results by the settings)."""
-    cache = RESULTS / f"liveness-faces-{args.nuaa_track}-{args.video_track}-{args.video_step}.json"
+    """Every sample with its largest face (cached in benchmarks/results by detector and settings)."""
+    cache = RESULTS / f"liveness-faces-{args.detector}-{args.nuaa_track}-{args.video_track}-{args.video_step}.json"
     if cache.is_file():
         return [Sample(**row) for row in json.loads(cache.read_text())]
-    detector = MTCNNDetector(Manifest.load(args.models))
+    detector: Detector = YuNetDetector(YUNET) if args.detector == "yunet" else MTCNNDetector(Manifest.load(args.models))
     samples, missed = [], 0
     for source, attack, person, track, key, image in iter_frames(args.data, args.nuaa_track, args.video_track,
                                                                    args.video_step):
@@ -293,6 +294,8 @@ def rates_row(label: str, samples: list[Sample], scores: np.ndarray, thresholds:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", type=Path, default=REPO / "models", help="models directory with the MTCNN export")
+    parser.add_argument("--detector", choices=("mtcnn", "yunet"), default="mtcnn",
+                        help="face boxes from facedoor's MTCNN or YuNet (../shared/models/yunet)")
     parser.add_argument("--antispoof-dir", type=Path, default=SHARED / "models/antispoof")
     parser.add_argument("--data", type=Path, default=SHARED / "data/antispoof")
     parser.add_argument("--nuaa-track", type=int, default=5, help="consecutive NUAA photos per track")
@@ -307,18 +310,19 @@ def main() -> int:
 
     samples = detect_all(args)
     model = open_model(args.antispoof_dir, BoxCalibration(), args.threads)
-    cache = ScoreCache(model, RESULTS / "liveness-scores.json")
+    cache = ScoreCache(model, RESULTS / f"liveness-scores-{args.detector}.json")
     calib = [s for s in samples if is_calibration(s)]
     held = [s for s in samples if not is_calibration(s)]
     calib_live = np.array([s.live for s in calib])
 
-    # 1. crop calibration (MTCNN box -> the box MiniFASNet was trained on): the lowest per-frame log-loss on
-    # calibration people (their per-frame EER is printed too), kept only if it beats MTCNN's own box by MIN_GAIN
+    # 1. crop calibration (detector box -> the box MiniFASNet was trained on): the lowest per-frame log-loss on
+    # calibration people (their per-frame EER is printed too), kept only if it beats the detector's box by MIN_GAIN
     grid = [BoxCalibration(scale, shift) for scale in SCALE_GRID for shift in SHIFT_GRID]
     losses = {c: log_loss(cache.get(calib, c), calib_live) for c in grid}
     candidate = min(grid, key=lambda c: losses[c])
     best = candidate if losses[candidate] <= (1 - MIN_GAIN) * losses[BoxCalibration()] else BoxCalibration()
-    print(f"crop calibration on {len(calib)} faces of NUAA calibration people (per-frame log-loss / EER):")
+    print(f"crop calibration of the {args.detector} box on {len(calib)} faces of NUAA calibration people "
+          "(per-frame log-loss / EER):")
     for scale in SCALE_GRID:
         row = [c for c in grid if c.scale == scale]
         cells = [f"x{c.scale:<4g} dy{c.shift_y:+.2f}: {losses[c]:.3f} / "
@@ -330,7 +334,8 @@ def main() -> int:
                          ("video replay", [s for s in held if s.source == "video"])):
         live = np.array([s.live for s in subset])
         raw, tuned = cache.get(subset, BoxCalibration()), cache.get(subset, candidate)
-        print(f"  {name}: raw MTCNN box log-loss {log_loss(raw, live):.3f} EER {equal_error_rate(raw, live):.1%}; "
+        print(f"  {name}: raw {args.detector} box log-loss {log_loss(raw, live):.3f} "
+              f"EER {equal_error_rate(raw, live):.1%}; "
               f"best grid point (x{candidate.scale:g} dy{candidate.shift_y:+g}) {log_loss(tuned, live):.3f} "
               f"EER {equal_error_rate(tuned, live):.1%}")
 
@@ -381,7 +386,7 @@ def main() -> int:
         tracks, values = track_scores(subset, sub_scores, args.min_frames)
         curves[f"{label}, per track"] = (values, np.array([s.live for s in tracks]))
     RESULTS.mkdir(parents=True, exist_ok=True)
-    png = RESULTS / "liveness-det.png"
+    png = RESULTS / f"liveness-det-{args.detector}.png"
     plot_det(curves, threshold, png)
     print(f"\nDET curve: {png}")
     model.calibration = best

@@ -157,10 +157,15 @@ def gate(tmp_path_factory: pytest.TempPathFactory, shared_dir: Path) -> Liveness
     return model
 
 
-def _nuaa_faces(shared_dir: Path, real_models: Path, folder: str, subject: str, count: int):
+@pytest.fixture(scope="module")
+def detector(real_models: Path):
+    """facedoor's MTCNN on the real exported models (the boxes the gate sees at the door)."""
     from facedoor.detect import MTCNNDetector
 
-    detector = MTCNNDetector(Manifest.load(real_models))
+    return MTCNNDetector(Manifest.load(real_models))
+
+
+def _nuaa_faces(shared_dir: Path, detector, folder: str, subject: str, count: int):
     paths = sorted((shared_dir / "data/antispoof/nuaa" / folder).glob(f"{subject}_*.jpg"))[::7][:count]
     faces = []
     for path in paths:
@@ -171,11 +176,30 @@ def _nuaa_faces(shared_dir: Path, real_models: Path, folder: str, subject: str, 
     return faces
 
 
-def test_real_live_faces_score_above_printed_photos(gate, shared_dir, real_models):
+def test_real_live_faces_score_above_printed_photos(gate, shared_dir, detector):
     """NUAA subject 0004 (not a calibration subject): every live photo outscores every print."""
-    live = [gate.score(image, box) for image, box in _nuaa_faces(shared_dir, real_models, "live", "0004", 4)]
-    prints = [gate.score(image, box) for image, box in _nuaa_faces(shared_dir, real_models, "print", "0004", 4)]
+    live = [gate.score(image, box) for image, box in _nuaa_faces(shared_dir, detector, "live", "0004", 4)]
+    prints = [gate.score(image, box) for image, box in _nuaa_faces(shared_dir, detector, "print", "0004", 4)]
     assert all(0.0 <= s <= 1.0 for s in live + prints)
     assert min(live) > max(prints), (live, prints)
     threshold = LivenessConfig().threshold
     assert np.mean(live) >= threshold > np.mean(prints)
+
+
+@pytest.mark.parametrize("clip", ["apfol_live.webm", "apfol_spoof.webm", "tranvanluyt_live.mp4",
+                                  "tranvanluyt_spoof.mp4"])
+def test_replay_clip_tracks_are_judged_spoof_and_live_clips_live(gate, shared_dir, detector, clip):
+    """A track of 6 frames (one every half second) per clip, at the default config; these two people
+    were never used to choose the threshold."""
+    config = LivenessConfig()
+    track = TrackLiveness(config.threshold, config.min_frames)
+    cap = cv2.VideoCapture(str(shared_dir / "data/antispoof/videos" / clip))
+    index = 0
+    while track.state.frames < 6:
+        ok, frame = cap.read()
+        assert ok, f"{clip}: ran out of frames with faces"
+        if index % 15 == 0 and (faces := detector.detect(frame, 40)):
+            track.add(gate.score(frame, faces[0].box))
+        index += 1
+    cap.release()
+    assert track.state.verdict == ("spoof" if "spoof" in clip else "live"), track.state
