@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import cv2
@@ -19,7 +20,7 @@ from facedoor.liveness import (
     crop_input,
     load_liveness,
 )
-from facedoor.models import Manifest
+from facedoor.models import Manifest, ModelError
 
 # -- crop geometry (Silent-Face: scale around the centre, scale capped to fit, shifted inside) ----
 
@@ -145,16 +146,33 @@ def test_gate_is_off_with_a_log_line_without_the_models(tmp_path, caplog):
 
 
 @pytest.fixture(scope="module")
-def gate(tmp_path_factory: pytest.TempPathFactory, shared_dir: Path) -> LivenessModel:
-    """The gate loaded through a hash-checked manifest exported from ../shared's MiniFASNet files."""
+def antispoof_models(tmp_path_factory: pytest.TempPathFactory, shared_dir: Path) -> Path:
+    """A models directory with ../shared's MiniFASNet files exported (hash-pinned)."""
     from facedoor_export.cli import main
 
     out = tmp_path_factory.mktemp("liveness") / "models"
     assert main(["--out", str(out), "--only", "antispoof", "--antispoof-dir",
                  str(shared_dir / "models/antispoof")]) == 0
-    model = load_liveness(Manifest.load(out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def gate(antispoof_models: Path) -> LivenessModel:
+    """The gate loaded through the hash-checked manifest."""
+    model = load_liveness(Manifest.load(antispoof_models))
     assert model is not None
     return model
+
+
+def test_gate_reads_the_crop_scales_from_the_manifest(gate, antispoof_models, tmp_path):
+    assert [(name, scale) for name, _, scale, _ in gate.sessions] == [("antispoof_v2", 2.7), ("antispoof_v1se", 4.0)]
+    out = tmp_path / "models"
+    shutil.copytree(antispoof_models, out)
+    raw = json.loads((out / "manifest.json").read_text())
+    del raw["models"]["antispoof_v1se"]["crop_scale"]
+    (out / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(ModelError, match="crop_scale"):
+        load_liveness(Manifest.load(out))
 
 
 @pytest.fixture(scope="module")

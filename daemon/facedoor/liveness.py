@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 
 INPUT_SIZE = 80
 LIVE_CLASS = 1
-# Manifest entry -> the scale of the face box its network was trained on (Silent-Face file names).
+# Manifest entry -> the scale of the face box its network was trained on (Silent-Face file names);
+# `facedoor-export` records it in the entry as `crop_scale`, which is what the gate reads.
 MODEL_SCALES: dict[str, float] = {"antispoof_v2": 2.7, "antispoof_v1se": 4.0}
 
 Verdict = Literal["live", "spoof", "undecided"]
@@ -40,7 +41,8 @@ class BoxCalibration:
     """How a detector box becomes the box MiniFASNet was trained on: scale around the centre, then shift.
 
     `scale` multiplies width and height; `shift_y` moves the centre down by that fraction of the
-    (scaled) box height. The defaults were fitted for facedoor's MTCNN on NUAA calibration subjects.
+    (scaled) box height. The identity is right for both MTCNN and YuNet boxes: on the NUAA
+    calibration people no scale or shift tried cut the log-loss by 10 % (`benchmarks/liveness.py`).
     """
 
     scale: float = 1.0
@@ -53,9 +55,6 @@ class BoxCalibration:
         w, h = (x2 - x1) * self.scale, (y2 - y1) * self.scale
         cy += self.shift_y * h
         return np.array([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dtype=np.float64)
-
-
-MTCNN_CALIBRATION = BoxCalibration()
 
 
 def crop_box(box: Box, scale: float, width: int, height: int) -> tuple[int, int, int, int]:
@@ -100,21 +99,22 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 class LivenessModel:
     """Both MiniFASNet sessions: `score(image, box)` is the mean live probability of the two."""
 
-    def __init__(self, sessions: Sequence[tuple[str, Any, float]], calibration: BoxCalibration = MTCNN_CALIBRATION):
+    def __init__(self, sessions: Sequence[tuple[str, Any, float]], calibration: BoxCalibration | None = None):
         self.sessions = [(name, session, scale, session.get_inputs()[0].name) for name, session, scale in sessions]
-        self.calibration = calibration
+        self.calibration = calibration or BoxCalibration()
 
     @classmethod
-    def from_manifest(cls, manifest: Manifest, threads: int | None = 1,
-                      calibration: BoxCalibration = MTCNN_CALIBRATION) -> LivenessModel:
-        """Open both models after their hash check; a ModelError when either is missing or wrong."""
+    def from_manifest(cls, manifest: Manifest, threads: int | None = 1) -> LivenessModel:
+        """Open both models after their hash check, at the crop scale their manifest entry records."""
         sessions = []
-        for name, scale in MODEL_SCALES.items():
+        for name in MODEL_SCALES:
             entry = manifest.entry(name)
-            if entry.kind != "antispoof":
-                raise ModelError(f"model {name!r} has kind {entry.kind!r}, expected 'antispoof'")
-            sessions.append((name, manifest.session(name, threads), scale))
-        return cls(sessions, calibration)
+            scale = entry.extra("crop_scale")
+            if entry.kind != "antispoof" or not isinstance(scale, (int, float)) or scale <= 0:
+                raise ModelError(f"model {name!r}: kind {entry.kind!r}, crop_scale {scale!r}; expected an "
+                                 "antispoof entry with a crop_scale (re-run facedoor-export --only antispoof)")
+            sessions.append((name, manifest.session(name, threads), float(scale)))
+        return cls(sessions)
 
     def probabilities(self, image_bgr: np.ndarray, box: Box) -> np.ndarray:
         """(models, 3) softmax of each model for the face at detector BOX."""
@@ -131,7 +131,9 @@ class LivenessModel:
 
 
 def load_liveness(manifest: Manifest, enabled: bool = True, threads: int | None = 1) -> LivenessModel | None:
-    """The gate, or None (logged once, plainly) when disabled or its models are not in the manifest."""
+    """The gate, or None (logged once, plainly) when disabled or its models are not in the manifest.
+
+    A model that is listed but missing, tampered with or unloadable is a ModelError, as for every model."""
     if not enabled:
         log.warning("liveness gate off: liveness.enabled is false; printed photos and screens are NOT rejected")
         return None

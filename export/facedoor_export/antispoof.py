@@ -9,14 +9,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from facedoor.liveness import MODEL_SCALES
 from facedoor.models import sha256_file
 from facedoor_export.convert import ExportContext, staged_file_fields
 from facedoor_export.errors import ExportError
 
 # manifest entry -> (file in --antispoof-dir, crop scale of the face box the network was trained on)
 MODELS: dict[str, tuple[str, float]] = {
-    "antispoof_v2": ("MiniFASNetV2.onnx", 2.7),
-    "antispoof_v1se": ("MiniFASNetV1SE.onnx", 4.0),
+    "antispoof_v2": ("MiniFASNetV2.onnx", MODEL_SCALES["antispoof_v2"]),
+    "antispoof_v1se": ("MiniFASNetV1SE.onnx", MODEL_SCALES["antispoof_v1se"]),
 }
 INPUT_SHAPE = [1, 3, 80, 80]
 CLASSES = 3
