@@ -149,7 +149,7 @@ def load_liveness(manifest: Manifest, enabled: bool = True, threads: int | None 
     return model
 
 
-@dataclass
+@dataclass(frozen=True)
 class LivenessState:
     """A track's liveness verdict and the evidence behind it (for the decision, logs and audit)."""
 
