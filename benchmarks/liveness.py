@@ -10,7 +10,7 @@ people, none of whom were seen while tuning. The planar-motion cue is measured (
 
 A track is what the door sees of one person: consecutive frames of one video (--video-track
 frames, every --video-step-th frame), or consecutive photos of one NUAA subject/session
-(--nuaa-track photos). Its score is the mean live score of its frames (`TrackLiveness`).
+(--nuaa-track photos, in file order). Its score is the mean live score of its frames (`TrackLiveness`).
 APCER = attack tracks/frames accepted as live; BPCER = live tracks/frames rejected.
 
     .venv/bin/python benchmarks/liveness.py [--models models] [--detector mtcnn|yunet] [--antispoof-dir DIR]
@@ -25,6 +25,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,32 +62,28 @@ class Sample:
 
     @property
     def live(self) -> bool:
+        """A bona fide face (not an attack)."""
         return self.attack == "live"
 
 
-def read_image(key: str) -> np.ndarray:
-    """The BGR frame of a sample key (a JPEG, or a video frame)."""
-    if "#" not in key:
-        return cv2.imread(key)
-    path, index = key.rsplit("#", 1)
-    cap = cv2.VideoCapture(path)
-    cap.set(cv2.CAP_PROP_POS_FRAMES, int(index))
-    ok, frame = cap.read()
-    cap.release()
-    if not ok:
-        raise RuntimeError(f"cannot read frame {index} of {path}")
-    return frame
+def load_image(path: str) -> np.ndarray:
+    """The BGR image at PATH; an error naming it when it cannot be read."""
+    image = cv2.imread(path)
+    if image is None:
+        raise RuntimeError(f"cannot read {path}")
+    return image
 
 
-def iter_frames(data: Path, nuaa_track: int, video_track: int, video_step: int):
+def iter_frames(data: Path, nuaa_track: int, video_track: int,
+                video_step: int) -> Iterator[tuple[str, str, str, str, str, np.ndarray | None]]:
     """(source, attack, person, track, key, image) of every NUAA photo and every VIDEO_STEP-th video frame."""
     for folder, attack in (("live", "live"), ("print", "print")):
         groups: dict[str, list[Path]] = {}
         for path in (data / "nuaa" / folder).glob("*.jpg"):
-            parts = path.stem.split("_")
-            groups.setdefault("_".join(parts[:5]), []).append(path)
+            subject, _, _, _, session, _ = path.stem.split("_")  # subject_ID_glasses_pos_session_no
+            groups.setdefault(f"{subject}_{session}", []).append(path)
         for group, paths in sorted(groups.items()):
-            paths.sort(key=lambda p: int(p.stem.rsplit("_", 1)[1]))
+            paths.sort(key=lambda p: [int(v) for v in p.stem.split("_")])
             for i, path in enumerate(paths):
                 track = f"nuaa/{attack}/{group}/{i // nuaa_track}"
                 yield "nuaa", attack, group.split("_")[0], track, str(path), None
@@ -108,14 +105,14 @@ def iter_frames(data: Path, nuaa_track: int, video_track: int, video_step: int):
 
 def detect_all(args: argparse.Namespace) -> list[Sample]:
     """Every sample with its largest face (cached in benchmarks/results by detector and settings)."""
-    cache = RESULTS / f"liveness-faces-{args.detector}-{args.nuaa_track}-{args.video_track}-{args.video_step}.json"
+    cache = RESULTS / f"liveness-faces-v2-{args.detector}-{args.nuaa_track}-{args.video_track}-{args.video_step}.json"
     if cache.is_file():
         return [Sample(**row) for row in json.loads(cache.read_text())]
     detector: Detector = YuNetDetector(YUNET) if args.detector == "yunet" else MTCNNDetector(Manifest.load(args.models))
     samples, missed = [], 0
     for source, attack, person, track, key, image in iter_frames(args.data, args.nuaa_track, args.video_track,
                                                                    args.video_step):
-        image = cv2.imread(key) if image is None else image
+        image = load_image(key) if image is None else image
         faces = detector.detect(image, 40)
         if not faces:
             missed += 1
@@ -139,7 +136,7 @@ def open_model(directory: Path, calibration: BoxCalibration, threads: int) -> Li
     return LivenessModel(sessions, calibration)
 
 
-def iter_images(samples: list[Sample]):
+def iter_images(samples: list[Sample]) -> Iterator[tuple[int, np.ndarray]]:
     """(index, BGR image) of every sample, each video read once from start to end."""
     videos: dict[str, dict[int, int]] = {}
     for i, sample in enumerate(samples):
@@ -147,7 +144,7 @@ def iter_images(samples: list[Sample]):
             path, frame = sample.key.rsplit("#", 1)
             videos.setdefault(path, {})[int(frame)] = i
         else:
-            yield i, cv2.imread(sample.key)
+            yield i, load_image(sample.key)
     for path, frames in videos.items():
         cap = cv2.VideoCapture(path)
         index = 0
@@ -292,6 +289,7 @@ def rates_row(label: str, samples: list[Sample], scores: np.ndarray, thresholds:
 
 
 def main() -> int:
+    """Detect, score, calibrate on the calibration people, print the held-out table, write the DET PNG."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", type=Path, default=REPO / "models", help="models directory with the MTCNN export")
     parser.add_argument("--detector", choices=("mtcnn", "yunet"), default="mtcnn",
@@ -369,7 +367,7 @@ def main() -> int:
         groups: dict[str, list[Sample]] = {}
         for sample in subset:
             groups.setdefault(sample.track, []).append(sample)
-        residual = {True: [], False: []}
+        residual: dict[bool, list[float]] = {True: [], False: []}
         for members in groups.values():
             if len(members) >= args.min_frames:
                 residual[members[0].live].append(planar_residual([np.array(m.landmarks) for m in members]))
