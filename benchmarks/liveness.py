@@ -301,6 +301,8 @@ def main() -> int:
     parser.add_argument("--video-step", type=int, default=3, help="use every Nth video frame (30 fps -> 10)")
     parser.add_argument("--min-frames", type=int, default=3, help="a track needs this many faces to be judged")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threshold", type=float, help="report at this threshold (e.g. the configured one) "
+                        "instead of the one chosen on the calibration people")
     args = parser.parse_args()
     for needed in (args.data / "nuaa", args.data / "videos", *(args.antispoof_dir / f for f in FILES.values())):
         if not needed.exists():
@@ -343,6 +345,9 @@ def main() -> int:
     threshold = round(choose_threshold(values, np.array([s.live for s in tracks]), BPCER_BUDGET), 2)
     print(f"threshold {threshold:.2f}: centre of the thresholds with per-track APCER and BPCER <= {BPCER_BUDGET:.0%} "
           f"on {len(tracks)} calibration tracks (min {args.min_frames} frames)")
+    if args.threshold is not None:
+        threshold = args.threshold
+        print(f"reporting at --threshold {threshold:.2f} instead")
 
     # 3. report on held-out people
     thresholds = sorted({0.1, threshold, 0.5})
