@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from facedoor.config import MAX_CONFIG_BYTES, ConfigError, FacedoorConfig, load_config, parse_config
-from facedoor.models import ModelEntry, Preprocessing, threshold_warning
+from facedoor.models import ModelEntry, threshold_warning
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "config" / "facedoor.yaml"
 
@@ -46,17 +46,20 @@ def test_a_threshold_that_matches_everyone_is_refused(threshold: float) -> None:
 
 
 def test_a_threshold_above_the_manifest_operating_point_is_warned_about() -> None:
-    facenet = ModelEntry("facenet", "encoder", "facenet.onnx", "0" * 64, "input", (None, 160, 160, 3), "NHWC",
-                         Preprocessing(), embedding_dim=128, threshold=0.7)
+    facenet = ModelEntry.model_validate({
+        "name": "facenet", "kind": "encoder", "file": "facenet.onnx", "sha256": "0" * 64,
+        "input": {"name": "input", "shape": [None, 160, 160, 3], "layout": "NHWC"},
+        "preprocessing": {"color": "RGB", "normalize": "per_image_standardization", "mean": [0, 0, 0], "scale": 1},
+        "embedding_dim": 128, "threshold": 0.7})
     assert threshold_warning(0.7, facenet) is None and threshold_warning(0.6, facenet) is None
     assert "0.9 is above the facenet encoder's recommended 0.7" in threshold_warning(0.9, facenet)
 
 
 @pytest.mark.parametrize("topic", ["zigbee2mqtt/+/set", "cmnd/door/#", "#"])
 def test_a_wildcard_unlock_topic_is_refused_at_validation(topic: str) -> None:
-    message = _error({"unlock_action": {"topic": topic, "payload": "ON"}})
+    message = _error({"unlock_action": {"topic": topic, "payload": "ON", "lock_payload": "OFF"}})
     assert "unlock_action.topic" in message and "wildcards" in message
-    assert parse_config({"unlock_action": {"topic": "cmnd/door/POWER", "payload": "ON"}}).unlock_action
+    assert parse_config({"unlock_action": {"topic": "cmnd/door/POWER", "payload": "ON", "lock_payload": "OFF"}})
 
 
 def test_a_password_in_clear_text_to_a_remote_broker_is_refused() -> None:
@@ -118,3 +121,9 @@ def test_an_oversized_or_binary_file_is_refused(tmp_path: Path) -> None:
     binary.write_bytes(b"door_id: \xff\xfe\n")
     with pytest.raises(ConfigError, match="not UTF-8"):
         load_config(binary)
+
+
+def test_an_unlock_action_needs_its_lock_payload() -> None:
+    """The lock chases an unlock the broker did not acknowledge in time: without it, it cannot."""
+    message = _error({"unlock_action": {"topic": "cmnd/door/POWER", "payload": "ON"}})
+    assert "unlock_action.lock_payload" in message and "Field required" in message
