@@ -1,7 +1,7 @@
 """Stall benchmark (issue 10, item 1): does a stalled broker ever deliver a late unlock to the relay?
 
 Runs the real door (`facedoor run`, subprocess) on a looping walk-up video of an enrolled person
-(5-celebrity val photo; three people enrolled from train/ with `facedoor enroll`) against a
+(5-celebrity val photo; three people enrolled from 5 train/ photos each with `facedoor enroll`) against a
 private Mosquitto, with an `unlock_action` (`{"state": "UNLOCK"}` / `{"state": "LOCK"}`,
 `relock_after_s` 1), `policy.cooldown_s` 2 so unlocks recur, and `mqtt.ack_timeout_s` at its
 default of 1 s. A separate recorder (its own MQTT client, keepalive 600 s so it never drops
@@ -26,11 +26,12 @@ Per stall length (0.5, 3, 12, 40 s) it prints:
     PYTHONPATH=daemon:export:stylize nice .venv/bin/python benchmarks/stalls.py              # 30 trials
     PYTHONPATH=daemon:export:stylize nice .venv/bin/python benchmarks/stalls.py --trials 12  # shorter
 
-The trials are spread 40/33/17/10 % over 0.5/3/12/40 s (30 trials: 12/10/5/3), about 6 minutes.
+The trials are spread 43/37/13/7 % over 0.5/3/12/40 s (30 trials: 13/11/4/2), about 8 minutes on 2 busy cores.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import random
 import shutil
@@ -58,6 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from daemon_support import FACEDOOR, Daemon, write_config  # noqa: E402
 
 ENROLLED = ("jerry_seinfeld", "mindy_kaling", "ben_afflek")
+ENROL_PHOTOS = 5
 DOOR = "front"
 RELAY_TOPIC = "relay/front_door/set"
 DECISION_TOPIC = f"facedoor/{DOOR}/decision"
@@ -68,7 +70,7 @@ TTL_S = 5.0
 RELOCK_S = 1.0
 CYCLE_S = 2.5
 STALLS_S = (0.5, 3.0, 12.0, 40.0)
-SHARES = (0.40, 0.33, 0.17, 0.10)
+SHARES = (0.43, 0.37, 0.13, 0.07)
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,7 @@ class Door:
     store: Path
     video: Path
     person: str
+    photo: Path
     work: Path
 
 
@@ -146,19 +149,39 @@ def facedoor_cli(door_models: Path, store: Path, *args: str) -> subprocess.Compl
                           capture_output=True, text=True)
 
 
-def enroll(models: Path, store: Path, name: str) -> None:
-    """Enrol NAME from the 5-celebrity train/ photos (`facedoor enroll --skip-bad`)."""
-    photos = sorted(str(p) for p in (datasets.celebrity_faces_dir() / "train" / name).glob("*.jpg"))
+def train_photos(name: str) -> list[str]:
+    """NAME's 5-celebrity train/ photos, sorted."""
+    return sorted(str(p) for p in (datasets.celebrity_faces_dir() / "train" / name).glob("*.jpg"))
+
+
+def enroll(models: Path, store: Path, name: str, count: int | None = None) -> None:
+    """Enrol NAME from (the first COUNT of) the 5-celebrity train/ photos (`facedoor enroll --skip-bad`)."""
+    photos = train_photos(name)[:count]
     done = facedoor_cli(models, store, "enroll", "--skip-bad", name, *photos)
     if done.returncode != 0:
         raise RuntimeError(f"enrolling {name} failed: {done.stderr}")
 
 
+def snapshot_models(models: Path, work: Path) -> Path:
+    """A private copy of MODELS whose files match its manifest (a shared cache may be re-exported meanwhile)."""
+    target = work / "models"
+    for _ in range(5):
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(models, target)
+        entries = json.loads((target / "manifest.json").read_text())["models"].values()
+        if all(hashlib.sha256((target / e["file"]).read_bytes()).hexdigest() == e["sha256"] for e in entries):
+            return target
+        time.sleep(5.0)
+    sys.exit(f"{models} keeps changing (being re-exported?); try again later")
+
+
 def prepare_door(work: Path, models: Path, visit_s: float = 8.0) -> Door:
-    """Enrol ENROLLED, pick the val photo identified closest to its own person, write its walk-up video."""
+    """Enrol ENROLLED (ENROL_PHOTOS each), pick the val photo identified closest to its own person,
+    write its walk-up video; everything on a private snapshot of MODELS."""
+    models = snapshot_models(models, work)
     store = work / "store.db"
     for name in ENROLLED:
-        enroll(models, store, name)
+        enroll(models, store, name, count=ENROL_PHOTOS)
     val = [p for name in ENROLLED for p in sorted((datasets.celebrity_faces_dir() / "val" / name).glob("*.jpg"))]
     found = facedoor_cli(models, store, "identify", "--json", *map(str, val))
     hits = [(r["distance"], r["identity"], Path(r["image"])) for r in map(json.loads, found.stdout.splitlines())
@@ -168,7 +191,7 @@ def prepare_door(work: Path, models: Path, visit_s: float = 8.0) -> Door:
     _, person, photo = min(hits)
     video = work / "walkup.avi"
     write_walkup(video, [Visitor(person, photo)], fps=10.0, visit_s=visit_s, gap_s=0.5)
-    return Door(models, store, video, person, work)
+    return Door(models, store, video, person, photo, work)
 
 
 def door_config(door: Door, port: int, name: str = "facedoor", **sections: Any) -> Path:
@@ -184,10 +207,11 @@ def door_config(door: Door, port: int, name: str = "facedoor", **sections: Any) 
 
 
 def start_door(door: Door, broker: PrivateBroker, name: str = "facedoor", *, env: dict[str, str] | None = None,
-               source: str | None = None, **sections: Any) -> tuple[Daemon, Recorder]:
+               prefix: list[str] | None = None, source: str | None = None, **sections: Any) -> tuple[Daemon, Recorder]:
     """Start the recorder and the daemon; return once the first unlock decision has arrived."""
     recorder = Recorder(broker.host, broker.port, (RELAY_TOPIC, DECISION_TOPIC, HEALTH_TOPIC))
-    daemon = Daemon(door_config(door, broker.port, name, **sections), source or str(door.video), "--loop", env=env)
+    daemon = Daemon(door_config(door, broker.port, name, **sections), source or str(door.video), "--loop", env=env,
+                    prefix=prefix)
     if recorder.wait_for(is_unlock_decision, 120) is None:
         daemon.kill()
         recorder.stop()
@@ -202,6 +226,16 @@ def is_unlock_decision(m: Message) -> bool:
 def late(m: Message) -> bool:
     """Arrived after its own `expires_at_ms` (capture + TTL)."""
     return m.recv * 1000 > m.body["expires_at_ms"]
+
+
+def lateness(m: Message) -> str:
+    """A decision's kind and its age at arrival, e.g. `unlock 12.3 s`."""
+    return f"{m.body['decision']} {m.recv - m.body['ts_ms'] / 1000:.1f} s"
+
+
+def describe_late(items: Sequence[str]) -> str:
+    """How many, and (up to three of) which: `2 (unlock 12.3 s, deny 9.0 s)`."""
+    return f"{len(items)} ({', '.join(items[:3])}{', ...' if len(items) > 3 else ''})" if items else "0"
 
 
 def is_on(m: Message) -> bool:
@@ -231,7 +265,7 @@ class Trial:
 
     stall_s: float
     decisions: int
-    late_decisions: int
+    late_decisions: tuple[str, ...]  # kind and age at arrival of each decision delivered past expires_at_ms
     unlocks: int
     late_unlocks: int
     stale_on_held_s: float | None   # ON captured before the resume, delivered after it
@@ -263,7 +297,7 @@ def stall_trial(broker: PrivateBroker, recorder: Recorder, stall_s: float, rng: 
     return Trial(
         stall_s=stall_s,
         decisions=len(decisions),
-        late_decisions=sum(late(m) for m in decisions),
+        late_decisions=tuple(lateness(m) for m in decisions if late(m)),
         unlocks=len(ons),
         late_unlocks=sum(late(m) for m in ons),
         stale_on_held_s=max(stale, default=None),
@@ -293,8 +327,8 @@ def fmt_s(values: Sequence[float | None], how: Callable[[list[float]], float]) -
 
 def stall_table(trials: Sequence[Trial]) -> list[str]:
     """One row per stall length: counts summed over its trials, times as max or median."""
-    header = ("stall", "trials", "late unlocks [0]", "stale ON->OFF max", "any ON->OFF max", "late decisions",
-              "decisions", "unlocks", "stalls reported", "recovery median")
+    header = ("stall", "trials", "late unlocks [0]", "stale ON->OFF max", "any ON->OFF max",
+              "late decisions (kind age)", "decisions", "unlocks", "stalls reported", "recovery median")
     rows = []
     for length in sorted({t.stall_s for t in trials}):
         ts = [t for t in trials if t.stall_s == length]
@@ -302,7 +336,8 @@ def stall_table(trials: Sequence[Trial]) -> list[str]:
         rows.append((
             f"{length:g} s", str(len(ts)), str(sum(t.late_unlocks for t in ts)),
             fmt_s([t.stale_on_held_s for t in ts], max), fmt_s([t.any_on_held_s for t in ts], max),
-            str(sum(t.late_decisions for t in ts)), str(sum(t.decisions for t in ts)), str(sum(t.unlocks for t in ts)),
+            describe_late([d for t in ts for d in t.late_decisions]), str(sum(t.decisions for t in ts)),
+            str(sum(t.unlocks for t in ts)),
             f"{sum(reported)} in {sum(r > 0 for r in reported)}/{len(ts)} trials",
             fmt_s([t.recovery_s for t in ts], statistics.median),
         ))
