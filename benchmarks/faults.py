@@ -249,7 +249,8 @@ def broker_and_disk_faults(door: Door, broker: PrivateBroker, rng: random.Random
             f"disk full (audit log) {full_s:.0f} s", *traffic(recorder, t_full, t_end), f"{written_again:.1f} s",
             str(lost_after),
             f"{how}; recovery = space freed -> first new audit entry; data lost = decisions logged after the "
-            f"space came back missing from the audit log ({lost_full} dropped while full, by design, each logged; "
+            f"space came back missing from the audit log ({lost_full} dropped while full, by design, the failure "
+            f"logged; "
             f"{corrupt_lines(audit)} corrupt line(s) left in the file)",
         ))
         return rows
@@ -317,7 +318,8 @@ def store_and_model_faults(door: Door, broker: PrivateBroker) -> list[Row]:
     store = door.work / "store-c.db"
     shutil.copy(door.store, store)
     door_c = dataclasses.replace(door, models=models, store=store)
-    audit = {"enabled": True, "path": str(door.work / "audit-c.jsonl")}
+    audit_path = door.work / "audit-c.jsonl"
+    audit = {"enabled": True, "path": str(audit_path)}
     before = listing(models, store) or {}
     with running(door_c, broker, "door-c", audit=audit) as (daemon, recorder):
         enroll(models, store, NEWCOMER, count=3)
@@ -340,7 +342,6 @@ def store_and_model_faults(door: Door, broker: PrivateBroker) -> list[Row]:
         time.sleep(3.0)
     expected = {**{k: v for k, v in before.items() if k != door.person}, NEWCOMER: after_edit.get(NEWCOMER, 0)}
     store_lost = sum(after_edit.get(k) != v for k, v in expected.items()) + (NEWCOMER not in after_edit)
-    audit_path = Path(audit["path"])
     rows = [
         Row("store edited while running", *traffic(recorder, t_removed, t_corrupt),
             seconds(first_deny(recorder, t_removed), f"not revoked in {OBSERVE_S:g} s"),

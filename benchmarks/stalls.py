@@ -307,8 +307,10 @@ def stall_trial(broker: PrivateBroker, recorder: Recorder, stall_s: float, rng: 
     )
 
 
-def schedule(trials: int, rng: random.Random) -> list[float]:
-    """TRIALS stall lengths spread over STALLS_S by SHARES (at least one each), in random order."""
+def schedule(trials: int, rng: random.Random, only: float | None = None) -> list[float]:
+    """TRIALS stall lengths spread over STALLS_S by SHARES (at least one each), or all ONLY, in random order."""
+    if only is not None:
+        return [only] * trials
     counts = [max(1, round(trials * share)) for share in SHARES]
     counts[0] += trials - sum(counts)
     lengths = [s for s, n in zip(STALLS_S, counts) for _ in range(n)]
@@ -367,10 +369,13 @@ def main() -> int:
     parser.add_argument("--trials", type=int, default=30, help="stall trials in all (default 30)")
     parser.add_argument("--seed", type=int, default=1, help="random seed of the stall moments")
     parser.add_argument("--models", type=Path, default=None, help="models (default ./models, else the test cache)")
+    parser.add_argument("--only", type=float, default=None, help="every trial stalls this many seconds")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the work directory: daemon log and every recorded message (recorded.jsonl)")
     args = parser.parse_args()
     models = find_models(args.models)
     rng = random.Random(args.seed)
-    lengths = schedule(args.trials, rng)
+    lengths = schedule(args.trials, rng, args.only)
     work = Path(tempfile.mkdtemp(prefix="facedoor-stalls-"))
     broker = PrivateBroker(work / "mosquitto")
     t0 = time.monotonic()
@@ -385,9 +390,14 @@ def main() -> int:
             daemon.terminate()
             daemon.kill()
             recorder.stop()
+            if args.keep:
+                (work / "recorded.jsonl").write_text("".join(json.dumps(vars(m)) + "\n" for m in recorder.messages))
     finally:
         broker.stop()
-        shutil.rmtree(work, ignore_errors=True)
+        if args.keep:
+            print(f"work directory kept: {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
     print(f"\nfacedoor stall benchmark: {len(trials)} trials, {door.person} at the door, TTL {TTL_S:g} s, "
           f"ack_timeout_s 1, relock {RELOCK_S:g} s, cooldown 2 s, {time.monotonic() - t0:.0f} s in all")
     print("\n".join(stall_table(trials)))
