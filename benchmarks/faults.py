@@ -29,7 +29,7 @@ the daemon logged that are missing from its audit log, or store contents lost. E
 measurement is explained under the table.
 
     cd /work/wt-faults
-    PYTHONPATH=daemon:export:stylize nice /work/main/.venv/bin/python benchmarks/faults.py   # about 7 minutes
+    PYTHONPATH=daemon:export:stylize nice .venv/bin/python benchmarks/faults.py   # about 5 minutes on 2 busy cores
 """
 from __future__ import annotations
 

@@ -26,7 +26,7 @@ Per stall length (0.5, 3, 12, 40 s) it prints:
     PYTHONPATH=daemon:export:stylize nice .venv/bin/python benchmarks/stalls.py              # 30 trials
     PYTHONPATH=daemon:export:stylize nice .venv/bin/python benchmarks/stalls.py --trials 12  # shorter
 
-The trials are spread 43/37/13/7 % over 0.5/3/12/40 s (30 trials: 13/11/4/2), about 8 minutes on 2 busy cores.
+The trials are spread 43/37/13/7 % over 0.5/3/12/40 s (30 trials: 13/11/4/2), about 6 minutes on 2 busy cores.
 """
 from __future__ import annotations
 
