@@ -178,3 +178,27 @@ def test_log_rotations_pruned_files_and_crops_are_private_whatever_the_umask(tmp
     modes = {p.relative_to(tmp_path): oct(stat.S_IMODE(p.stat().st_mode)) for p in [path.parent, *files]}
     assert set(modes.values()) == {"0o600", "0o700"}, modes
     assert all(mode == "0o700" for p, mode in modes.items() if (tmp_path / p).is_dir())
+
+
+def test_a_write_cut_short_by_a_full_disk_leaves_no_half_line(tmp_path: Path, monkeypatch) -> None:
+    """The disk fills in the middle of an entry: that entry is dropped whole, the next one is intact."""
+    path = tmp_path / "audit.jsonl"
+    alog = AuditLog(path, AuditLimits(max_bytes=10_000_000, max_age_s=86400.0, save_crops=False))
+    alog.record(decision(1))
+    alog.flush()
+    real_write, calls = os.write, []
+
+    def filling_up(fd: int, data) -> int:
+        calls.append(len(data))
+        if len(calls) == 1:
+            return real_write(fd, bytes(data[: len(data) // 2]))  # half fits
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(audit.os, "write", filling_up)
+    alog.record(decision(2))
+    alog.flush()
+    monkeypatch.setattr(audit.os, "write", real_write)
+    alog.record(decision(3))
+    alog.close()
+    assert [e["id"] for e in read_entries(path)] == ["d1", "d3"] and alog.dropped == 1
+    assert path.read_bytes().count(b"\n") == 2

@@ -174,8 +174,7 @@ class AuditLog:
                 entry["crop"] = self._save_crop(entry, crop)
             line = (json.dumps(entry, default=str, separators=(",", ":")) + "\n").encode()
             self._rotate_if_needed(len(line))
-            with os.fdopen(open_private(self.path, os.O_WRONLY | os.O_APPEND), "ab") as fh:
-                fh.write(line)
+            _append_whole(self.path, line)
             self.written += 1
             if self._failing:
                 log.warning("audit log %s writable again", self.path)
@@ -249,6 +248,23 @@ class AuditLog:
                 break
             total -= crop.stat().st_size
             crop.unlink(missing_ok=True)
+
+
+def _append_whole(path: Path, line: bytes) -> None:
+    """Append LINE to PATH, or nothing: a write cut short (disk full) is undone, so no half line is
+    left for the next entry to be glued onto."""
+    fd = open_private(path, os.O_WRONLY | os.O_APPEND)
+    try:
+        start = os.lseek(fd, 0, os.SEEK_END)
+        try:
+            view = memoryview(line)
+            while view:
+                view = view[os.write(fd, view):]
+        except OSError:
+            os.ftruncate(fd, start)
+            raise
+    finally:
+        os.close(fd)
 
 
 def log_files(path: Path) -> list[Path]:

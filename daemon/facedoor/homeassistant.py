@@ -126,7 +126,7 @@ class HomeAssistantDiscovery:
     def announce(self) -> bool:
         """Publish the retained discovery message; False when the broker is unreachable."""
         payload = json.dumps(discovery_payload(self.config), separators=(",", ":"))
-        sent = self.client.publish(self.topic, payload, qos=1, retain=True)
+        sent = self.client.publish(self.topic, payload, retain=True)
         if sent:
             self.announcements += 1
             log.info("Home Assistant discovery published on %s", self.topic)
@@ -137,7 +137,7 @@ class HomeAssistantDiscovery:
 
     def remove(self) -> bool:
         """Clear the retained discovery message: HA removes the device and its entities."""
-        sent = self.client.publish(self.topic, b"", qos=1, retain=True)
+        sent = self.client.publish(self.topic, b"", retain=True)
         if sent:
             log.info("Home Assistant discovery removed from %s", self.topic)
         return sent

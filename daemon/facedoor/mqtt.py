@@ -12,8 +12,10 @@ The delivery contract: **an unlock is never delivered late.**
   `mqtt.ack_timeout_s` makes the link a *stall*: treated exactly like an outage (`connected`
   false, nothing decided). Locks still go out on the stalled connection (`publish_lock`), then,
   `ack_timeout_s` later, the socket is dropped and paho reconnects (purging its queue). A QoS 1
-  probe keeps this check running while nothing else is published, so a stall is seen within
-  about `ack_timeout_s` whether or not anyone is at the door.
+  probe, sent whenever nothing was acknowledged for half of `ack_timeout_s`, keeps this check
+  running while nobody is at the door, and `live` (connected, and a PUBACK within the last
+  `ack_timeout_s`) is what the door decides on: a stall that begins unseen can catch at most the
+  messages of that last second, and those carry `expires_at_ms` for their consumers to refuse.
 - `deliver()` publishes one QoS 1 message and waits (bounded by its remaining TTL and
   `ack_timeout_s`) for its PUBACK: True means the broker has it *now*. The unlock action only
   follows a decision that was delivered this way, and chases an unlock of its own that was not
@@ -55,7 +57,7 @@ class MqttHooks(Protocol):
     def connected(self) -> bool: ...
     def add_on_connect(self, callback: Callable[[], object]) -> None: ...
     def subscribe(self, topic: str, handler: Handler, qos: int = 1) -> None: ...
-    def publish(self, topic: str, payload: str | bytes, qos: int = 1, retain: bool = False,
+    def publish(self, topic: str, payload: str | bytes, retain: bool = False,
                 expiry_s: float | None = None) -> bool: ...
     def deliver(self, topic: str, payload: str | bytes, captured_mono: float, ttl_s: float,
                 what: str) -> bool: ...
@@ -129,6 +131,7 @@ class MqttLink:
         self._client.on_disconnect = self._on_disconnect
         self._client.on_connect_fail = self._on_connect_fail
         self._client.on_message = self._on_message
+        self._client.on_publish = self._on_publish
         self._lock = threading.Lock()
         self._connected = threading.Event()
         self._on_connect_hooks: list[Callable[[], object]] = []
@@ -144,6 +147,7 @@ class MqttLink:
         self.failed_attempts = 0
         self.down_since: float | None = time.monotonic()
         self.stalled_since: float | None = None
+        self.last_ack = float("-inf")  # monotonic time of the latest PUBACK
         self.last_outage_s: float | None = None
         self.state = "connecting"  # connecting | up | down | stalled
         self._stopping = False
@@ -174,8 +178,14 @@ class MqttLink:
 
     @property
     def connected(self) -> bool:
-        """True while the broker is connected and acknowledging (not down, not stalled)."""
+        """True while the broker is connected and not known to be stalled."""
         return self._connected.is_set()
+
+    @property
+    def live(self) -> bool:
+        """Connected, and the broker acknowledged something within the last `ack_timeout_s`:
+        the door decides only then."""
+        return self.connected and time.monotonic() - self.last_ack <= self.ack_timeout_s
 
     def wait_connected(self, timeout_s: float) -> bool:
         return self._connected.wait(timeout_s)
@@ -194,10 +204,11 @@ class MqttLink:
         if self.connected:
             self._client.subscribe(topic, qos)
 
-    def publish(self, topic: str, payload: str | bytes, qos: int = 1, retain: bool = False,
+    def publish(self, topic: str, payload: str | bytes, retain: bool = False,
                 expiry_s: float | None = None) -> bool:
-        """Publish now without waiting, or return False (and queue nothing) while down or stalled."""
-        return self._send(topic, payload, qos, retain, expiry_s) is not None
+        """Publish QoS 1 now without waiting (its PUBACK is watched for stalls), or return False
+        (and queue nothing) while down or stalled. Every message of the link is QoS 1."""
+        return self._send(topic, payload, retain, expiry_s) is not None
 
     def publish_lock(self, topic: str, payload: str | bytes) -> bool:
         """Publish a fail-closed command (a lock) QoS 1 with no expiry, also on a stalled connection,
@@ -215,7 +226,7 @@ class MqttLink:
         if expiry is None:
             self._refused(what, "expired", f"{ttl_s - remaining:.2f}s old, TTL {ttl_s:.1f}s")
             return False
-        info = self._send(topic, payload, 1, False, expiry)
+        info = self._send(topic, payload, False, expiry)
         if info is None:
             self._refused(what, "disconnected", f"broker {self.cfg.mqtt.host}:{self.cfg.mqtt.port} unreachable")
             return False
@@ -225,11 +236,12 @@ class MqttLink:
             pass
         if info.is_published():
             return True
-        self._refused(what, "unacknowledged", f"no PUBACK within {self.ack_timeout_s:g}s")
+        self._refused(what, "unacknowledged", f"no PUBACK within {self.ack_timeout_s:g}s; a broker that resumes "
+                      "may still deliver it, past its expires_at_ms (consumers refuse it); nothing follows it")
         self._declare_stall(f"{what} not acknowledged")
         return False
 
-    def _send(self, topic: str, payload: str | bytes, qos: int, retain: bool,
+    def _send(self, topic: str, payload: str | bytes, retain: bool,
               expiry_s: float | None) -> mqtt.MQTTMessageInfo | None:
         if not self.connected:
             return None
@@ -237,17 +249,16 @@ class MqttLink:
         if expiry_s is not None:
             props = Properties(PacketTypes.PUBLISH)
             props.MessageExpiryInterval = max(1, int(expiry_s))
-        info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+        info = self._client.publish(topic, payload, qos=1, retain=retain, properties=props)
         if info.rc != mqtt.MQTT_ERR_SUCCESS:
             return None
-        if qos > 0:
-            with self._lock:
-                self._unacked.append((info, time.monotonic()))
+        with self._lock:
+            self._unacked.append((info, time.monotonic()))
         return info
 
     def _refused(self, what: str, reason: str, detail: str) -> None:
         self.dropped_decisions += 1
-        log.warning("%s dropped (%s): %s; never sent later, the door stays as it is", what, reason, detail,
+        log.warning("%s not delivered (%s): %s; the door stays as it is", what, reason, detail,
                     extra={"fields": {"event": "decision_dropped", "what": what, "reason": reason}})
 
     # --- stall detection ---------------------------------------------------------------------
@@ -265,9 +276,9 @@ class MqttLink:
                 self._drop_socket()
             elif oldest is not None and now - oldest > self.ack_timeout_s:
                 self._declare_stall(f"a QoS 1 message waited {now - oldest:.1f}s for its PUBACK")
-            elif oldest is None and self.connected and now - last_probe >= self.ack_timeout_s:
+            elif oldest is None and self.connected and now - max(last_probe, self.last_ack) >= self.ack_timeout_s / 2:
                 last_probe = now
-                self._send(self.probe_topic, b"", 1, False, expiry_interval(self.ack_timeout_s + 1))
+                self._send(self.probe_topic, b"", False, expiry_interval(self.ack_timeout_s + 1))
 
     def _declare_stall(self, why: str) -> None:
         """Treat a broker that stopped acknowledging like an outage: decide nothing, reconnect."""
@@ -293,6 +304,9 @@ class MqttLink:
                 pass
 
     # --- paho callbacks (paho's network thread) ----------------------------------------------
+    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, props: Any) -> None:
+        self.last_ack = time.monotonic()  # every publish of this link is QoS 1: this is a PUBACK
+
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         if reason.is_failure:
             log.warning("MQTT: broker refused the connection: %s", reason,
@@ -317,6 +331,7 @@ class MqttLink:
         for topic, (_, qos) in subs:
             client.subscribe(topic, qos)
         self.state = "up"
+        self.last_ack = time.monotonic()  # the CONNACK just now
         self._connected.set()
         log.info("MQTT: connected to %s:%d", self.cfg.mqtt.host, self.cfg.mqtt.port,
                  extra={"fields": {"event": "mqtt_up", "reconnects": self.reconnects, "stalls": self.stalls,

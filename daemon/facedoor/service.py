@@ -129,7 +129,7 @@ class DoorService:
         if self._last_frame_t is not None and frame.t_mono - self._last_frame_t > self.cfg.camera.stall_timeout_s:
             self.policy.reset()  # evidence never spans a camera outage
         self._last_frame_t = frame.t_mono
-        if not self.link.connected:
+        if not self.link.live:
             self.counts["skipped_offline"] += 1
             self.policy.reset()  # decide nothing that cannot be delivered now
             return
@@ -269,7 +269,7 @@ class DoorService:
 
     def publish_health(self) -> None:
         report = self.health()
-        self.link.publish(self.link.health_topic, json.dumps(report), qos=0, retain=False,
+        self.link.publish(self.link.health_topic, json.dumps(report), retain=False,
                           expiry_s=max(1.0, 3 * self.cfg.mqtt.health_interval_s))
         self.notifier.status(f"camera {report['camera']}, {report['fps']} fps, "
                              f"broker {self.link.state}, {report['unlock']} unlocks")
