@@ -101,7 +101,7 @@ def test_fusion_weights_favour_sharp_large_frames() -> None:
     assert np.linalg.norm(track.embedding - alice) < 0.5 * np.linalg.norm(plain_mean - alice)
 
 
-@pytest.mark.parametrize("low", [dict(size=30), dict(sharp=60), dict(score=0.5)])
+@pytest.mark.parametrize("low", [{"size": 30}, {"sharp": 60}, {"score": 0.5}])
 def test_frames_below_the_quality_floor_do_not_count(low: dict) -> None:
     tracker, alice, mallory = Tracker(CFG), unit(1), unit(3)
     tracker.update(0.0, [face(100, alice, "alice", size=40)])
