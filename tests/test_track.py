@@ -5,6 +5,8 @@ import numpy as np
 import pytest
 
 from facedoor.config import TrackingConfig
+from facedoor.detect import Face
+from facedoor.match import Gallery
 from facedoor.track import Sighting, Tracker, iou, quality_weight
 
 CFG = TrackingConfig()  # floor: 40 px, sharpness 100, score 0.9; swap beyond 1.1; gap 1 s
@@ -122,3 +124,14 @@ def test_per_track_state_stays_with_the_track() -> None:
     track = tracker.update(0.1, [face(102, alice)])[0]
     assert track.state == {"liveness": [0.9]}
     assert tracker.update(5.0, [face(102, alice)])[0].state == {}
+
+
+def test_a_sighting_of_an_encoded_face_votes_for_its_nearest() -> None:
+    alice, bob = unit(1), unit(2)
+    gallery = Gallery(["alice", "bob"], np.stack([alice, bob]), 0.7)
+    f = Face(np.array([0, 0, 50, 60], np.float32), 0.97, np.zeros((5, 2), np.float32), near(bob, 7, 1.5))
+    s = Sighting.of(f, 321.0, gallery)
+    assert (s.nearest, s.size, s.score, s.sharpness) == ("bob", 50.0, pytest.approx(0.97), 321.0)
+    assert Sighting.of(f, 321.0, None).nearest is None
+    with pytest.raises(ValueError, match="no embedding"):
+        Sighting.of(Face(f.box, 0.9, f.landmarks), 100.0, gallery)

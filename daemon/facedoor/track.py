@@ -21,11 +21,15 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .config import TrackingConfig
+
+if TYPE_CHECKING:
+    from .detect import Face
+    from .match import Gallery
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,14 @@ class Sighting:
     score: float             # detector score
     sharpness: float         # `facedoor.pipeline.sharpness` of the face
     nearest: str | None      # nearest enrolled identity whatever its distance (None: empty gallery)
+
+    @classmethod
+    def of(cls, face: Face, sharpness: float, gallery: Gallery | None) -> Sighting:
+        """A sighting of an encoded FACE with its SHARPNESS, voting for its nearest in GALLERY."""
+        if face.embedding is None:
+            raise ValueError("the face has no embedding (encode it first)")
+        nearest = gallery.nearest(face.embedding).identity if gallery is not None else None
+        return cls(face.box, face.embedding, float(face.score), float(sharpness), nearest)
 
     @property
     def size(self) -> float:
