@@ -14,9 +14,17 @@ vote over the same frames:
       camera path does; pessimistic. Smaller: one photo per person with 6+ photos (never an
       enrolment photo) and a fixed sample of other people as strangers.
 
-With door templates on, member visits are replayed in order and a confident unlock adds the
-visit's fused embedding as a door template (bounded per person); strangers are then tried
-against the final gallery, templates included (the worst case).
+Every member visit goes through the product's `Tracker` + `TrackPolicy` and its k-of-n `Policy`
+(frames 0.1 s apart, boxes centred on the face at its measured size). A stranger visit is
+replayed the same way unless it provably cannot unlock: no fused embedding its tracks reach
+with enough good frames is within the threshold of any gallery row (fusion and splitting do
+not depend on the gallery), and fewer than k of its frames are (k-of-n). The table says how
+many stranger visits came near enough to be replayed.
+
+With door templates on, member visits are replayed in a random order and a confident unlock
+adds the visit's fused embedding as a door template (bounded per person, oldest replaced);
+strangers are then tried against the final gallery, templates included (the worst case).
+For (b) the templates come from the walk-up visits themselves (one per member and draw).
 
 Also: the real webcam videos `../shared/data/antispoof/videos/*_live.*`: enrol each person from
 good frames of the first half, then cut the second half into visits and decide each.
