@@ -512,8 +512,8 @@ def diverse(embeddings: np.ndarray, quality: np.ndarray, k: int) -> list[int]:
     return chosen
 
 
-def video_benchmark(pipeline: FacePipeline, tcfg: TrackingConfig, pcfg: PolicyConfig, k: int = 5,
-                    visit_s: float = 1.0, step: int = 2) -> None:
+def video_benchmark(pipeline: FacePipeline, tcfg: TrackingConfig, pcfg: PolicyConfig, threshold: float,
+                    k: int = 5, visit_s: float = 1.0, step: int = 2) -> None:
     """Enrol each live video's person from its first half, then decide visits cut from the second half."""
     videos = sorted(VIDEOS.glob("*_live.*"))
     if not videos:
@@ -542,8 +542,8 @@ def video_benchmark(pipeline: FacePipeline, tcfg: TrackingConfig, pcfg: PolicyCo
         names += [person] * len(picked)
         rows += [cands[i] for i in picked]
         halves[person] = (frames[half:], dt)
-    gallery = Gallery(names, np.array(rows), THRESHOLDS[0])
-    t = THRESHOLDS[0]
+    t = threshold
+    gallery = Gallery(names, np.array(rows), t)
     print(f"\n## real webcam videos: enrolled {', '.join(sorted(set(names)))} ({k} diverse good frames each "
           f"from the first half); second half cut into {visit_s:.0f} s visits, threshold {t}")
     print(f"{'video':<14} | {'visit (s)':>11} | {'faces':>5} | {'k-of-n votes':>16} | {'fused tracks':>24}")
@@ -583,12 +583,15 @@ def video_benchmark(pipeline: FacePipeline, tcfg: TrackingConfig, pcfg: PolicyCo
 
 
 def main(argv: list[str] | None = None) -> int:
+    global THRESHOLDS
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", type=Path, default=REPO / "models")
     ap.add_argument("--draws", type=int, default=20)
     ap.add_argument("--cache-only", action="store_true", help="compute the embedding cache and stop")
     ap.add_argument("--skip-videos", action="store_true", help="leave out the real webcam videos")
+    ap.add_argument("--thresholds", default=",".join(map(str, THRESHOLDS)), help="comma-separated L2 thresholds")
     args = ap.parse_args(argv)
+    THRESHOLDS = tuple(float(t) for t in args.thresholds.split(","))
     pipeline = make_pipeline(args.models)
     people = lfw_people()
     data = load_embeddings(pipeline, people)
@@ -599,7 +602,7 @@ def main(argv: list[str] | None = None) -> int:
         update={"door_templates": n, "door_template_below": b}) for b, n in TEMPLATE_SETTINGS}
     lfw_benchmark(data, list(people), args.draws, cfg.tracking, cfg.policy, templates)
     if not args.skip_videos:
-        video_benchmark(pipeline, cfg.tracking, cfg.policy)
+        video_benchmark(pipeline, cfg.tracking, cfg.policy, cfg.recognition.threshold)
     return 0
 
 
