@@ -415,7 +415,7 @@ def print_table(title: str, tally: Tally, modes: list[str]) -> None:
             key = (mode, t)
             rej = 100 * tally.rejected[key] / max(1, tally.members)
             acc = tally.accepted[key]
-            print(f"{mode:<34} | {t:9.1f} | {rej:15.2f}% | {tally.wrong[key]:13d} | "
+            print(f"{mode:<34} | {t:9.2f} | {rej:15.2f}% | {tally.wrong[key]:13d} | "
                   f"{acc:7d} ({100 * acc / max(1, tally.strangers):7.4f}%)")
 
 
@@ -477,7 +477,7 @@ def lfw_benchmark(data: dict[str, np.ndarray], people: list[str], draws: int, tc
         evaluate(wm, ws, gallery, names, walks, tcfg, pcfg, templates)
     print(f"\n## single photos (one frame decides): {single['members']} member photos, {single['strangers']} stranger photos")
     for t in THRESHOLDS:
-        print(f"threshold {t:.1f}: members rejected {100 * single[('member', t)] / single['members']:6.2f}%, "
+        print(f"threshold {t:.2f}: members rejected {100 * single[('member', t)] / single['members']:6.2f}%, "
               f"strangers accepted {single[('stranger', t)]} ({100 * single[('stranger', t)] / single['strangers']:.4f}%)")
     print_table(f"(a) photo visits ({VISIT_FRAMES} frames: different photos of the person)", photos, modes)
     print_table(f"(b) walk-up visits ({WALKUP_FRAMES} frames: one photo animated, detected and encoded per frame)",
