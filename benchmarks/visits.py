@@ -537,7 +537,7 @@ def video_benchmark(pipeline: FacePipeline, tcfg: TrackingConfig, pcfg: PolicyCo
             cands.append(pipeline.enrolment_embedding(frame, face))
             quality.append(face.size * sharp)
         picked = diverse(np.array(cands), np.array(quality), k) if cands else []
-        print(f"# {person}: {len(frames)} frames kept (every {step}th), enrolled from {len(picked)} of "
+        print(f"# {person}: {len(frames)} frames kept (every {step} frames), enrolled from {len(picked)} of "
               f"{len(cands)} good frames of the first half", file=sys.stderr)
         names += [person] * len(picked)
         rows += [cands[i] for i in picked]
