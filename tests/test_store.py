@@ -272,3 +272,69 @@ def test_watcher_sees_a_replaced_or_vanished_store(tmp_path: Path) -> None:
         assert watcher.changed() and not watcher.changed()
         path.unlink()
         assert watcher.changed() and watcher.changed()  # unreadable: always "reload" (fails closed there)
+
+
+def test_door_templates_are_bounded_and_never_replace_enrolment(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    emb = _emb(8)
+    with EmbeddingStore(path, ENC_A) as store:
+        store.enroll("ana", emb[:3], _shas(3, "ana"))
+        assert [store.add_door_template("ana", e, max_per_person=2) for e in emb[3:7]] == [0, 0, 1, 1]
+        (ana,) = store.identities()
+        assert (ana.embeddings, ana.door_templates, ana.stale) == (3, 2, 0)
+        gallery = store.gallery()
+    assert gallery.names == ["ana"] * 5
+    np.testing.assert_array_equal(gallery.embeddings, np.concatenate([emb[:3], emb[5:7]]))  # the 2 newest kept
+    kinds = [row[-1] for row in _rows(path)[1]]
+    assert kinds == ["enrolment"] * 3 + ["door"] * 2
+
+
+def test_door_template_needs_a_known_identity_and_removal_clears_both(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    with EmbeddingStore(path, ENC_A) as store:
+        with pytest.raises(StoreError, match="no identity named 'ana'"):
+            store.add_door_template("ana", _emb(1)[0], 3)
+        store.enroll("ana", _emb(2), _shas(2))
+        store.add_door_template("ana", _emb(1, 5)[0], 3)
+        with pytest.raises(ValueError, match="max_per_person"):
+            store.add_door_template("ana", _emb(1, 6)[0], 0)
+        assert store.remove("ana") == 3
+        assert store.identities() == []
+    assert _rows(path) == ([], [])
+    with EmbeddingStore(path, ENC_A, readonly=True) as store, pytest.raises(StoreError, match="read-only"):
+        store.add_door_template("ana", _emb(1)[0], 3)
+
+
+_SCHEMA_1 = """
+CREATE TABLE identities (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, created TEXT NOT NULL);
+CREATE TABLE embeddings (
+    id INTEGER PRIMARY KEY, identity_id INTEGER NOT NULL REFERENCES identities(id) ON DELETE CASCADE,
+    vector BLOB NOT NULL, dim INTEGER NOT NULL,
+    encoder_sha256 TEXT NOT NULL CHECK (length(encoder_sha256) = 64),
+    image_sha256 TEXT NOT NULL CHECK (length(image_sha256) = 64),
+    created TEXT NOT NULL, UNIQUE (identity_id, encoder_sha256, image_sha256));
+CREATE INDEX embeddings_identity ON embeddings(identity_id);
+PRAGMA application_id = 1178881874;
+PRAGMA user_version = 1;
+"""
+
+
+def test_a_schema_1_store_is_read_as_is_and_upgraded_when_written(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    emb = _emb(2)
+    with sqlite3.connect(path) as db:
+        db.executescript(_SCHEMA_1)
+        db.execute("INSERT INTO identities VALUES (1, 'ana', '2026-01-01T00:00:00+00:00')")
+        db.executemany("INSERT INTO embeddings VALUES (?, 1, ?, 128, ?, ?, '2026-01-01T00:00:00+00:00')",
+                       [(i + 1, e.astype("<f4").tobytes(), ENC_A, sha)
+                        for i, (e, sha) in enumerate(zip(emb, _shas(2)))])
+    with EmbeddingStore(path, ENC_A, readonly=True) as store:  # the daemon: reads, never writes
+        assert [(i.name, i.embeddings, i.door_templates) for i in store.identities()] == [("ana", 2, 0)]
+        np.testing.assert_array_equal(store.gallery().embeddings, emb)
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+    with EmbeddingStore(path, ENC_A) as store:
+        store.add_door_template("ana", _emb(1, 3)[0], 2)
+        assert [(i.embeddings, i.door_templates) for i in store.identities()] == [(2, 1)]
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 2

@@ -69,6 +69,11 @@ class PolicyConfig(_Section):
     window_s: float = Field(2.0, gt=0, le=60)
     cooldown_s: float = Field(10.0, ge=0, le=3600)
     unknown_interval_s: float = Field(5.0, ge=0, le=3600, description="at most one unknown event per interval")
+    min_good_frames: int = Field(3, ge=1, le=100, description="good frames a face track needs before a decision")
+    door_templates: int = Field(
+        0, ge=0, le=20, description="door templates kept per person after confident unlocks (0: off)")
+    door_template_below: float = Field(
+        0.5, gt=0, le=4.0, description="fused distance an unlock must be below to add one")
 
     @model_validator(mode="after")
     def _k_of_n(self) -> PolicyConfig:
@@ -78,6 +83,17 @@ class PolicyConfig(_Section):
                 f"policy.window_frames ({self.window_frames})"
             )
         return self
+
+
+class TrackingConfig(_Section):
+    iou_min: float = Field(0.3, gt=0, lt=1, description="box overlap (IoU) that continues a face track")
+    max_gap_s: float = Field(1.0, gt=0, le=60, description="a track not seen for this long ends")
+    swap_distance: float = Field(1.1, gt=0, le=4.0, description="a good frame this far from its track starts a new one")
+    min_face_size: int = Field(40, ge=12, le=2000, description="quality floor: face side in pixels")
+    min_sharpness: float = Field(100.0, ge=0, description="quality floor: variance of the Laplacian of the face")
+    min_detect_score: float = Field(0.9, ge=0, le=1, description="quality floor: detector score")
+    full_face_size: float = Field(112.0, gt=0, description="face side in pixels at which size stops adding weight")
+    full_sharpness: float = Field(400.0, gt=0, description="sharpness at which it stops adding weight")
 
 
 class TLSConfig(_Section):
@@ -201,6 +217,7 @@ class FacedoorConfig(_Section):
     camera: CameraConfig = CameraConfig()
     recognition: RecognitionConfig = RecognitionConfig()
     policy: PolicyConfig = PolicyConfig()
+    tracking: TrackingConfig = TrackingConfig()
     mqtt: MQTTConfig = MQTTConfig()
     unlock_action: UnlockActionConfig | None = None
     audit: AuditConfig = AuditConfig()

@@ -59,6 +59,11 @@ class Gallery:
 
     def identify(self, embedding: np.ndarray) -> Match:
         """1:K: the nearest identity if its distance is strictly below the threshold, else None."""
+        nearest = self.nearest(embedding)
+        return nearest if nearest.matched else Match(None, nearest.distance, self.threshold)
+
+    def nearest(self, embedding: np.ndarray) -> Match:
+        """The nearest identity whatever its distance (a track's per-frame vote); None when empty."""
         if len(self) == 0:
             return Match(None, float("inf"), self.threshold)
         q = np.asarray(embedding, dtype=np.float32).reshape(-1)
@@ -67,9 +72,7 @@ class Gallery:
         # argmin of |e|^2 - 2 q.e is the nearest row (|q|^2 is constant); then the exact distance.
         i = int(np.argmin(self._sq_norms - 2.0 * (self.embeddings @ q)))
         diff = self.embeddings[i] - q
-        distance = float(np.sqrt(diff @ diff))
-        identity = self.names[i] if distance < self.threshold else None
-        return Match(identity, distance, self.threshold)
+        return Match(self.names[i], float(np.sqrt(diff @ diff)), self.threshold)
 
     def verify(self, name: str, embedding: np.ndarray) -> Match:
         """1:1: the smallest distance to NAME's embeddings; `.matched` says whether it is below."""

@@ -1,15 +1,20 @@
 """The embedding store: one SQLite file (WAL) of identities and their face embeddings.
 
 Every embedding records the SHA-256 of the encoder that produced it and of the photo it came
-from. Embeddings of another encoder are never mixed into a gallery: the store refuses and says
-to re-enrol. Enrolment is one transaction (all photos or none). The daemon reads while the CLI
-writes (WAL, busy timeout). A file that is not a facedoor store, or is damaged, is reported as a
-StoreError naming it and is never written to; a symbolic link is refused, never followed. A new
-store (and its -wal/-shm, which SQLite gives the store's mode) is 0600 in a 0700 directory.
-A running reader sees another process's commits through `StoreWatcher`.
+from, and its kind: an enrolment photo, or a door template (the fused embedding of a confident
+unlock, added by the door when templates are on; bounded per person, the oldest door template
+replaced first, enrolment embeddings never). Embeddings of another encoder are never mixed into
+a gallery: the store refuses and says to re-enrol. Enrolment is one transaction (all photos or
+none). The daemon reads while the CLI writes (WAL, busy timeout). A file that is not a facedoor
+store, or is damaged, is reported as a StoreError naming it and is never written to; a symbolic
+link is refused, never followed. A store of schema 1 (before door templates) is read as it is
+and upgraded the first time it is opened for writing. A new store (and its -wal/-shm, which
+SQLite gives the store's mode) is 0600 in a 0700 directory. A running reader sees another
+process's commits through `StoreWatcher`.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import sqlite3
@@ -27,7 +32,8 @@ from facedoor.private import open_private, private_dir
 log = logging.getLogger(__name__)
 
 APPLICATION_ID = 0x46444F52  # "FDOR" in the SQLite header: marks the file as a facedoor store
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+ENROLMENT, DOOR = "enrolment", "door"  # embedding kinds
 SQLITE_MAGIC = b"SQLite format 3\x00"
 BUSY_TIMEOUT_MS = 10_000
 MAX_NAME_LEN = 64
@@ -46,10 +52,14 @@ CREATE TABLE embeddings (
     encoder_sha256 TEXT NOT NULL CHECK (length(encoder_sha256) = 64),
     image_sha256   TEXT NOT NULL CHECK (length(image_sha256) = 64),
     created        TEXT NOT NULL,
+    kind           TEXT NOT NULL DEFAULT 'enrolment' CHECK (kind IN ('enrolment', 'door')),
     UNIQUE (identity_id, encoder_sha256, image_sha256)
 );
 CREATE INDEX embeddings_identity ON embeddings(identity_id);
 """
+# Schema 1 -> 2: the embedding kind (every existing row is an enrolment embedding).
+_MIGRATE_1_2 = "ALTER TABLE embeddings ADD COLUMN kind TEXT NOT NULL DEFAULT 'enrolment'" \
+    " CHECK (kind IN ('enrolment', 'door'))"
 
 
 class StoreError(RuntimeError):
@@ -58,12 +68,14 @@ class StoreError(RuntimeError):
 
 @dataclass(frozen=True)
 class Identity:
-    """One enrolled person as `list` shows it; `stale` counts embeddings of another encoder."""
+    """One enrolled person as `list` shows it: enrolment embeddings, door templates, and `stale`
+    embeddings of another encoder (of either kind)."""
 
     name: str
     created: str
     embeddings: int
     stale: int
+    door_templates: int = 0
 
 
 def _now() -> str:
@@ -88,6 +100,7 @@ class EmbeddingStore:
         self.path = Path(path)
         self.encoder_sha256 = encoder_sha256
         self.readonly = readonly
+        self._kind = "e.kind"  # SQL for an embedding's kind; a schema-1 store read-only has none
         if self.path.is_symlink():
             raise StoreError(
                 f"{self.path}: is a symbolic link; refusing to follow it (give the store's real path)"
@@ -170,13 +183,26 @@ class EmbeddingStore:
                 f"(application_id {app_id:#x}); it was left untouched: give another --store path"
             )
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
-        if version != SCHEMA_VERSION:
-            raise StoreError(f"{self.path}: store schema version {version}, this facedoor reads {SCHEMA_VERSION}")
+        if version not in (1, SCHEMA_VERSION):
+            raise StoreError(f"{self.path}: store schema version {version}, this facedoor reads 1..{SCHEMA_VERSION}")
         problems = [row[0] for row in self._db.execute("PRAGMA quick_check")]
         if problems != ["ok"]:
             raise StoreError(
                 f"{self.path}: damaged embedding store ({'; '.join(problems[:3])}); restore a backup or move it away"
             )
+        if version == 1:
+            self._migrate()
+
+    def _migrate(self) -> None:
+        """Schema 1 -> 2 (embedding kinds) when writable; read-only, schema 1 reads as enrolment only."""
+        if self.readonly:
+            self._kind = f"'{ENROLMENT}'"
+            return
+        with self._transaction():
+            if self._db.execute("PRAGMA user_version").fetchone()[0] == 1:  # not upgraded by another process
+                self._db.execute(_MIGRATE_1_2)
+                self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        log.info("upgraded embedding store %s to schema %d", self.path, SCHEMA_VERSION)
 
     def _initialise(self) -> None:
         with self._transaction():
@@ -244,8 +270,37 @@ class EmbeddingStore:
         log.info("enrolled %s: %d new embedding(s) in %s", name, added, self.path)
         return added
 
+    def add_door_template(self, name: str, embedding: np.ndarray, max_per_person: int) -> int:
+        """Add a door template (a visit's fused embedding) to NAME, dropping NAME's oldest door templates
+        beyond MAX_PER_PERSON (enrolment embeddings are never dropped); return how many were dropped."""
+        self._writable()
+        if max_per_person < 1:
+            raise ValueError("max_per_person must be at least 1")
+        vector = np.asarray(embedding, dtype=np.float32).reshape(-1)
+        if not np.all(np.isfinite(vector)):
+            raise StoreError(f"identity {name!r}: refusing a non-finite door template")
+        blob = vector.astype("<f4").tobytes()
+        with self._transaction():
+            row = self._db.execute("SELECT id FROM identities WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                raise StoreError(f"no identity named {name!r} in {self.path}")
+            self._refuse_foreign(row[0], name)
+            self._db.execute(
+                "INSERT OR IGNORE INTO embeddings "
+                "(identity_id, vector, dim, encoder_sha256, image_sha256, created, kind)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (row[0], blob, vector.shape[0], self.encoder_sha256, hashlib.sha256(blob).hexdigest(), _now(), DOOR),
+            )
+            dropped = self._db.execute(
+                "DELETE FROM embeddings WHERE identity_id = ? AND kind = ? AND id NOT IN"
+                " (SELECT id FROM embeddings WHERE identity_id = ? AND kind = ? ORDER BY id DESC LIMIT ?)",
+                (row[0], DOOR, row[0], DOOR, max_per_person),
+            ).rowcount
+        log.info("door template added to %s (%d oldest dropped) in %s", name, dropped, self.path)
+        return dropped
+
     def remove(self, name: str) -> int:
-        """Delete NAME and its embeddings; return how many embeddings went. Unknown NAME: StoreError."""
+        """Delete NAME and its embeddings of both kinds; return how many went. Unknown NAME: StoreError."""
         self._writable()
         with self._transaction():
             row = self._db.execute("SELECT id FROM identities WHERE name = ?", (name,)).fetchone()
@@ -275,18 +330,18 @@ class EmbeddingStore:
     # -- reading -----------------------------------------------------------------------------
 
     def identities(self) -> list[Identity]:
-        """Every enrolled identity with its embedding count, sorted by name."""
+        """Every enrolled identity with its enrolment embedding and door template counts, sorted by name."""
         rows = self._query(
-            "SELECT i.name, i.created, "
-            " count(e.id), coalesce(sum(e.encoder_sha256 != ?), 0)"
+            f"SELECT i.name, i.created, coalesce(sum({self._kind} = ?), 0),"
+            f" coalesce(sum(e.encoder_sha256 != ?), 0), coalesce(sum({self._kind} = ?), 0)"
             " FROM identities i LEFT JOIN embeddings e ON e.identity_id = i.id"
             " GROUP BY i.id ORDER BY i.name",
-            (self.encoder_sha256,),
+            (ENROLMENT, self.encoder_sha256, DOOR),
         )
-        return [Identity(name, created, count, stale) for name, created, count, stale in rows]
+        return [Identity(name, created, count, stale, door) for name, created, count, stale, door in rows]
 
     def gallery(self, threshold: float = 0.7) -> Gallery:
-        """All embeddings as a Gallery for matching; refuses a store that holds another encoder's."""
+        """All embeddings (enrolment and door templates) as a Gallery; refuses another encoder's."""
         with self._transaction(read=True):
             stale = self._db.execute(
                 "SELECT DISTINCT i.name FROM embeddings e JOIN identities i ON i.id = e.identity_id"
