@@ -40,7 +40,7 @@ import argparse
 import dataclasses
 import sys
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,7 +52,7 @@ from facedoor.config import PolicyConfig, TrackingConfig, parse_config
 from facedoor.detect import Face
 from facedoor.match import Gallery
 from facedoor.pipeline import ENROL_MIN_FACE, ENROL_MIN_SHARPNESS, FacePipeline, sharpness
-from facedoor.policy import Decision, Observation, Policy, TrackPolicy
+from facedoor.policy import Decision, TrackPolicy
 from facedoor.track import Sighting, Tracker
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,6 +67,7 @@ WALKUP_STRANGERS = 300
 GALLERY_SIZE = 10
 VISIT_FRAMES = 5
 FRAME_DT = 0.1  # seconds between processed frames
+VOTES_REQUIRED, VOTES_WINDOW, VOTES_WINDOW_S = 3, 5, 2.0  # the former k-of-n rule: 3 of the last 5 frames in 2 s
 THRESHOLDS = (0.7, 0.8, 0.9)
 TEMPLATE_SETTINGS = ((0.4, 3), (0.5, 3))  # door_template_below, door templates per person
 
@@ -302,15 +303,31 @@ def attach(visits: list[Visit], gallery: Gallery) -> None:
         i += n
 
 
-def run_votes(v: Visit, threshold: float, pcfg: PolicyConfig) -> str | None:
-    """Today's k-of-n votes over the visit's frames: the identity unlocked, if any."""
-    policy = Policy(pcfg)
+class Votes:
+    """The door's former per-frame rule, kept here to compare with fused tracks: unlock when
+    VOTES_REQUIRED of the last VOTES_WINDOW frames (within VOTES_WINDOW_S) show the same member
+    strictly below the threshold."""
+
+    def __init__(self, threshold: float):
+        self.threshold = threshold
+        self.window: deque[tuple[float, str | None]] = deque(maxlen=VOTES_WINDOW)
+
+    def observe(self, t: float, identity: str | None, distance: float | None) -> str | None:
+        """Add one frame (its largest face's nearest member and distance); the member unlocked, if any."""
+        below = identity if identity is not None and distance is not None and distance < self.threshold else None
+        self.window.append((t, below))
+        recent = Counter(w for tt, w in self.window if w is not None and t - tt <= VOTES_WINDOW_S)
+        best = recent.most_common(1)
+        return best[0][0] if best and best[0][1] >= VOTES_REQUIRED else None
+
+
+def run_votes(v: Visit, threshold: float) -> str | None:
+    """The k-of-n votes over the visit's frames: the identity unlocked, if any."""
+    votes = Votes(threshold)
     for i, (who, d) in enumerate(zip(v.nearest, v.distance)):
-        face = who is not None
-        decision = policy.observe(Observation(
-            i * FRAME_DT, int(face), who if face and d < threshold else None, float(d) if face else None, threshold))
-        if decision is not None and decision.decision == "unlock":
-            return decision.identity
+        unlocked = votes.observe(i * FRAME_DT, who, float(d) if who is not None else None)
+        if unlocked is not None:
+            return unlocked
     return None
 
 
@@ -364,14 +381,14 @@ def evaluate(members: list[Visit], strangers: list[Visit], gallery: Gallery, nam
     for v in members:
         for t in THRESHOLDS:
             decision = run_tracks(v, gallery, (t,), tcfg, pcfg)[0]
-            tally.member(("k-of-n votes", t), run_votes(v, t, pcfg), names[v.person])
+            tally.member(("k-of-n votes", t), run_votes(v, t), names[v.person])
             tally.member(("fused tracks", t), decision.identity if decision is not None else None, names[v.person])
     for t in THRESHOLDS:
         # Strangers that cannot unlock (no decidable fused embedding, fewer than k frames below T)
         # are counted without the replay; the rest go through the product's policies.
         fused_ok = could_unlock(strangers, gallery, t)
         for v, maybe in zip(strangers, fused_ok):
-            votes = run_votes(v, t, pcfg) if np.count_nonzero(v.distance < t) >= pcfg.frames_required else None
+            votes = run_votes(v, t) if np.count_nonzero(v.distance < t) >= VOTES_REQUIRED else None
             decision = run_tracks(v, gallery, (t,), tcfg, pcfg)[0] if maybe else None
             tally.stranger(("k-of-n votes", t), votes)
             tally.stranger(("fused tracks", t), decision.identity if decision is not None else None)
@@ -555,7 +572,7 @@ def video_benchmark(pipeline: FacePipeline, tcfg: TrackingConfig, pcfg: PolicyCo
     for person, (frames, dt) in halves.items():
         per_visit = max(1, round(visit_s / dt))
         for start in range(0, len(frames) - per_visit + 1, per_visit):
-            tracker, policy, votes = Tracker(tcfg), TrackPolicy(pcfg, t), Policy(pcfg)
+            tracker, policy, votes = Tracker(tcfg), TrackPolicy(pcfg, t), Votes(t)
             fused: Decision | None = None
             voted: str | None = None
             seen = 0
@@ -572,10 +589,9 @@ def video_benchmark(pipeline: FacePipeline, tcfg: TrackingConfig, pcfg: PolicyCo
                         fused = decision
                 big = max(faces, key=lambda f: f.area) if faces else None
                 match = gallery.identify(big.embedding) if big is not None else None
-                decision = votes.observe(Observation(ts, len(faces), match.identity if match else None,
-                                                     match.distance if match else None, t))
-                if voted is None and decision is not None and decision.decision == "unlock":
-                    voted = decision.identity
+                unlocked = votes.observe(ts, match.identity if match else None, match.distance if match else None)
+                if voted is None and unlocked is not None:
+                    voted = unlocked
             span = f"+{start * dt:4.1f}-{(start + per_visit) * dt:4.1f}"
             f_txt = f"{fused.identity} {fused.distance:.3f}" if fused else "no unlock"
             print(f"{person:<14} | {span:>11} | {seen:2d}/{per_visit:<2d} | {voted or 'no unlock':>16} | {f_txt:>24}")

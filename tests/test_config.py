@@ -26,11 +26,11 @@ def test_example_config_is_complete_valid_and_the_defaults() -> None:
 
 def test_a_bad_value_names_file_key_and_expectation(tmp_path: Path) -> None:
     bad = tmp_path / "facedoor.yaml"
-    bad.write_text(EXAMPLE.read_text().replace("frames_required: 3", "frames_required: many"))
+    bad.write_text(EXAMPLE.read_text().replace("min_good_frames: 3", "min_good_frames: many"))
     with pytest.raises(ConfigError) as err:
         load_config(bad)
     message = str(err.value)
-    assert str(bad) in message and "policy.frames_required" in message and "integer" in message
+    assert str(bad) in message and "policy.min_good_frames" in message and "integer" in message
 
 
 def _error(raw: dict) -> str:

@@ -239,8 +239,8 @@ def test_startup_faults_exit_2_with_one_clear_line(fault: str, door: Door, mosqu
     write_walkup(video, [door.known], visit_s=2.0, gap_s=0.2)
     models, store, extra = door.models, door.store, {}
     if fault == "bad_config":
-        extra = {"policy": {"frames_required": "many"}, "camera": {"colour": "yes"}}
-        expected = ["policy.frames_required", "camera.colour: unknown key", "integer"]
+        extra = {"policy": {"min_good_frames": "many"}, "camera": {"colour": "yes"}}
+        expected = ["policy.min_good_frames", "camera.colour: unknown key", "integer"]
     elif fault == "missing_models":
         models = tmp_path / "no-models"
         expected = [str(models / "manifest.json"), "facedoor-export"]

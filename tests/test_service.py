@@ -28,9 +28,11 @@ def unit(seed: int) -> np.ndarray:
 ALICE, BOB, STRANGER = unit(1), unit(2), unit(3)
 
 
-def face(side: float, embedding: np.ndarray) -> Face:
-    box = np.array([10, 10, 10 + side, 10 + side], np.float32)
-    return Face(box=box, score=0.99, landmarks=np.zeros((5, 2), np.float32), embedding=embedding)
+def face(side: float, embedding: np.ndarray, x: float = 10) -> Face:
+    """A detected face SIDE pixels wide at X, with the five landmarks where a frontal face has them."""
+    box = np.array([x, 10, x + side, 10 + side], np.float32)
+    marks = np.array([[0.3, 0.4], [0.7, 0.4], [0.5, 0.6], [0.35, 0.8], [0.65, 0.8]], np.float32) * side + box[:2]
+    return Face(box=box, score=0.99, landmarks=marks, embedding=embedding)
 
 
 class ScriptedPipeline:
@@ -67,9 +69,11 @@ def door(mosquitto):
 
 
 def frames(n: int, age_s: float = 0.0):
+    """N camera frames of sharp texture (the faces' quality gates look at the pixels)."""
+    rng = np.random.default_rng(0)
     for i in range(n):
         now = time.monotonic() - age_s
-        yield Frame(np.zeros((48, 64, 3), np.uint8), i + 1, now, time.time() - age_s)
+        yield Frame(rng.integers(0, 256, (240, 320, 3), dtype=np.uint8), i + 1, now, time.time() - age_s)
         time.sleep(0.01)
 
 
@@ -78,13 +82,24 @@ def received(sub: Subscriber, wait: float = 1.0) -> list[dict]:
     return [json.loads(m["payload"]) for m in sub.messages]
 
 
-def test_the_largest_face_decides_and_the_count_is_reported(door) -> None:
+def test_the_face_near_the_door_decides_and_the_count_is_reported(door) -> None:
     make, sub = door
-    service = make([[face(40, ALICE), face(120, BOB)]] * 3)
+    service = make([[face(40, ALICE, x=200), face(120, BOB)]] * 3)  # alice far behind, bob at the door
     for f in frames(3):
         service.process(f)
     [d] = received(sub)
     assert d["decision"] == "unlock" and d["identity"] == "bob" and d["faces"] == 2 and d["frames"] == 3
+    assert d["unknown_near"] == 0 and d["expires_at_ms"] == d["ts_ms"] + 5000
+
+
+def test_a_stranger_beside_a_member_keeps_the_door_shut(door) -> None:
+    make, sub = door
+    service = make([[face(120, ALICE), face(100, STRANGER, x=180)]] * 3)
+    for f in frames(3):
+        service.process(f)
+    decisions = received(sub)
+    assert [(d["decision"], d["reason"]) for d in decisions] == [("deny", "companion"), ("deny", "unknown")]
+    assert decisions[0]["identity"] == "alice" and decisions[0]["unknown_near"] == 1
 
 
 def test_an_error_in_the_frame_path_decides_nothing_and_breaks_the_evidence(door) -> None:

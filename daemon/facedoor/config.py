@@ -64,25 +64,17 @@ class RecognitionConfig(_Section):
 
 
 class PolicyConfig(_Section):
-    frames_required: int = Field(3, ge=1, le=100)
-    window_frames: int = Field(5, ge=1, le=100)
-    window_s: float = Field(2.0, gt=0, le=60)
-    cooldown_s: float = Field(10.0, ge=0, le=3600)
-    unknown_interval_s: float = Field(5.0, ge=0, le=3600, description="at most one unknown event per interval")
+    cooldown_s: float = Field(10.0, ge=0, le=3600, description="one visit, one unlock: no second unlock this soon")
+    unknown_interval_s: float = Field(5.0, ge=0, le=3600, description="at most one deny of each reason per interval")
     min_good_frames: int = Field(3, ge=1, le=100, description="good frames a face track needs before a decision")
+    companions: Literal["deny", "allow"] = Field(
+        "deny", description="deny: an unlock needs every face near the door to be a member; allow: only count them")
+    companion_ratio: float = Field(
+        0.5, gt=0, le=1, description="a face at least this fraction of the largest face's size is near the door")
     door_templates: int = Field(
         0, ge=0, le=20, description="door templates kept per person after confident unlocks (0: off)")
     door_template_below: float = Field(
         0.5, gt=0, le=4.0, description="fused distance an unlock must be below to add one")
-
-    @model_validator(mode="after")
-    def _k_of_n(self) -> PolicyConfig:
-        if self.frames_required > self.window_frames:
-            raise ValueError(
-                f"policy.frames_required ({self.frames_required}) must be <= "
-                f"policy.window_frames ({self.window_frames})"
-            )
-        return self
 
 
 class TrackingConfig(_Section):

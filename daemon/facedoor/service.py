@@ -1,6 +1,6 @@
 """`facedoor run`: the door service. The per-frame path reads top to bottom in `DoorService.process`:
 
-    frame -> pipeline.analyze -> largest face -> gallery.identify -> policy -> deliver -> listeners
+    frame -> pipeline.analyze -> tracker (fuse per face) -> liveness -> policy -> deliver -> listeners
 
 Fail closed everywhere: an exception in the frame path is logged and decides nothing; while the
 broker is unreachable or stalled, or the camera is down, nothing is decided (the evidence window
@@ -28,13 +28,17 @@ from facedoor.camera import Camera, CameraState, Frame, describe
 from facedoor.config import FacedoorConfig
 from facedoor.events import DecisionEvent, DecisionListener
 from facedoor.formatting import finite, iso_utc
+from facedoor.liveness import LivenessModel, TrackLiveness, load_liveness
 from facedoor.logs import setup_logging
-from facedoor.match import Gallery, Match
+from facedoor.match import Gallery
+from facedoor.models import Manifest
 from facedoor.mqtt import MqttLink
-from facedoor.policy import Decision, Observation, Policy
+from facedoor.pipeline import sharpness
+from facedoor.policy import Decision, TrackPolicy
 from facedoor.sdnotify import Notifier, watchdog_interval_s
 from facedoor.signing import load_key, sign
 from facedoor.store import StoreWatcher
+from facedoor.track import Sighting, Track, Tracker
 
 if TYPE_CHECKING:
     from facedoor.pipeline import Face, FacePipeline
@@ -49,7 +53,8 @@ class DoorService:
 
     def __init__(self, cfg: FacedoorConfig, pipeline: FacePipeline, load_gallery: Callable[[], Gallery],
                  camera: Camera, link: MqttLink, notifier: Notifier, listeners: Sequence[DecisionListener] = (),
-                 store_watcher: StoreWatcher | None = None, signing_key: bytes | None = None):
+                 store_watcher: StoreWatcher | None = None, signing_key: bytes | None = None,
+                 liveness: LivenessModel | None = None):
         self.cfg = cfg
         self.pipeline = pipeline
         self.load_gallery = load_gallery
@@ -59,7 +64,9 @@ class DoorService:
         self.listeners = list(listeners)
         self.store_watcher = store_watcher  # another process enrolled or removed someone: reload at once
         self.signing_key = signing_key
-        self.policy = Policy(cfg.policy)
+        self.policy = TrackPolicy(cfg.policy, cfg.recognition.threshold)
+        self.tracker = Tracker(cfg.tracking)
+        self.liveness = liveness  # None: the gate is off (said at start)
         self.threshold = cfg.recognition.threshold
         self.gallery: Gallery | None = load_gallery()   # None after a failed reload: nobody matches
         self._stop = threading.Event()
@@ -124,42 +131,62 @@ class DoorService:
         return 0
 
     def process(self, frame: Frame) -> None:
-        """The per-frame path: faces -> largest -> identify -> policy -> publish -> log."""
+        """The per-frame path: detect + encode -> track + fuse -> liveness -> decide -> deliver."""
         self.counts["frames"] += 1
         if self._last_frame_t is not None and frame.t_mono - self._last_frame_t > self.cfg.camera.stall_timeout_s:
-            self.policy.reset()  # evidence never spans a camera outage
+            self.reset_evidence()  # evidence never spans a camera outage
         self._last_frame_t = frame.t_mono
         if not self.link.live:
             self.counts["skipped_offline"] += 1
-            self.policy.reset()  # decide nothing that cannot be delivered now
+            self.reset_evidence()  # decide nothing that cannot be delivered now
             return
-        face = None
         try:
             faces = self.pipeline.analyze(frame.image)
-            face = max(faces, key=lambda f: f.area) if faces else None
-            match = self.identify(face.embedding) if face is not None else None
-            decision = self.policy.observe(Observation(
-                t=frame.t_mono,
-                faces=len(faces),
-                identity=match.identity if match is not None and match.matched else None,
-                distance=match.distance if match is not None else None,
-                threshold=self.threshold,
-            ))
+            sightings = [Sighting.of(f, sharpness(frame.image, f), self.gallery) for f in faces]
+            tracks = self.tracker.update(frame.t_mono, sightings)
+            self.check_liveness(frame, faces, tracks)
+            decisions = self.decide(faces, tracks)
         except Exception:
             self.counts["errors"] += 1
-            self.policy.reset()
+            self.reset_evidence()
             log.exception("frame %d: recognition failed; nothing decided", frame.seq,
                           extra={"fields": {"event": "frame_error"}})
             return
         self._processed.append(time.monotonic())
-        if decision is not None:
+        for decision, face in decisions:
             self.publish_decision(decision, frame, face)
 
-    def identify(self, embedding: Any) -> Match:
-        """The nearest enrolled identity; while the store is unusable, nobody."""
-        if self.gallery is None:
-            return Match(None, float("inf"), self.threshold)
-        return self.gallery.identify(embedding)
+    def check_liveness(self, frame: Frame, faces: list[Face], tracks: list[Track]) -> None:
+        """Score each face that matches a member on the liveness gate; the evidence stays with its track."""
+        if self.liveness is None:
+            return
+        for face, track in zip(faces, tracks):
+            if track.last.nearest is not None and self.policy.matched(track, self.gallery):
+                evidence = track.state.setdefault(
+                    "liveness", TrackLiveness(self.cfg.liveness.threshold, self.cfg.liveness.min_frames))
+                evidence.add(self.liveness.score(frame.image, face.box))
+
+    def decide(self, faces: list[Face], tracks: list[Track]) -> list[tuple[Decision, Face]]:
+        """The decisions of the faces near the door (at least `companion_ratio` of the largest
+        one's size; faces far behind decide nothing), each told how many of the others near the
+        door match no member."""
+        largest = max((f.size for f in faces), default=0.0)
+        near = [(f, t) for f, t in zip(faces, tracks) if f.size >= self.cfg.policy.companion_ratio * largest]
+        strangers = {t.id for _, t in near if self.policy.matched(t, self.gallery) is None}
+        decisions = []
+        for face, track in near:
+            evidence: TrackLiveness | None = track.state.get("liveness")
+            verdict = None if self.liveness is None else (evidence.state.verdict if evidence else "undecided")
+            decision = self.policy.decide(
+                track, self.gallery, liveness=verdict, live_score=evidence.state.score if evidence else None,
+                unknown_near=len(strangers - {track.id}))
+            if decision is not None:
+                decisions.append((decision, face))
+        return decisions
+
+    def reset_evidence(self) -> None:
+        """Forget every face track (camera or broker gap, store change, error): evidence never spans one."""
+        self.tracker.reset()
 
     def publish_decision(self, decision: Decision, frame: Frame, face: Face | None) -> bool:
         """Deliver DECISION (acknowledged within its TTL, or dropped), log it, tell the listeners."""
@@ -176,6 +203,8 @@ class DoorService:
             "frames": decision.frames,
             "window": decision.window,
             "faces": decision.faces,
+            "unknown_near": decision.unknown_near,
+            "live_score": finite(decision.live_score, 3),
             "ts": iso_utc(frame.t_wall),
             "ts_ms": int(frame.t_wall * 1000),
             "ttl_s": ttl,
@@ -197,12 +226,31 @@ class DoorService:
             "frames": f"{decision.frames}/{decision.window}", "faces": decision.faces,
             "latency_ms": payload["latency_ms"], "delivered": delivered}})
         event = DecisionEvent(payload, delivered, frame, face)
+        if delivered and decision.template:
+            event.notes["door_template"] = self.add_door_template(decision)
         for listener in self.listeners:
             try:
                 listener.on_decision(event)
             except Exception:
                 log.exception("decision listener %s failed for decision %s", type(listener).__name__, payload["id"])
         return delivered
+
+    def add_door_template(self, decision: Decision) -> bool:
+        """Store a confident visit's fused embedding as a door template of its person (opt-in,
+        `policy.door_templates`); the store watcher then reloads the gallery. True when stored."""
+        from facedoor.store import EmbeddingStore
+
+        assert decision.identity is not None and decision.embedding is not None
+        try:
+            with EmbeddingStore(self.cfg.store, self.pipeline.encoder_sha256, create=False) as store:
+                store.add_door_template(decision.identity, decision.embedding, self.cfg.policy.door_templates)
+        except Exception:
+            log.exception("door template for %s not stored", decision.identity,
+                          extra={"fields": {"event": "door_template_failed"}})
+            return False
+        log.info("door template added for %s (fused distance %.3f)", decision.identity, decision.distance,
+                 extra={"fields": {"event": "door_template", "identity": decision.identity}})
+        return True
 
     # --- housekeeping ------------------------------------------------------------------------
     def reload_gallery(self) -> None:
@@ -218,7 +266,7 @@ class DoorService:
             self.store_error = str(exc)
             log.error("store reload failed: %s; nobody is recognised until a reload succeeds", exc,
                       extra={"fields": {"event": "store_reload_failed"}})
-        self.policy.reset()
+        self.reset_evidence()
         self._health_due.set()
 
     def _track_camera_state(self) -> None:
@@ -228,7 +276,7 @@ class DoorService:
                     "camera %s: %s -> %s", describe(self.camera.source), self._camera_state.value, state.value,
                     extra={"fields": {"event": "camera_state", "state": state.value}})
             if state != CameraState.UP:
-                self.policy.reset()
+                self.reset_evidence()
             self.notifier.status(f"camera {state.value}")
             self._camera_state = state
             self._health_due.set()
@@ -317,8 +365,9 @@ def build_service(cfg: FacedoorConfig, pipeline: FacePipeline, *, source: int | 
     if audit is not None:
         listeners.append(audit)
     camera = Camera(cfg.camera, source, loop)
+    liveness = load_liveness(Manifest.load(cfg.models), cfg.liveness.enabled)
     return DoorService(cfg, pipeline, load_gallery, camera, link, notifier or Notifier(), listeners,
-                       store_watcher=watcher, signing_key=key)
+                       store_watcher=watcher, signing_key=key, liveness=liveness)
 
 
 def run_daemon(cfg: FacedoorConfig, source: int | str | None = None, loop: bool | None = None) -> int:
