@@ -7,6 +7,7 @@ these tests exercise the daemon (policy, camera, MQTT, signals), not the encoder
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -391,7 +392,7 @@ def test_daemon_through_tls_password_and_acl_with_signed_decisions(door: Door, t
     from secure_broker import secure_broker
 
     key_file = tmp_path / "signing.key"
-    key_file.write_bytes(os.urandom(32))
+    key_file.write_text(base64.b64encode(os.urandom(32)).decode())
     key_file.chmod(0o600)
     video = tmp_path / "walkup.avi"
     write_walkup(video, [door.known], visit_s=4.0, gap_s=1.0)
@@ -423,3 +424,82 @@ def test_daemon_through_tls_password_and_acl_with_signed_decisions(door: Door, t
                              capture_output=True, text=True)
     assert checked.returncode == 1 and checked.stdout.splitlines()[0].startswith("ok"), checked
     assert "REFUSED bad-signature" in checked.stdout.splitlines()[1]
+
+
+@pytest.mark.parametrize("companions", ["deny", "allow"])
+def test_a_stranger_walking_up_beside_a_member(companions: str, door: Door, mosquitto, tmp_path: Path) -> None:
+    """Tailgating: an enrolled person and a stranger walk up side by side (a real two-face video)."""
+    video = tmp_path / "pair.avi"
+    write_walkup(video, [Visitor(door.known.name, door.known.photo, companion=door.stranger.photo)],
+                 visit_s=5.0, gap_s=0.5)
+    config = write_config(tmp_path / "facedoor.yaml", door.models, door.store, mosquitto.port,
+                          policy={"companions": companions, "unknown_interval_s": 1.0})
+    sub = Subscriber(mosquitto.host, mosquitto.port, "facedoor/front/decision")
+    daemon = Daemon(config, str(video))
+    try:
+        assert daemon.wait(120) == 0, daemon.log()[-3000:]
+        time.sleep(0.3)
+    finally:
+        daemon.kill()
+        sub.stop()
+    decisions = sub.decisions()
+    assert decisions, daemon.log()[-3000:]
+    assert all(d["faces"] == 2 for d in decisions)
+    if companions == "deny":
+        assert unlocks(sub) == []  # the member does not let the stranger in
+        assert any(d["reason"] == "companion" and d["identity"] == door.known.name and d["unknown_near"] == 1
+                   for d in decisions), decisions
+    else:
+        [unlock] = unlocks(sub)
+        assert unlock["identity"] == door.known.name and unlock["unknown_near"] == 1  # let in, and reported
+
+
+@pytest.fixture(scope="module")
+def liveness_door(real_models: Path, shared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Models with the liveness gate (MiniFASNet from ../shared, hash-pinned by facedoor-export), and a
+    store with apfol enrolled at the door from the first 6 s of his live webcam video."""
+    models = tmp_path_factory.mktemp("liveness-models")
+    for item in real_models.iterdir():
+        if item.is_file():
+            os.link(item, models / item.name)
+    exporter = Path(sys.executable).with_name("facedoor-export")
+    proc = subprocess.run([str(exporter), "--out", str(models), "--only", "antispoof", "--antispoof-dir",
+                           str(shared_dir / "models" / "antispoof")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    store = models / "door.db"
+    live = shared_dir / "data" / "antispoof" / "videos" / "apfol_live.webm"
+    proc = subprocess.run([str(FACEDOOR), "--models", str(models), "--store", str(store), "enroll", "apfol",
+                           "--video", str(live), "--seconds", "6"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return models, store
+
+
+@pytest.mark.parametrize("clip", ["live", "spoof"])
+def test_a_screen_replay_never_unlocks(clip: str, liveness_door: tuple[Path, Path], shared_dir: Path,
+                                       mosquitto, tmp_path: Path) -> None:
+    """The enrolled person's own face replayed on a screen held to the camera: denied as a spoof, never
+    let in; the live clip of the same person is let in (the gate does not simply refuse everyone)."""
+    models, store = liveness_door
+    video = shared_dir / "data" / "antispoof" / "videos" / f"apfol_{clip}.webm"
+    config = write_config(tmp_path / "facedoor.yaml", models, store, mosquitto.port,
+                          policy={"unknown_interval_s": 1.0}, audit={"enabled": True, "save_crops": True})
+    sub = Subscriber(mosquitto.host, mosquitto.port, "facedoor/front/decision")
+    daemon = Daemon(config, str(video))
+    try:
+        assert daemon.wait(180) == 0, daemon.log()[-3000:]
+        time.sleep(0.3)
+    finally:
+        daemon.kill()
+        sub.stop()
+    assert "liveness gate on" in daemon.log()
+    decisions = sub.decisions()
+    if clip == "spoof":
+        assert unlocks(sub) == [], decisions
+        spoofs = [d for d in decisions if d["reason"] == "spoof"]
+        assert spoofs and spoofs[0]["identity"] == "apfol" and spoofs[0]["live_score"] < 0.25, decisions
+        audit = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+        logged = [e for e in audit if e["reason"] == "spoof"]
+        assert logged and logged[0].get("crop") and Path(logged[0]["crop"]).is_file()  # the crop is kept
+    else:
+        assert [d["identity"] for d in unlocks(sub)] == ["apfol"], decisions
+        assert unlocks(sub)[0]["live_score"] >= 0.25

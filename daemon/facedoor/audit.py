@@ -24,7 +24,7 @@ import re
 import shutil
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -106,16 +106,22 @@ class AuditLog:
     # -- caller side (frame loop): never blocks, never raises ---------------------------------
     def on_decision(self, event: DecisionEvent) -> None:
         """A decision listener: the message, whether it was delivered, the other listeners' notes
-        and, with `save_crops`, the face crop cut from the deciding frame."""
+        and, with `save_crops`, the face crops cut from the deciding frame (the deciding face, then
+        the unknown faces near the door beside it)."""
         entry = {**event.payload, "delivered": bool(event.delivered), **event.notes}
-        self.record(entry, event.crop() if self.limits.save_crops else None)
+        if self.limits.save_crops:
+            self.record(entry, event.crop(), [event.crop(f) for f in event.strangers])
+        else:
+            self.record(entry)
 
-    def record(self, decision: Mapping[str, Any], crop_bgr: np.ndarray | None = None) -> bool:
+    def record(self, decision: Mapping[str, Any], crop_bgr: np.ndarray | None = None,
+               stranger_crops: Sequence[np.ndarray | None] = ()) -> bool:
         """Queue one decision for writing; False (and counted) when the queue is full.
 
         DECISION is the decision message (id, decision, identity, distance, threshold, frames,
         ts_ms, latency_ms, faces, delivered...); unknown keys are kept. CROP_BGR is the face
-        crop, stored as JPEG only when `save_crops` is on.
+        crop and STRANGER_CROPS those of the unknown faces beside it, stored as JPEG only when
+        `save_crops` is on.
         """
         try:
             entry = dict(decision)
@@ -123,8 +129,9 @@ class AuditLog:
             if "ts_ms" not in entry:
                 entry["ts_ms"] = int(time.time() * 1000)
             entry.setdefault("ts", iso_utc(entry["ts_ms"] / 1000.0))
-            crop = crop_bgr if (self.limits.save_crops and crop_bgr is not None and crop_bgr.size) else None
-            self._queue.put_nowait((entry, None if crop is None else crop.copy()))
+            crops = [c.copy() for c in (crop_bgr, *stranger_crops)
+                     if self.limits.save_crops and c is not None and c.size] if crop_bgr is not None else []
+            self._queue.put_nowait((entry, crops))
             return True
         except queue.Full:
             self.dropped += 1
@@ -167,11 +174,13 @@ class AuditLog:
             finally:
                 self._queue.task_done()
 
-    def _write(self, entry: dict[str, Any], crop: np.ndarray | None) -> None:
+    def _write(self, entry: dict[str, Any], crops: list[np.ndarray]) -> None:
         try:
             private_dir(self.path.parent)
-            if crop is not None:
-                entry["crop"] = self._save_crop(entry, crop)
+            if crops:
+                entry["crop"] = self._save_crop(entry, crops[0])
+            if crops[1:]:
+                entry["stranger_crops"] = [self._save_crop(entry, c, i) for i, c in enumerate(crops[1:], 1)]
             line = (json.dumps(entry, default=str, separators=(",", ":")) + "\n").encode()
             self._rotate_if_needed(len(line))
             _append_whole(self.path, line)
@@ -187,11 +196,12 @@ class AuditLog:
                           "the door keeps deciding", self.path, exc.strerror or exc, hint)
                 self._failing = True
 
-    def _save_crop(self, entry: Mapping[str, Any], crop: np.ndarray) -> str | None:
+    def _save_crop(self, entry: Mapping[str, Any], crop: np.ndarray, index: int = 0) -> str | None:
         import cv2
 
         day = datetime.fromtimestamp(entry["ts_ms"] / 1000.0, timezone.utc).strftime("%Y%m%d")
-        name = f"{entry['ts_ms']}-{entry.get('id') or 'x'}-{entry.get('decision', 'event')}.jpg"
+        suffix = f"-stranger{index}" if index else ""
+        name = f"{entry['ts_ms']}-{entry.get('id') or 'x'}-{entry.get('decision', 'event')}{suffix}.jpg"
         target = self.crops_dir / day / re.sub(r"[^A-Za-z0-9_.-]", "_", name)
         private_dir(target.parent)
         ok, jpeg = cv2.imencode(".jpg", crop, [cv2.IMWRITE_JPEG_QUALITY, 85])

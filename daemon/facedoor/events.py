@@ -25,14 +25,16 @@ class DecisionEvent:
     delivered: bool
     frame: Frame
     face: Face | None
+    strangers: tuple[Face, ...] = ()  # unknown faces near the door beside the deciding one
     notes: dict[str, Any] = field(default_factory=dict)
 
-    def crop(self) -> Any:
-        """The deciding face's box cut from the frame (a copy), None without a face."""
-        if self.face is None:
+    def crop(self, face: Face | None = None) -> Any:
+        """FACE's box (default: the deciding face's) cut from the frame (a copy), None without one."""
+        face = face if face is not None else self.face
+        if face is None:
             return None
         h, w = self.frame.image.shape[:2]
-        x1, y1, x2, y2 = (int(round(float(v))) for v in self.face.box[:4])
+        x1, y1, x2, y2 = (int(round(float(v))) for v in face.box[:4])
         x1, y1, x2, y2 = max(0, x1), max(0, y1), min(w, x2), min(h, y2)
         return self.frame.image[y1:y2, x1:x2].copy() if x2 > x1 and y2 > y1 else None
 

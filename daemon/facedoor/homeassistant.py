@@ -3,7 +3,8 @@
 Device-based discovery (one retained message on `<prefix>/device/<door_id>/config`, entities
 under `cmps`):
 
-- `event` "Decision": fires `unlock`, `deny` or `unknown` from the decision topic, with the
+- `event` "Decision": fires `unlock`, `deny`, `unknown` or `spoof` (a photo or screen held to
+  the camera; rate-limited like every deny) from the decision topic, with the
   identity and distance as event attributes;
 - `sensor` "Last identity": who was last recognised (`unknown` for an unknown face);
 - `sensor` "Processing rate": frames per second from the health topic (diagnostic).
@@ -25,14 +26,15 @@ from facedoor.mqtt import MqttHooks
 
 log = logging.getLogger(__name__)
 
-EVENT_TYPES = ("unlock", "deny", "unknown")
+EVENT_TYPES = ("unlock", "deny", "unknown", "spoof")
 
 # HA Jinja: the decision message -> {"event_type", "identity", "distance"}. A deny whose reason
-# is "unknown" (a face that matched nobody) is its own event type.
+# is "unknown" (a face that matched nobody) or "spoof" (liveness) is its own event type.
 EVENT_TEMPLATE = (
     "{% set d = value_json.decision %}"
-    "{% set t = 'unlock' if d == 'unlock' else ('unknown' if d == 'unknown' or value_json.reason == 'unknown'"
-    " else 'deny') %}"
+    "{% set r = value_json.reason %}"
+    "{% set t = 'unlock' if d == 'unlock' else ('unknown' if d == 'unknown' or r == 'unknown'"
+    " else ('spoof' if r == 'spoof' else 'deny')) %}"
     "{{ {'event_type': t, 'identity': value_json.identity, 'distance': value_json.distance} | tojson }}"
 )
 IDENTITY_TEMPLATE = "{{ value_json.identity if value_json.identity else 'unknown' }}"

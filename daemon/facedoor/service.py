@@ -153,8 +153,8 @@ class DoorService:
                           extra={"fields": {"event": "frame_error"}})
             return
         self._processed.append(time.monotonic())
-        for decision, face in decisions:
-            self.publish_decision(decision, frame, face)
+        for decision, face, strangers in decisions:
+            self.publish_decision(decision, frame, face, strangers)
 
     def check_liveness(self, frame: Frame, faces: list[Face], tracks: list[Track]) -> None:
         """Score each face that matches a member on the liveness gate; the evidence stays with its track."""
@@ -166,29 +166,30 @@ class DoorService:
                     "liveness", TrackLiveness(self.cfg.liveness.threshold, self.cfg.liveness.min_frames))
                 evidence.add(self.liveness.score(frame.image, face.box))
 
-    def decide(self, faces: list[Face], tracks: list[Track]) -> list[tuple[Decision, Face]]:
+    def decide(self, faces: list[Face], tracks: list[Track]) -> list[tuple[Decision, Face, tuple[Face, ...]]]:
         """The decisions of the faces near the door (at least `companion_ratio` of the largest
         one's size; faces far behind decide nothing), each told how many of the others near the
         door match no member."""
         largest = max((f.size for f in faces), default=0.0)
         near = [(f, t) for f, t in zip(faces, tracks) if f.size >= self.cfg.policy.companion_ratio * largest]
-        strangers = {t.id for _, t in near if self.policy.matched(t, self.gallery) is None}
+        strangers = {t.id: f for f, t in near if self.policy.matched(t, self.gallery) is None}
         decisions = []
         for face, track in near:
             evidence: TrackLiveness | None = track.state.get("liveness")
             verdict = None if self.liveness is None else (evidence.state.verdict if evidence else "undecided")
             decision = self.policy.decide(
                 track, self.gallery, liveness=verdict, live_score=evidence.state.score if evidence else None,
-                unknown_near=len(strangers - {track.id}))
+                unknown_near=len(strangers.keys() - {track.id}))
             if decision is not None:
-                decisions.append((decision, face))
+                decisions.append((decision, face, tuple(f for i, f in strangers.items() if i != track.id)))
         return decisions
 
     def reset_evidence(self) -> None:
         """Forget every face track (camera or broker gap, store change, error): evidence never spans one."""
         self.tracker.reset()
 
-    def publish_decision(self, decision: Decision, frame: Frame, face: Face | None) -> bool:
+    def publish_decision(self, decision: Decision, frame: Frame, face: Face | None,
+                         strangers: tuple[Face, ...] = ()) -> bool:
         """Deliver DECISION (acknowledged within its TTL, or dropped), log it, tell the listeners."""
         latency_ms = (time.monotonic() - frame.t_mono) * 1000
         ttl = self.cfg.decision_ttl_s
@@ -225,7 +226,7 @@ class DoorService:
             "identity": decision.identity, "distance": payload["distance"], "threshold": decision.threshold,
             "frames": f"{decision.frames}/{decision.window}", "faces": decision.faces,
             "latency_ms": payload["latency_ms"], "delivered": delivered}})
-        event = DecisionEvent(payload, delivered, frame, face)
+        event = DecisionEvent(payload, delivered, frame, face, strangers)
         if delivered and decision.template:
             event.notes["door_template"] = self.add_door_template(decision)
         for listener in self.listeners:

@@ -17,10 +17,12 @@ import numpy as np
 
 @dataclass(frozen=True)
 class Visitor:
-    """Who walks up (a label for reports) and the photo that shows their face."""
+    """Who walks up (a label for reports), the photo that shows their face and, optionally, the
+    photo of someone walking up beside them (a little smaller, on their right)."""
 
     name: str
     photo: Path
+    companion: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,7 @@ def render(visitors: Sequence[Visitor], *, fps: float = 10.0, size: tuple[int, i
     w, h = size
     bg = _background(size, rng)
     photos = [_load_photo(v.photo) for v in visitors]
+    companions = [_load_photo(v.companion) if v.companion is not None else None for v in visitors]
     segments = plan(visitors, visit_s, gap_s)
     total = segments[-1].end_s + gap_s if segments else gap_s
     for i in range(int(round(total * fps))):
@@ -98,12 +101,14 @@ def render(visitors: Sequence[Visitor], *, fps: float = 10.0, size: tuple[int, i
         frame = bg[:, pan:pan + w].copy()
         walker_x = (t * 90) % (w + 200) - 100  # a passer-by crossing in the background
         cv2.ellipse(frame, (int(walker_x), int(h * 0.55)), (35, 110), 0, 0, 360, (50, 45, 40), -1)
-        for seg, photo in zip(segments, photos):
+        for seg, photo, companion in zip(segments, photos, companions):
             if seg.start_s <= t < seg.end_s:
                 p = (t - seg.start_s) / (seg.end_s - seg.start_s)   # 0 -> 1 while approaching
                 height = h * (0.42 + 0.38 * min(1.0, p * 1.5))
                 cx = w * (0.38 + 0.12 * min(1.0, p * 2)) + 6 * np.sin(t * 5)
                 cy = h * 0.48 + 4 * np.sin(t * 3.1)
+                if companion is not None:  # beside them: 85 % of their size, a third of the frame to the right
+                    _paste(frame, companion, cx + w * 0.33, cy + 3 * np.sin(t * 2.3), height * 0.85, 0.97)
                 _paste(frame, photo, cx, cy, height, 0.95 + 0.05 * np.sin(t * 2))
         frame += rng.normal(0, 4.0, frame.shape).astype(np.float32)
         yield np.clip(frame, 0, 255).astype(np.uint8)
