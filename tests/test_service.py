@@ -128,3 +128,51 @@ def test_a_decision_older_than_its_ttl_is_never_published(door) -> None:
         service.process(f)
     assert received(sub) == [] and service.link.dropped_decisions == 1
     assert not service.policy.in_cooldown("alice", time.monotonic())  # undelivered: re-armed
+
+
+def test_a_confident_unlock_adds_a_bounded_audited_door_template(mosquitto, tmp_path) -> None:
+    """Door templates (opt-in): the visit's fused embedding joins the person's templates in the real
+    store, at most `door_templates` of them, noted for the audit log; `remove` clears them."""
+    from facedoor.events import DecisionEvent
+    from facedoor.store import EmbeddingStore
+
+    store = tmp_path / "door.db"
+    encoder = "e" * 64
+    with EmbeddingStore(store, encoder) as s:
+        s.enroll("alice", ALICE[None], ["a" * 64])
+    cfg = parse_config({"mqtt": {"port": mosquitto.port}, "camera": {"source": "/dev/video-none"},
+                        "store": str(store), "policy": {"door_templates": 2, "cooldown_s": 0.0}})
+    link = MqttLink(cfg)
+    link.start()
+    assert link.wait_connected(5)
+    seen: list[DecisionEvent] = []
+
+    class Recorder:
+        def on_decision(self, event: DecisionEvent) -> None:
+            seen.append(event)
+
+        def close(self) -> None:
+            """Nothing to release."""
+
+    def gallery() -> Gallery:
+        with EmbeddingStore(store, encoder, readonly=True) as s:
+            return s.gallery(0.7)
+
+    rng = np.random.default_rng(5)
+    visits = [ALICE + 0.02 * rng.normal(size=DIM).astype(np.float32) for _ in range(3)]
+    pipeline = ScriptedPipeline([[face(100, v / np.linalg.norm(v))] for v in visits for _ in range(3)])
+    pipeline.encoder_sha256 = encoder  # type: ignore[attr-defined]
+    service = DoorService(cfg, pipeline, gallery, Camera(cfg.camera), link, Notifier(""), [Recorder()])
+    try:
+        for i, f in enumerate(frames(9)):
+            if i % 3 == 0:
+                service.reset_evidence()  # three visits
+            service.process(f)
+    finally:
+        link.stop()
+    assert [e.notes.get("door_template") for e in seen] == [True, True, True]
+    with EmbeddingStore(store, encoder) as s:
+        [alice] = s.identities()
+        assert (alice.embeddings, alice.door_templates) == (1, 2)  # bounded: the oldest was replaced
+        s.remove("alice")
+        assert s.identities() == []

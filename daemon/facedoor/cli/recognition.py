@@ -192,9 +192,11 @@ def _list(args: argparse.Namespace, ctx: CliContext) -> int:
         print(f"no one enrolled in {ctx.config.store}", file=sys.stderr)
     for ident in identities:
         note = f"  ({ident.stale} from another encoder: re-enrol with --replace)" if ident.stale else ""
+        templates = f" + {ident.door_templates} door template(s)" if ident.door_templates else ""
         ctx.emit(
-            {"identity": ident.name, "embeddings": ident.embeddings, "stale": ident.stale, "created": ident.created},
-            f"{ident.name}\t{ident.embeddings} embedding(s)\tenrolled {ident.created}{note}",
+            {"identity": ident.name, "embeddings": ident.embeddings, "door_templates": ident.door_templates,
+             "stale": ident.stale, "created": ident.created},
+            f"{ident.name}\t{ident.embeddings} embedding(s){templates}\tenrolled {ident.created}{note}",
         )
     return EXIT_OK
 
