@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = 1
+WHOLE_NAME_GROUPS = {"facenet_int8"}  # export groups whose name has an underscore
 
 
 class ModelError(RuntimeError):
@@ -196,7 +197,7 @@ def _optimize_in_child(name: str, source: Path, target: Path) -> Path | None:
 
 def export_group(entry_name: str) -> str:
     """The `facedoor-export --only` group that builds a manifest entry (mtcnn_pnet -> mtcnn)."""
-    return entry_name.split("_", 1)[0]
+    return entry_name if entry_name in WHOLE_NAME_GROUPS else entry_name.split("_", 1)[0]
 
 
 def _parse_entry(name: str, body: dict[str, Any]) -> ModelEntry:
