@@ -41,7 +41,10 @@ class MotionDetector:
         """The frame as a HEIGHT-row grey float32 thumbnail of zero mean and unit standard deviation."""
         h, w = image_bgr.shape[:2]
         width = max(1, round(w * self.height / h))
-        small = cv2.resize(image_bgr, (width, self.height), interpolation=cv2.INTER_AREA)
+        # bilinear to twice the size, then 2x2 area: a sixth of the cost of one area resize of
+        # the full frame, and still an average of 16 pixels per thumbnail pixel against noise
+        half = cv2.resize(image_bgr, (2 * width, 2 * self.height), interpolation=cv2.INTER_LINEAR)
+        small = cv2.resize(half, (width, self.height), interpolation=cv2.INTER_AREA)
         grey = cv2.cvtColor(small, cv2.COLOR_BGR2GRAY) if small.ndim == 3 else small
         grey = cv2.GaussianBlur(grey.astype(np.float32), (3, 3), 0)
         return (grey - grey.mean()) / max(float(grey.std()), 4.0)
