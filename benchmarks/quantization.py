@@ -89,6 +89,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, default=None, help="first N pairs of each kind (quick runs)")
     args = ap.parse_args(argv)
 
+    if "facenet_int8" not in Manifest.load(args.models).entries:
+        print(f"(no facenet_int8 in {args.models}/manifest.json: build it with "
+              f"`facedoor-export --out {args.models} --only facenet_int8`)")
+        return 0
+    if not (args.lfw / "pairsDevTrain.txt").is_file():
+        print(f"(LFW DevTrain pairs not found at {args.lfw}: see ../shared/README.md)")
+        return 0
     genuine, impostor = read_pairs(args.lfw)
     genuine, impostor = genuine[: args.limit], impostor[: args.limit]
     pipeline = FacePipeline.from_config(parse_config({"models": str(args.models)}))
