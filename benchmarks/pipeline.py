@@ -68,50 +68,54 @@ def stats(samples: list[float]) -> tuple[float, float]:
 
 
 STAGES = ("decode", "detect", "align", "encode", "match", "total")
+Step = Callable[[bytes], tuple[bool, dict[str, float]]]
 
 
-def run_facedoor(pipelines: dict[str, FacePipeline], frames: list[bytes], gallery: Gallery,
-                 rounds: int) -> dict[str, dict[str, list[float]]]:
-    """Stage times of each pipeline, the pipelines taking each frame in turn."""
-    times = {name: {k: [] for k in STAGES} for name in pipelines}
-    found = dict.fromkeys(pipelines, 0)
-    for r in range(rounds + 1):  # round 0 warms up
-        for data in frames:
-            for name, pipeline in pipelines.items():
-                image, t_dec = timed(lambda: cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR))
-                faces, t_det = timed(lambda: pipeline.detect(image))
-                crops, t_al = timed(lambda: pipeline.crops(image, pipeline.deciding(faces)))
-                emb, t_enc = timed(lambda: pipeline.encoder(crops))
-                _, t_match = timed(lambda: gallery.identify(emb[0]) if len(emb) else None)
-                if r:
-                    found[name] += bool(faces)
-                    for key, value in zip(STAGES, (t_dec, t_det, t_al, t_enc, t_match,
-                                                   t_dec + t_det + t_al + t_enc + t_match)):
-                        times[name][key].append(value)
-    for name in pipelines:
-        times[name]["found"] = [found[name] / (rounds * len(frames))]
-    return times
+def facedoor_step(pipeline: FacePipeline, gallery: Gallery) -> Step:
+    """One frame through facedoor: (face found, stage times in ms)."""
+    def step(data: bytes) -> tuple[bool, dict[str, float]]:
+        image, t_dec = timed(lambda: cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR))
+        faces, t_det = timed(lambda: pipeline.detect(image))
+        crops, t_al = timed(lambda: pipeline.crops(image, pipeline.deciding(faces)))
+        emb, t_enc = timed(lambda: pipeline.encoder(crops))
+        _, t_match = timed(lambda: gallery.identify(emb[0]) if len(emb) else None)
+        return bool(faces), dict(zip(STAGES, (t_dec, t_det, t_al, t_enc, t_match,
+                                              t_dec + t_det + t_al + t_enc + t_match)))
+    return step
 
 
-def run_face_recognition(frames: list[bytes], known: np.ndarray, rounds: int) -> dict[str, list[float]] | None:
+def face_recognition_step(known: np.ndarray) -> Step | None:
+    """One frame through face_recognition (dlib HOG + ResNet), or None when it is not installed."""
     try:
         import face_recognition
     except ImportError:
         return None
-    times: dict[str, list[float]] = {k: [] for k in ("decode", "detect", "encode", "match", "total")}
-    found = 0
+
+    def step(data: bytes) -> tuple[bool, dict[str, float]]:
+        rgb, t_dec = timed(lambda: cv2.cvtColor(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR),
+                                                cv2.COLOR_BGR2RGB))
+        boxes, t_det = timed(lambda: face_recognition.face_locations(rgb))
+        enc, t_enc = timed(lambda: face_recognition.face_encodings(rgb, boxes[:1]))
+        _, t_match = timed(lambda: face_recognition.face_distance(known, enc[0]) if enc else None)
+        return bool(boxes), {"decode": t_dec, "detect": t_det, "encode": t_enc, "match": t_match,
+                             "total": t_dec + t_det + t_enc + t_match}
+    return step
+
+
+def run_interleaved(steps: dict[str, Step], frames: list[bytes], rounds: int) -> dict[str, dict[str, list[float]]]:
+    """Stage times of each step, the steps taking each frame in turn (round 0 warms up)."""
+    times: dict[str, dict[str, list[float]]] = {name: {} for name in steps}
+    found = dict.fromkeys(steps, 0)
     for r in range(rounds + 1):
         for data in frames:
-            rgb, t_dec = timed(lambda: cv2.cvtColor(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR),
-                                                    cv2.COLOR_BGR2RGB))
-            boxes, t_det = timed(lambda: face_recognition.face_locations(rgb))
-            enc, t_enc = timed(lambda: face_recognition.face_encodings(rgb, boxes[:1]))
-            _, t_match = timed(lambda: face_recognition.face_distance(known, enc[0]) if enc else None)
-            if r:
-                found += bool(boxes)
-                for key, value in zip(times, (t_dec, t_det, t_enc, t_match, t_dec + t_det + t_enc + t_match)):
-                    times[key].append(value)
-    times["found"] = [found / (rounds * len(frames))]
+            for name, step in steps.items():
+                ok, stages = step(data)
+                if r:
+                    found[name] += ok
+                    for key, value in stages.items():
+                        times[name].setdefault(key, []).append(value)
+    for name in steps:
+        times[name]["found"] = [found[name] / (rounds * len(frames))]
     return times
 
 
@@ -159,16 +163,17 @@ def main(argv: list[str] | None = None) -> int:
 
     frames = make_frames(args.frames)
     gallery = random_gallery(1000, 128, 0.7)
-    fr = run_face_recognition(frames, np.random.default_rng(2).normal(size=(1000, 128)), args.rounds)
+    fr = face_recognition_step(np.random.default_rng(2).normal(size=(1000, 128)))
     if fr is None:
         print("(face_recognition is not installed: no dlib column; see the docstring to add it)")
     for threads in (int(t) for t in args.threads.split(",")):
-        results = run_facedoor(build_pipelines(args.models, threads), frames, gallery, args.rounds)
+        steps = {name: facedoor_step(p, gallery) for name, p in build_pipelines(args.models, threads).items()}
         if fr is not None:
-            results["face_recognition"] = fr
+            steps["face_recognition"] = fr
         print_table(f"\n# {args.frames} frames {FRAME_W}x{FRAME_H} x {args.rounds} rounds, one face each; "
                     f"{os.cpu_count()} CPUs, ORT threads {threads} (face_recognition: dlib, 1 thread); "
-                    "ms median / p95", results, "face_recognition" if fr is not None else None)
+                    "ms median / p95", run_interleaved(steps, frames, args.rounds),
+                    "face_recognition" if fr is not None else None)
 
     big = random_gallery(100_000, 128, 0.7, seed=3)
     queries = np.random.default_rng(4).normal(size=(200, 128)).astype(np.float32)
