@@ -128,9 +128,9 @@ def crop_and_resize(image: np.ndarray, boxes: np.ndarray, size: int, fill: float
 class _Net:
     """One MTCNN net: its ORT session, input layout and output roles (by their last dimension)."""
 
-    def __init__(self, manifest: Manifest, name: str, threads: int | None):
+    def __init__(self, manifest: Manifest, name: str, threads: int | None, layout_optimization: bool = False):
         self.entry: ModelEntry = manifest.entry(name)
-        self.session = manifest.session(name, threads)
+        self.session = manifest.session(name, threads, layout_optimization=layout_optimization)
         self.input_name = self.entry.input_name
         self.nchw = self.entry.layout == "NCHW"
         self.output_names = [o.name for o in self.session.get_outputs()]
@@ -159,8 +159,9 @@ class MTCNNDetector:
 
     def __init__(self, manifest: Manifest, threads: int | None = None, score_threshold: float = 0.9):
         self.pnet = _Net(manifest, "mtcnn_pnet", threads)
-        self.rnet = _Net(manifest, "mtcnn_rnet", threads)
-        self.onet = _Net(manifest, "mtcnn_onet", threads)
+        # R-Net and O-Net gain from ORT's NCHWc layout (1 thread: 6.2 vs 7.2 ms, 2.6 vs 4.2 ms); P-Net does not
+        self.rnet = _Net(manifest, "mtcnn_rnet", threads, layout_optimization=True)
+        self.onet = _Net(manifest, "mtcnn_onet", threads, layout_optimization=True)
         pre = self.pnet.entry.preprocessing
         self.rgb = pre.color.upper() == "RGB"
         if pre.normalize != "affine":
