@@ -148,7 +148,7 @@ def test_real_facenet_int8(real_models: Path, shared_dir: Path, tmp_path: Path, 
 
     out = tmp_path / "models"
     shutil.copytree(real_models, out)
-    code, _, err = export_cli("--out", out, "--only", "facenet_int8")
+    code, _, err = export_cli("--out", out, "--only", "facenet_int8", "--force")
     assert code == 0, err
     q = Manifest.load(out).entry("facenet_int8").raw["quantization"]
     print(f"\nreal FaceNet INT8 vs float: median L2 {q['l2_median']:.4f}, max {q['l2_max']:.4f} "
