@@ -30,8 +30,8 @@ import paho.mqtt.client as mqtt
 import yaml
 from paho.mqtt.enums import CallbackAPIVersion
 
-from facedoor.demo.broker import PrivateBroker, mosquitto_binary
 from facedoor.demo import datasets
+from facedoor.demo.broker import PrivateBroker, mosquitto_binary
 from facedoor.demo.walkup import Visitor, write_walkup
 
 BIN = Path(sys.executable).parent

@@ -1,11 +1,14 @@
 """Per-stage time of the face pipeline on 640x480 door-camera frames with one face, side by side.
 
-Stages: decode (JPEG -> BGR), detect, align (crops), encode (FaceNet, ONNX Runtime), match
-(against 1,000 enrolled embeddings); then identify against 100,000 stored embeddings, and, when
-the `face_recognition` package (dlib HOG + ResNet) is installed, the same frames through it in
-the same run, with the ratio. Medians and 95th percentiles in milliseconds.
+Stages: decode (JPEG -> BGR), detect, align (crops), encode (ONNX Runtime), match (against 1,000
+enrolled embeddings). Columns: detector (mtcnn = the default, yunet) x encoder (facenet float,
+facenet_int8 when the manifest has it), at 2 ORT threads and at 1 (a Raspberry-Pi-class box has
+fewer cores); when the `face_recognition` package (dlib HOG + ResNet, single-threaded) is
+installed, the same frames go through it too and the speed-up of each column is printed. Every
+configuration processes each frame in turn (interleaved), so a busy machine slows them alike.
+Then: identify against 100,000 stored embeddings. Medians and 95th percentiles in milliseconds.
 
-    .venv/bin/python benchmarks/pipeline.py [--models models] [--rounds 3] [--threads N]
+    .venv/bin/python benchmarks/pipeline.py [--models models] [--rounds 3] [--threads 2,1]
 
 `face_recognition` for the comparison (not a facedoor dependency):
     .venv/bin/pip install dlib-bin face_recognition_models && .venv/bin/pip install --no-deps face_recognition
@@ -22,8 +25,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from facedoor.align import Aligner
 from facedoor.config import parse_config
+from facedoor.detect import create_detector
+from facedoor.embed import Encoder
 from facedoor.match import Gallery
+from facedoor.models import Manifest
 from facedoor.pipeline import FacePipeline
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,53 +57,68 @@ def make_frames(count: int, seed: int = 0) -> list[bytes]:
     return frames
 
 
+CLOCK = time.perf_counter  # --cpu-clock: time.thread_time
+
+
 def timed(fn: Callable[[], object]) -> tuple[object, float]:
-    t0 = time.perf_counter()
+    t0 = CLOCK()
     out = fn()
-    return out, (time.perf_counter() - t0) * 1000.0
+    return out, (CLOCK() - t0) * 1000.0
 
 
 def stats(samples: list[float]) -> tuple[float, float]:
     return float(np.median(samples)), float(np.percentile(samples, 95))
 
 
-def run_facedoor(pipeline: FacePipeline, frames: list[bytes], gallery: Gallery, rounds: int) -> dict[str, list[float]]:
-    times: dict[str, list[float]] = {k: [] for k in ("decode", "detect", "align", "encode", "match", "total")}
-    found = 0
-    for r in range(rounds + 1):  # round 0 warms up
-        for data in frames:
-            image, t_dec = timed(lambda: cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR))
-            faces, t_det = timed(lambda: pipeline.detect(image))
-            crops, t_al = timed(lambda: pipeline.crops(image, faces[:1]))
-            emb, t_enc = timed(lambda: pipeline.encoder(crops))
-            _, t_match = timed(lambda: gallery.identify(emb[0]) if len(emb) else None)
-            if r:
-                found += bool(faces)
-                for key, value in zip(times, (t_dec, t_det, t_al, t_enc, t_match, t_dec + t_det + t_al + t_enc + t_match)):
-                    times[key].append(value)
-    times["found"] = [found / (rounds * len(frames))]
-    return times
+STAGES = ("decode", "detect", "align", "encode", "match", "total")
+Step = Callable[[bytes], tuple[bool, dict[str, float]]]
 
 
-def run_face_recognition(frames: list[bytes], known: np.ndarray, rounds: int) -> dict[str, list[float]] | None:
+def facedoor_step(pipeline: FacePipeline, gallery: Gallery) -> Step:
+    """One frame through facedoor: (face found, stage times in ms)."""
+    def step(data: bytes) -> tuple[bool, dict[str, float]]:
+        image, t_dec = timed(lambda: cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR))
+        faces, t_det = timed(lambda: pipeline.detect(image))
+        crops, t_al = timed(lambda: pipeline.crops(image, pipeline.deciding(faces)))
+        emb, t_enc = timed(lambda: pipeline.encoder(crops))
+        _, t_match = timed(lambda: gallery.identify(emb[0]) if len(emb) else None)
+        return bool(faces), dict(zip(STAGES, (t_dec, t_det, t_al, t_enc, t_match,
+                                              t_dec + t_det + t_al + t_enc + t_match)))
+    return step
+
+
+def face_recognition_step(known: np.ndarray) -> Step | None:
+    """One frame through face_recognition (dlib HOG + ResNet), or None when it is not installed."""
     try:
         import face_recognition
     except ImportError:
         return None
-    times: dict[str, list[float]] = {k: [] for k in ("decode", "detect", "encode", "match", "total")}
-    found = 0
+
+    def step(data: bytes) -> tuple[bool, dict[str, float]]:
+        rgb, t_dec = timed(lambda: cv2.cvtColor(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR),
+                                                cv2.COLOR_BGR2RGB))
+        boxes, t_det = timed(lambda: face_recognition.face_locations(rgb))
+        enc, t_enc = timed(lambda: face_recognition.face_encodings(rgb, boxes[:1]))
+        _, t_match = timed(lambda: face_recognition.face_distance(known, enc[0]) if enc else None)
+        return bool(boxes), {"decode": t_dec, "detect": t_det, "encode": t_enc, "match": t_match,
+                             "total": t_dec + t_det + t_enc + t_match}
+    return step
+
+
+def run_interleaved(steps: dict[str, Step], frames: list[bytes], rounds: int) -> dict[str, dict[str, list[float]]]:
+    """Stage times of each step, the steps taking each frame in turn (round 0 warms up)."""
+    times: dict[str, dict[str, list[float]]] = {name: {} for name in steps}
+    found = dict.fromkeys(steps, 0)
     for r in range(rounds + 1):
         for data in frames:
-            rgb, t_dec = timed(lambda: cv2.cvtColor(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR),
-                                                    cv2.COLOR_BGR2RGB))
-            boxes, t_det = timed(lambda: face_recognition.face_locations(rgb))
-            enc, t_enc = timed(lambda: face_recognition.face_encodings(rgb, boxes[:1]))
-            _, t_match = timed(lambda: face_recognition.face_distance(known, enc[0]) if enc else None)
-            if r:
-                found += bool(boxes)
-                for key, value in zip(times, (t_dec, t_det, t_enc, t_match, t_dec + t_det + t_enc + t_match)):
-                    times[key].append(value)
-    times["found"] = [found / (rounds * len(frames))]
+            for name, step in steps.items():
+                ok, stages = step(data)
+                if r:
+                    found[name] += ok
+                    for key, value in stages.items():
+                        times[name].setdefault(key, []).append(value)
+    for name in steps:
+        times[name]["found"] = [found[name] / (rounds * len(frames))]
     return times
 
 
@@ -106,40 +128,62 @@ def random_gallery(n: int, dim: int, threshold: float, seed: int = 1) -> Gallery
     return Gallery([f"person{i // 3}" for i in range(n)], v, threshold)
 
 
+def build_pipelines(models: Path, threads: int) -> dict[str, FacePipeline]:
+    """detector/encoder -> pipeline at THREADS ORT threads; encoders and detectors shared, not duplicated."""
+    manifest = Manifest.load(models)
+    encoders = {n: Encoder(manifest, n, threads) for n in ("facenet", "facenet_int8") if n in manifest.entries}
+    detectors = {}
+    for name in ("mtcnn", "yunet"):
+        cfg = parse_config({"models": str(models), "recognition": {"detector": name, "yunet_model": str(YUNET)}})
+        detectors[name] = create_detector(cfg.recognition, manifest, threads)
+    rec = parse_config({}).recognition
+    return {f"{d}/{e}": FacePipeline(det, Aligner(rec.align, enc.size), enc, rec.threshold, rec.min_face_size,
+                                     rec.max_faces, rec.encode_ratio)
+            for d, det in detectors.items() for e, enc in encoders.items()}
+
+
+def print_table(title: str, results: dict[str, dict[str, list[float]]], baseline: str | None) -> None:
+    print(title)
+    names = list(results)
+    print("stage       | " + " | ".join(f"{n:>22}" for n in names))
+    for stage in STAGES:
+        cells = [f"{'%7.2f / %7.2f' % stats(results[n][stage]):>22}" if stage in results[n] else f"{'-':>22}"
+                 for n in names]
+        print(f"{stage:11} | " + " | ".join(cells))
+    print("faces found | " + " | ".join(f"{100 * results[n]['found'][0]:21.0f}%" for n in names))
+    if baseline:
+        base = stats(results[baseline]["total"])[0]
+        print("vs face_rec | " + " | ".join(f"{base / stats(results[n]['total'])[0]:21.1f}x" for n in names))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", type=Path, default=REPO / "models")
     ap.add_argument("--frames", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads (default: all cores)")
+    ap.add_argument("--threads", default="2,1", help="ORT thread counts, comma-separated (default 2,1)")
+    ap.add_argument("--cpu-clock", action="store_true",
+                    help="1 thread everywhere (ORT, OpenCV), timed by this thread's CPU time: on a shared, busy "
+                         "machine this is close to what an idle one would take; wall time counts others' work")
     args = ap.parse_args(argv)
+    global CLOCK
+    if args.cpu_clock:
+        CLOCK, args.threads = time.thread_time, "1"
+        cv2.setNumThreads(1)
 
     frames = make_frames(args.frames)
-    results: dict[str, dict[str, list[float]]] = {}
-    for detector in ("yunet", "mtcnn"):
-        cfg = parse_config({"models": str(args.models), "recognition": {
-            "detector": detector, "yunet_model": str(YUNET), "threads": args.threads}})
-        pipeline = FacePipeline.from_config(cfg)
-        gallery = random_gallery(1000, pipeline.embedding_dim, pipeline.threshold)
-        results[detector] = run_facedoor(pipeline, frames, gallery, args.rounds)
-    fr = run_face_recognition(frames, np.random.default_rng(2).normal(size=(1000, 128)), args.rounds)
-    if fr is not None:
-        results["face_recognition"] = fr
-
-    print(f"# {args.frames} frames {FRAME_W}x{FRAME_H} x {args.rounds} rounds, one face each; "
-          f"{os.cpu_count()} CPUs, ORT threads {args.threads or 'default'}; times in ms (median / p95)")
-    names = list(results)
-    print("stage      | " + " | ".join(f"{n:>19}" for n in names))
-    for stage in ("decode", "detect", "align", "encode", "match", "total"):
-        cells = []
-        for n in names:
-            cells.append(f"{'%7.2f / %7.2f' % stats(results[n][stage]):>19}" if stage in results[n] else f"{'-':>19}")
-        print(f"{stage:10} | " + " | ".join(cells))
-    print("faces found| " + " | ".join(f"{100 * results[n]['found'][0]:18.0f}%" for n in names))
-    if fr is not None:
-        base = stats(fr["total"])[0]
-        print("speed-up vs face_recognition (median total): "
-              + ", ".join(f"{n} {base / stats(results[n]['total'])[0]:.1f}x" for n in names if n != "face_recognition"))
+    gallery = random_gallery(1000, 128, 0.7)
+    fr = face_recognition_step(np.random.default_rng(2).normal(size=(1000, 128)))
+    if fr is None:
+        print("(face_recognition is not installed: no dlib column; see the docstring to add it)")
+    for threads in (int(t) for t in args.threads.split(",")):
+        steps = {name: facedoor_step(p, gallery) for name, p in build_pipelines(args.models, threads).items()}
+        if fr is not None:
+            steps["face_recognition"] = fr
+        print_table(f"\n# {args.frames} frames {FRAME_W}x{FRAME_H} x {args.rounds} rounds, one face each; "
+                    f"{os.cpu_count()} CPUs, ORT threads {threads} (face_recognition: dlib, 1 thread); "
+                    f"ms median / p95 of {'thread CPU time' if args.cpu_clock else 'wall time'}", run_interleaved(steps, frames, args.rounds),
+                    "face_recognition" if fr is not None else None)
 
     big = random_gallery(100_000, 128, 0.7, seed=3)
     queries = np.random.default_rng(4).normal(size=(200, 128)).astype(np.float32)
@@ -147,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     for q in queries[:10]:
         big.identify(q)
     samples = [timed(lambda q=q: big.identify(q))[1] for q in queries]
-    print("identify against 100,000 stored embeddings: %.2f ms median, %.2f ms p95" % stats(samples))
+    print("\nidentify against 100,000 stored embeddings: %.2f ms median, %.2f ms p95" % stats(samples))
     return 0
 
 

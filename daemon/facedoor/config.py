@@ -48,13 +48,17 @@ class RecognitionConfig(_Section):
     threshold: float = Field(
         0.7, gt=0, lt=2.0, description="a match is an L2 distance strictly below this (unit vectors: 2.0 matches all)"
     )
-    encoder: Literal["facenet", "openface"] = "facenet"
+    encoder: Literal["facenet", "facenet_int8", "openface"] = "facenet"
     detector: Literal["mtcnn", "yunet"] = "mtcnn"
     yunet_model: Path | None = Field(None, description="YuNet ONNX file for detector: yunet")
     align: Literal["similarity", "box"] = "similarity"
     min_face_size: int = Field(40, ge=12, le=2000, description="smallest face side in pixels")
     detect_score: float = Field(0.9, gt=0, lt=1)
     threads: int | None = Field(None, ge=1, le=64, description="ONNX Runtime threads (default: all cores)")
+    max_faces: int = Field(3, ge=1, le=32, description="faces encoded per frame: the largest and those near it")
+    encode_ratio: float = Field(
+        0.5, gt=0, le=1, description="encode a face only if its size is at least this fraction of the largest's"
+    )
 
     @model_validator(mode="after")
     def _yunet_needs_model(self) -> RecognitionConfig:
@@ -200,6 +204,25 @@ class LivenessConfig(_Section):
     min_frames: int = Field(3, ge=1, le=100, description="frames of liveness evidence before a track is judged")
 
 
+class IdleConfig(_Section):
+    enabled: bool = Field(True, description="skip the detector on a still, empty scene (see facedoor.motion)")
+    detect_fps: float = Field(3.0, gt=0, le=60, description="detector passes per second while idle")
+    active_hold_s: float = Field(2.0, ge=0, le=60, description="full rate this long after the last motion or face")
+    motion_height: int = Field(48, ge=16, le=480, description="rows of the grey thumbnail compared for motion")
+    pixel_threshold: float = Field(
+        0.6, gt=0, le=10, description="changed pixel: differs by this many standard deviations")
+    min_area: float = Field(0.004, gt=0, lt=1, description="motion: at least this fraction of the thumbnail changed")
+    lightning_area: float = Field(0.6, gt=0, le=1, description="a change over this fraction is light, not motion")
+    background_alpha: float = Field(0.2, gt=0, le=1, description="weight of each frame in the running background")
+
+    @model_validator(mode="after")
+    def _area_order(self) -> IdleConfig:
+        if self.min_area >= self.lightning_area:
+            raise ValueError(
+                f"idle.min_area ({self.min_area}) must be below idle.lightning_area ({self.lightning_area})")
+        return self
+
+
 class FacedoorConfig(_Section):
     door_id: str = Field("front", pattern=r"^[A-Za-z0-9_-]{1,64}$")
     state_dir: Path = DEFAULT_STATE_DIR
@@ -213,6 +236,7 @@ class FacedoorConfig(_Section):
     mqtt: MQTTConfig = MQTTConfig()
     unlock_action: UnlockActionConfig | None = None
     audit: AuditConfig = AuditConfig()
+    idle: IdleConfig = IdleConfig()
     logging: LoggingConfig = LoggingConfig()
     liveness: LivenessConfig = LivenessConfig()
 

@@ -101,30 +101,26 @@ def crop_and_resize(image: np.ndarray, boxes: np.ndarray, size: int, fill: float
     """(N, size, size, C) float32 bilinear crops of IMAGE (H, W, C) at BOXES, FILL outside the image.
 
     Samples like `tf.image.crop_and_resize` with boxes normalised by the image size, as the
-    `mtcnn` package does, so the nets see the crops they were used with.
-    """
+    `mtcnn` package does, so the nets see the crops they were used with: sample j of a box runs
+    from x1 to x2 in SIZE steps, scaled by (W - 1) / W, and a sample outside [0, W - 1] is FILL.
+    Each crop is one `cv2.warpAffine` (bilinear weights in OpenCV's 1/32 steps), ten times
+    faster than gathering the four neighbours of every sample in numpy."""
     h, w = image.shape[:2]
-    n = len(boxes)
+    src = np.ascontiguousarray(image, dtype=np.float32)
+    out = np.empty((len(boxes), size, size, image.shape[2]), dtype=np.float32)
+    sx, sy = (w - 1) / w, (h - 1) / h
+    step = 1.0 / max(size - 1, 1)
+    for i, (x1, y1, x2, y2) in enumerate(boxes.astype(np.float64)):
+        matrix = np.array([[(x2 - x1) * sx * step, 0.0, x1 * sx], [0.0, (y2 - y1) * sy * step, y1 * sy]])
+        cv2.warpAffine(src, matrix, (size, size), out[i], flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                       borderMode=cv2.BORDER_REPLICATE)
     t = np.linspace(0.0, 1.0, size, dtype=np.float32)
     x1, y1, x2, y2 = (boxes[:, k : k + 1].astype(np.float32) for k in range(4))
-    ys = (y1 + (y2 - y1) * t) * ((h - 1) / h)  # (N, S)
-    xs = (x1 + (x2 - x1) * t) * ((w - 1) / w)
-    y0 = np.floor(ys)
-    x0 = np.floor(xs)
-    fy = (ys - y0)[:, :, None, None]
-    fx = (xs - x0)[:, None, :, None]
-    y0i = np.clip(y0.astype(np.int64), 0, h - 1)
-    x0i = np.clip(x0.astype(np.int64), 0, w - 1)
-    y1i = np.clip(y0i + 1, 0, h - 1)
-    x1i = np.clip(x0i + 1, 0, w - 1)
-    rows0, rows1 = y0i[:, :, None], y1i[:, :, None]
-    cols0, cols1 = x0i[:, None, :], x1i[:, None, :]
-    top = image[rows0, cols0] * (1 - fx) + image[rows0, cols1] * fx
-    bottom = image[rows1, cols0] * (1 - fx) + image[rows1, cols1] * fx
-    out = top * (1 - fy) + bottom * fy
+    ys = (y1 + (y2 - y1) * t) * sy  # (N, S) sample positions, as TF computes them
+    xs = (x1 + (x2 - x1) * t) * sx
     inside = ((ys >= 0) & (ys <= h - 1))[:, :, None] & ((xs >= 0) & (xs <= w - 1))[:, None, :]
-    out = np.where(inside[..., None], out, np.float32(fill))
-    return out.reshape(n, size, size, image.shape[2]).astype(np.float32)
+    out[~inside] = np.float32(fill)
+    return out
 
 
 # -- MTCNN ---------------------------------------------------------------------------------------
@@ -132,9 +128,9 @@ def crop_and_resize(image: np.ndarray, boxes: np.ndarray, size: int, fill: float
 class _Net:
     """One MTCNN net: its ORT session, input layout and output roles (by their last dimension)."""
 
-    def __init__(self, manifest: Manifest, name: str, threads: int | None):
+    def __init__(self, manifest: Manifest, name: str, threads: int | None, layout_optimization: bool = False):
         self.entry: ModelEntry = manifest.entry(name)
-        self.session = manifest.session(name, threads)
+        self.session = manifest.session(name, threads, layout_optimization=layout_optimization)
         self.input_name = self.entry.input_name
         self.nchw = self.entry.layout == "NCHW"
         self.output_names = [o.name for o in self.session.get_outputs()]
@@ -163,8 +159,9 @@ class MTCNNDetector:
 
     def __init__(self, manifest: Manifest, threads: int | None = None, score_threshold: float = 0.9):
         self.pnet = _Net(manifest, "mtcnn_pnet", threads)
-        self.rnet = _Net(manifest, "mtcnn_rnet", threads)
-        self.onet = _Net(manifest, "mtcnn_onet", threads)
+        # R-Net and O-Net gain from ORT's NCHWc layout (1 thread: 6.2 vs 7.2 ms, 2.6 vs 4.2 ms); P-Net does not
+        self.rnet = _Net(manifest, "mtcnn_rnet", threads, layout_optimization=True)
+        self.onet = _Net(manifest, "mtcnn_onet", threads, layout_optimization=True)
         pre = self.pnet.entry.preprocessing
         self.rgb = pre.color.upper() == "RGB"
         if pre.normalize != "affine":
@@ -203,21 +200,30 @@ class MTCNNDetector:
         return scales
 
     def _stage1(self, rgb: np.ndarray, min_face_size: int) -> np.ndarray:
-        """P-Net over the pyramid: candidate boxes (N, 5: x1 y1 x2 y2 score), squared."""
+        """P-Net over the pyramid in one ORT call: candidate boxes (N, 5: x1 y1 x2 y2 score), squared."""
         h, w = rgb.shape[:2]
-        found = []
+        levels = []
         level = rgb
         for scale in self._scales(h, w, min_face_size):
             size = (max(int(np.ceil(w * scale)), 12), max(int(np.ceil(h * scale)), 12))
             # each level from the previous one: area-averaging the full frame 8 times costs more
             # than the nets themselves
             level = cv2.resize(level, size, interpolation=cv2.INTER_AREA)
-            out = self.pnet(self._normalize(level)[None])
-            prob, reg = out[2][0, :, :, 1], out[4][0]
+            levels.append((scale, level))
+        if not levels:
+            return np.zeros((0, 5), dtype=np.float32)
+        canvas, offsets = mosaic([lv for _, lv in levels], float(self.mean.mean()))
+        out = self.pnet(self._normalize(canvas)[None])
+        prob_all, reg_all = out[2][0, :, :, 1], out[4][0]
+        found = []
+        for (scale, lv), (ox, oy) in zip(levels, offsets):
+            # this level's cells: 3x3 conv, 2x2 max-pool (stride 2, padded at the end), two 3x3 convs
+            rows, cols = (lv.shape[0] - 1) // 2 - 4, (lv.shape[1] - 1) // 2 - 4
+            prob = prob_all[oy // 2 : oy // 2 + rows, ox // 2 : ox // 2 + cols]
             ys, xs = np.nonzero(prob > self.thresholds[0])
             if ys.size == 0:
                 continue
-            r = reg[ys, xs]
+            r = reg_all[oy // 2 + ys, ox // 2 + xs]
             cells = np.stack([xs * 2, ys * 2, xs * 2 + 12, ys * 2 + 12], axis=1).astype(np.float32)
             cand = np.concatenate([(cells + r * 12.0) / scale, prob[ys, xs, None]], axis=1)
             found.append(cand[nms(cand[:, :4], cand[:, 4], self.nms_thresholds[0])])
@@ -253,6 +259,36 @@ class MTCNNDetector:
         scores, landmarks = scores[keep], landmarks[keep]
         order = nms(boxes, scores, self.nms_thresholds[3], method="min")
         return boxes[order], scores[order], landmarks[order]
+
+
+def mosaic(levels: list[np.ndarray], fill: float, gap: int = 2) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """LEVELS (largest first) packed into one image for a single P-Net run, and each one's (x, y).
+
+    The largest level takes the left; the others are stacked in columns to its right. Offsets
+    are even (P-Net's stride) and levels are GAP pixels apart, filled with FILL (0 after
+    normalisation), so every cell of a level sees only that level: the same cells as running
+    the level alone, except on an odd side, where the lone run's max-pool pads the last window
+    and here it sees FILL."""
+    height = levels[0].shape[0]
+    offsets = [(0, 0)]
+    x, y, column = _even(levels[0].shape[1] + gap), 0, 0
+    for level in levels[1:]:
+        lh, lw = level.shape[:2]
+        if y and y + lh > height:
+            x, y, column = _even(x + column + gap), 0, 0
+        offsets.append((x, y))
+        y = _even(y + lh + gap)
+        column = max(column, lw)
+    width = max(ox + lv.shape[1] for lv, (ox, _) in zip(levels, offsets))
+    height = max(oy + lv.shape[0] for lv, (_, oy) in zip(levels, offsets))
+    canvas = np.full((height, width, levels[0].shape[2]), fill, dtype=np.float32)
+    for level, (ox, oy) in zip(levels, offsets):
+        canvas[oy : oy + level.shape[0], ox : ox + level.shape[1]] = level
+    return canvas, offsets
+
+
+def _even(value: int) -> int:
+    return value + (value & 1)
 
 
 def _regress(boxes: np.ndarray, reg: np.ndarray) -> np.ndarray:

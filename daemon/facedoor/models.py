@@ -33,6 +33,7 @@ def default_models_dir() -> Path:
         return Path(os.environ["FACEDOOR_MODELS"])
     local = Path("models")
     return local if (local / MANIFEST_NAME).is_file() else SYSTEM_MODELS_DIR
+WHOLE_NAME_GROUPS = {"facenet_int8"}  # export groups whose name has an underscore
 
 
 class ModelError(RuntimeError):
@@ -260,4 +261,4 @@ def _optimize_in_child(name: str, source: Path, target: Path) -> Path | None:
 
 def export_group(entry_name: str) -> str:
     """The `facedoor-export --only` group that builds a manifest entry (mtcnn_pnet -> mtcnn)."""
-    return entry_name.split("_", 1)[0]
+    return entry_name if entry_name in WHOLE_NAME_GROUPS else entry_name.split("_", 1)[0]

@@ -59,12 +59,15 @@ class _Mapping:
 class FacePipeline:
     """Detector + aligner + encoder built from the config and the hash-checked model manifest."""
 
-    def __init__(self, detector: Detector, aligner: Aligner, encoder: Encoder, threshold: float, min_face_size: int):
+    def __init__(self, detector: Detector, aligner: Aligner, encoder: Encoder, threshold: float, min_face_size: int,
+                 max_faces: int = 3, encode_ratio: float = 0.5):
         self.detector = detector
         self.aligner = aligner
         self.encoder = encoder
         self.threshold = float(threshold)
         self.min_face_size = int(min_face_size)
+        self.max_faces = int(max_faces)
+        self.encode_ratio = float(encode_ratio)
 
     @classmethod
     def from_config(cls, cfg: FacedoorConfig) -> FacePipeline:
@@ -79,7 +82,8 @@ class FacePipeline:
             "face pipeline: detector %s, align %s, encoder %s (%s..., %d-D), threshold %.3f",
             detector.name, rec.align, encoder.name, encoder.sha256[:12], encoder.dim, rec.threshold,
         )
-        return cls(detector, Aligner(rec.align, encoder.size), encoder, rec.threshold, rec.min_face_size)
+        return cls(detector, Aligner(rec.align, encoder.size), encoder, rec.threshold, rec.min_face_size,
+                   rec.max_faces, rec.encode_ratio)
 
     @property
     def encoder_sha256(self) -> str:
@@ -108,10 +112,21 @@ class FacePipeline:
             face.embedding = emb
         return embeddings
 
+    def deciding(self, faces: list[Face]) -> list[Face]:
+        """The faces a decision can rest on: the largest and, up to `max_faces`, those of at least
+        `encode_ratio` of its size; smaller ones are bystanders further from the door."""
+        if not faces:
+            return []
+        largest = max(faces, key=lambda f: f.area)
+        near = [f for f in faces if f is not largest and f.size >= self.encode_ratio * largest.size]
+        near.sort(key=lambda f: f.area, reverse=True)
+        return [largest, *near][: self.max_faces]
+
     def analyze(self, image_bgr: np.ndarray) -> list[Face]:
-        """Detect and encode every face, largest first."""
+        """Detect every face (largest first) and encode only the deciding ones (the others keep
+        `embedding` None): a crowded frame costs a bounded number of encoder rows."""
         faces = self.detect(image_bgr)
-        self.encode(image_bgr, faces)
+        self.encode(image_bgr, self.deciding(faces))
         return faces
 
     # -- still photos ------------------------------------------------------------------------

@@ -65,6 +65,16 @@ GROUPS: tuple[ModelGroup, ...] = (
         default=True,
     ),
     ModelGroup(
+        "facenet_int8", "facedoor_export.quantize",
+        "FaceNet quantised to INT8 (ONNX Runtime static, QDQ, per-channel), calibrated on aligned "
+        "LFW crops; needs facenet and mtcnn in --out",
+        options=(Option("--calibration-dir", metavar="DIR", type=Path,
+                        help="face photos, one sub-directory per person (default: "
+                             "../shared/data/faces/lfw-devtrain)"),
+                 Option("--calibration-images", metavar="N", type=int,
+                        help="calibration photos (default 300; the check set is a third, at least 100)"),),
+    ),
+    ModelGroup(
         "mtcnn", "facedoor_export.mtcnn",
         "MTCNN P-Net / R-Net / O-Net face detector from the mtcnn==1.0.0 wheel",
         default=True,

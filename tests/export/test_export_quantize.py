@@ -1,0 +1,155 @@
+"""INT8 FaceNet (`--only facenet_int8`): exported, verified against the float model, in the manifest.
+
+The fast tests quantise a small generated encoder that stands in for `facenet` (same input and
+manifest contract), calibrated on real LFW crops cut by the exported MTCNN; the slow test
+quantises the real FaceNet.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tensorflow")
+pytest.importorskip("mtcnn")
+onnx = pytest.importorskip("onnx")
+
+
+def _small_encoder(path: Path, seed: int = 0) -> None:
+    """A tiny NHWC 160x160x3 -> unit 128-D conv net, written as ONNX (stands in for FaceNet)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+
+    def init(name: str, shape: tuple[int, ...], scale: float) -> onnx.TensorProto:
+        return numpy_helper.from_array((rng.normal(0, scale, shape)).astype(np.float32), name)
+
+    nodes = [
+        helper.make_node("Transpose", ["input"], ["nchw"], perm=[0, 3, 1, 2]),
+        helper.make_node("Conv", ["nchw", "w1", "b1"], ["c1"], kernel_shape=[3, 3], strides=[4, 4]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], kernel_shape=[3, 3], strides=[2, 2]),
+        helper.make_node("Relu", ["c2"], ["r2"]),
+        helper.make_node("GlobalAveragePool", ["r2"], ["pooled"]),
+        helper.make_node("Flatten", ["pooled"], ["flat"]),
+        helper.make_node("MatMul", ["flat", "w3"], ["proj"]),
+        helper.make_node("LpNormalization", ["proj"], ["embedding"], axis=1, p=2),
+    ]
+    graph = helper.make_graph(
+        nodes, "small_encoder",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [None, 160, 160, 3])],
+        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, [None, 128])],
+        [init("w1", (16, 3, 3, 3), 0.3), init("b1", (16,), 0.1), init("w2", (32, 16, 3, 3), 0.1),
+         init("b2", (32,), 0.1), init("w3", (32, 128), 0.2)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+
+
+@pytest.fixture(scope="module")
+def float_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A models directory with the exported MTCNN and a small generated `facenet`."""
+    from facedoor.models import sha256_file
+    from facedoor_export.cli import main
+
+    out = tmp_path_factory.mktemp("quant") / "models"
+    assert main(["--out", str(out), "--only", "mtcnn"]) == 0
+    _small_encoder(out / "facenet.onnx")
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["models"]["facenet"] = {
+        "kind": "encoder", "file": "facenet.onnx", "sha256": sha256_file(out / "facenet.onnx"),
+        "input": {"name": "input", "shape": [None, 160, 160, 3], "layout": "NHWC", "dtype": "float32"},
+        "outputs": [{"name": "embedding", "shape": [None, 128]}],
+        "preprocessing": {"color": "RGB", "normalize": "per_image_standardization", "mean": [0, 0, 0], "scale": 1.0},
+        "embedding_dim": 128, "threshold": 0.7, "l2_normalized": True, "architecture": "small test encoder",
+        "weights": {"source": "generated", "sha256": "0" * 64, "untrained": True},
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+def _quantize(export_cli, out: Path, lfw: Path, *extra: str) -> tuple[int, str, str]:
+    return export_cli("--out", out, "--only", "facenet_int8", "--calibration-dir", lfw,
+                      "--calibration-images", "64", *extra)
+
+
+def test_int8_export_is_verified_and_hash_pinned(export_cli, float_models: Path, shared_dir: Path,
+                                                 tmp_path: Path) -> None:
+    from facedoor.embed import Encoder
+    from facedoor.models import Manifest
+    from facedoor_export import quantize
+
+    out = tmp_path / "models"
+    shutil.copytree(float_models, out)
+    code, stdout, err = _quantize(export_cli, out, shared_dir / "data/faces/lfw-devtrain")
+    assert code == 0, err
+    assert "INT8 vs float embedding L2 over" in stdout
+    manifest = Manifest.load(out)
+    entry, source = manifest.entry("facenet_int8"), manifest.entry("facenet")
+    assert manifest.verify("facenet_int8") == out / "facenet_int8.onnx"
+    assert entry.kind == "encoder" and entry.preprocessing == source.preprocessing
+    assert entry.input_shape == source.input_shape and entry.layout == source.layout
+    assert entry.embedding_dim == 128 and entry.threshold == 0.7
+    q = entry.extra("quantization")
+    assert q["format"] == "QDQ" and q["calibration_crops"] >= 32 and q["check_crops"] >= 1
+    assert q["l2_median"] <= quantize.TOLERANCE_MEDIAN and q["l2_max"] <= quantize.TOLERANCE_MAX
+    assert entry.weights["sha256"] == source.sha256
+    ops = {n.op_type for n in onnx.load(out / "facenet_int8.onnx").graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+
+    # the daemon's encoder runs it like the float one, and the embeddings agree within the tolerance
+    crops = np.random.default_rng(0).integers(0, 256, (4, 160, 160, 3), dtype=np.uint8)
+    a, b = Encoder(manifest, "facenet", 1)(crops), Encoder(manifest, "facenet_int8", 1)(crops)
+    np.testing.assert_allclose(np.linalg.norm(b, axis=1), 1.0, atol=1e-5)
+    assert np.linalg.norm(a - b, axis=1).max() <= quantize.TOLERANCE_MAX
+
+    # up to date: skipped
+    code, stdout, _ = _quantize(export_cli, out, shared_dir / "data/faces/lfw-devtrain")
+    assert code == 0 and "up to date" in stdout
+
+
+def test_int8_over_the_tolerance_is_refused_and_nothing_written(
+        export_cli, float_models: Path, shared_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from facedoor_export import quantize
+
+    out = tmp_path / "models"
+    shutil.copytree(float_models, out)
+    before = (out / "manifest.json").read_text()
+    monkeypatch.setattr(quantize, "TOLERANCE_MEDIAN", 0.0)
+    code, _, err = _quantize(export_cli, out, shared_dir / "data/faces/lfw-devtrain")
+    assert code == 2 and "INT8 embeddings differ from the float model" in err
+    assert (out / "manifest.json").read_text() == before
+    assert not list(out.glob("*int8*")) and not list(out.glob(".*.tmp"))
+
+
+def test_int8_needs_the_float_model(export_cli, tmp_path: Path) -> None:
+    code, _, err = export_cli("--out", tmp_path / "empty", "--only", "facenet_int8")
+    assert code == 2 and "needs the float facenet and mtcnn" in err
+
+
+def test_calibration_people_are_not_in_the_pairs(shared_dir: Path) -> None:
+    from facedoor_export.quantize import pair_people, photo_split
+
+    root = shared_dir / "data/faces/lfw-devtrain"
+    calib, check = photo_split(root, 300, 100)
+    people = pair_people(root)
+    assert len(people) > 1000 and len(calib) == 300 and len(check) == 100
+    names = [p.parent.name for p in calib + check]
+    assert not set(names) & people and len(set(names)) == len(names)
+
+
+@pytest.mark.slow
+def test_real_facenet_int8(real_models: Path, shared_dir: Path, tmp_path: Path, export_cli) -> None:
+    from facedoor.models import Manifest
+
+    out = tmp_path / "models"
+    shutil.copytree(real_models, out)
+    code, _, err = export_cli("--out", out, "--only", "facenet_int8", "--force")
+    assert code == 0, err
+    q = Manifest.load(out).entry("facenet_int8").extra("quantization")
+    print(f"\nreal FaceNet INT8 vs float: median L2 {q['l2_median']:.4f}, max {q['l2_max']:.4f} "
+          f"over {q['check_crops']} held-out LFW crops")
