@@ -32,6 +32,7 @@ from facedoor.liveness import LivenessModel, TrackLiveness, load_liveness
 from facedoor.logs import setup_logging
 from facedoor.match import Gallery
 from facedoor.models import Manifest
+from facedoor.motion import IdleGate
 from facedoor.mqtt import MqttLink
 from facedoor.pipeline import sharpness
 from facedoor.policy import Decision, TrackPolicy
@@ -66,6 +67,7 @@ class DoorService:
         self.signing_key = signing_key
         self.policy = TrackPolicy(cfg.policy, cfg.recognition.threshold)
         self.tracker = Tracker(cfg.tracking)
+        self.gate = IdleGate.from_config(cfg.idle)
         self.liveness = liveness  # None: the gate is off (said at start)
         self.threshold = cfg.recognition.threshold
         self.gallery: Gallery | None = load_gallery()   # None after a failed reload: nobody matches
@@ -77,7 +79,7 @@ class DoorService:
         self._started = time.monotonic()
         self._processed: list[float] = []          # monotonic times of recently processed frames
         self._latencies_ms: list[float] = []
-        self.counts = {"frames": 0, "errors": 0, "skipped_offline": 0, "unlock": 0, "deny": 0}
+        self.counts = {"frames": 0, "errors": 0, "skipped_offline": 0, "skipped_idle": 0, "unlock": 0, "deny": 0}
         self.store_error: str | None = None
         link.add_on_connect(self._health_due.set)
 
@@ -131,7 +133,7 @@ class DoorService:
         return 0
 
     def process(self, frame: Frame) -> None:
-        """The per-frame path: detect + encode -> track + fuse -> liveness -> decide -> deliver."""
+        """The per-frame path: idle gate -> detect + encode -> track + fuse -> liveness -> decide -> deliver."""
         self.counts["frames"] += 1
         if self._last_frame_t is not None and frame.t_mono - self._last_frame_t > self.cfg.camera.stall_timeout_s:
             self.reset_evidence()  # evidence never spans a camera outage
@@ -141,11 +143,16 @@ class DoorService:
             self.reset_evidence()  # decide nothing that cannot be delivered now
             return
         try:
-            faces = self.pipeline.analyze(frame.image)
-            sightings = [Sighting.of(f, sharpness(frame.image, f), self.gallery) for f in faces]
+            if not self.gate.should_detect(frame.image, frame.t_mono):
+                self.counts["skipped_idle"] += 1  # a still, empty scene: the detector runs at a low rate
+                return
+            faces = self.pipeline.analyze(frame.image)  # largest first; only the faces near the door encoded
+            self.gate.observe(frame.t_mono, len(faces))
+            encoded = [f for f in faces if f.embedding is not None]
+            sightings = [Sighting.of(f, sharpness(frame.image, f), self.gallery) for f in encoded]
             tracks = self.tracker.update(frame.t_mono, sightings)
-            self.check_liveness(frame, faces, tracks)
-            decisions = self.decide(faces, tracks)
+            self.check_liveness(frame, encoded, tracks)
+            decisions = self.decide(faces, encoded, tracks)
         except Exception:
             self.counts["errors"] += 1
             self.reset_evidence()
@@ -166,13 +173,16 @@ class DoorService:
                     "liveness", TrackLiveness(self.cfg.liveness.threshold, self.cfg.liveness.min_frames))
                 evidence.add(self.liveness.score(frame.image, face.box))
 
-    def decide(self, faces: list[Face], tracks: list[Track]) -> list[tuple[Decision, Face, tuple[Face, ...]]]:
+    def decide(self, faces: list[Face], encoded: list[Face],
+               tracks: list[Track]) -> list[tuple[Decision, Face, tuple[Face, ...]]]:
         """The decisions of the faces near the door (at least `companion_ratio` of the largest
         one's size; faces far behind decide nothing), each told how many of the others near the
-        door match no member."""
+        door match no member (a face near the door left unencoded by the bound counts as one)."""
         largest = max((f.size for f in faces), default=0.0)
-        near = [(f, t) for f, t in zip(faces, tracks) if f.size >= self.cfg.policy.companion_ratio * largest]
-        strangers = {t.id: f for f, t in near if self.policy.matched(t, self.gallery) is None}
+        is_near = [f.size >= self.cfg.policy.companion_ratio * largest for f in faces]
+        near = [(f, t) for f, t in zip(encoded, tracks) if f.size >= self.cfg.policy.companion_ratio * largest]
+        strangers: dict[int, Face] = {t.id: f for f, t in near if self.policy.matched(t, self.gallery) is None}
+        strangers.update({-1 - i: f for i, (f, n) in enumerate(zip(faces, is_near)) if n and f.embedding is None})
         decisions = []
         for face, track in near:
             evidence: TrackLiveness | None = track.state.get("liveness")
@@ -300,6 +310,7 @@ class DoorService:
             "ts_ms": int(time.time() * 1000),
             "uptime_s": round(now - self._started, 1),
             "camera": self.camera.state.value,
+            "state": self.gate.state,
             "fps": round(len(self._processed) / span, 2) if span > 0 else 0.0,
             "last_frame_age_s": finite(self.camera.last_frame_age(), 3),
             "camera_reopens": self.camera.reopens,
