@@ -34,8 +34,8 @@ import numpy as np
 
 from facedoor.config import AuditConfig, FacedoorConfig
 from facedoor.events import DecisionEvent
+from facedoor.files import open_private, private_dir
 from facedoor.formatting import iso_utc, table
-from facedoor.private import open_private, private_dir
 
 log = logging.getLogger(__name__)
 

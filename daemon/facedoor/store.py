@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from facedoor.files import open_private, private_dir
 from facedoor.match import Gallery
-from facedoor.private import open_private, private_dir
 
 log = logging.getLogger(__name__)
 
