@@ -16,6 +16,15 @@ def finite(x: float | None, digits: int = 4) -> float | None:
     return round(float(x), digits) if x is not None and math.isfinite(x) else None
 
 
+def distance(x: float | None, digits: int = 4) -> float | None:
+    """A distance cut (not rounded) to DIGITS, so a match strictly below a threshold of at most
+    DIGITS decimals never reads as equal to it (0.69996 -> 0.6999, not 0.7); None if not finite."""
+    if x is None or not math.isfinite(x):
+        return None
+    scale = 10 ** digits
+    return math.floor(float(x) * scale) / scale
+
+
 def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     """Left-aligned columns two spaces apart, header first, no trailing blanks."""
     lines = [tuple(header), *(tuple(r) for r in rows)]

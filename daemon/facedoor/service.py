@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from facedoor.camera import Camera, CameraState, Frame, describe
 from facedoor.config import FacedoorConfig
 from facedoor.events import DecisionEvent, DecisionListener
-from facedoor.formatting import finite, iso_utc
+from facedoor.formatting import distance, finite, iso_utc
 from facedoor.liveness import LivenessModel, TrackLiveness, load_liveness
 from facedoor.logs import setup_logging
 from facedoor.match import Gallery
@@ -209,7 +209,7 @@ class DoorService:
             "decision": decision.decision,
             "reason": decision.reason,
             "identity": decision.identity,
-            "distance": finite(decision.distance),
+            "distance": distance(decision.distance),
             "threshold": decision.threshold,
             "frames": decision.frames,
             "window": decision.window,

@@ -7,23 +7,19 @@ Heavy modules (OpenCV, ONNX Runtime) load inside the handlers that need them.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from facedoor.cli import EXIT_ERROR, EXIT_NO_MATCH, EXIT_OK, REPORTING, CliContext, CliError
+from facedoor.formatting import distance
 
 if TYPE_CHECKING:
     import numpy as np
 
     from facedoor.match import Gallery
     from facedoor.pipeline import Face
-
-
-def _round(x: float) -> float | None:
-    return round(x, 4) if math.isfinite(x) else None
 
 
 def _largest_face(ctx: CliContext, path: Path) -> tuple[Face, int]:
@@ -224,7 +220,7 @@ def _verify(args: argparse.Namespace, ctx: CliContext) -> int:
     assert face.embedding is not None
     match = gallery.verify(args.name, face.embedding)
     ctx.emit(
-        {"image": str(args.image), "identity": args.name, "distance": _round(match.distance),
+        {"image": str(args.image), "identity": args.name, "distance": distance(match.distance),
          "threshold": match.threshold, "match": match.matched},
         f"{args.image}: {'MATCH' if match.matched else 'no match'} {args.name} "
         f"(distance {match.distance:.3f}, threshold {match.threshold:g})",
@@ -246,7 +242,7 @@ def _identify(args: argparse.Namespace, ctx: CliContext) -> int:
         match = gallery.identify(face.embedding)
         who = match.identity if match.matched else None
         ctx.emit(
-            {"image": str(path), "faces": count, "identity": who, "distance": _round(match.distance),
+            {"image": str(path), "faces": count, "identity": who, "distance": distance(match.distance),
              "threshold": match.threshold},
             f"{path}: {who or 'unknown'} (distance {match.distance:.3f}, threshold {match.threshold:g}, "
             f"{count} face(s))",
