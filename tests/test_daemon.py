@@ -426,6 +426,19 @@ def test_daemon_through_tls_password_and_acl_with_signed_decisions(door: Door, t
     assert "REFUSED bad-signature" in checked.stdout.splitlines()[1]
 
 
+def run_to_the_end(config: Path, video: Path, broker) -> tuple[Subscriber, Daemon]:
+    """The daemon on VIDEO until the video ends (exit 0), with a subscriber of its decisions."""
+    sub = Subscriber(broker.host, broker.port, "facedoor/front/decision")
+    daemon = Daemon(config, str(video))
+    try:
+        assert daemon.wait(180) == 0, daemon.log()[-3000:]
+        time.sleep(0.3)
+    finally:
+        daemon.kill()
+        sub.stop()
+    return sub, daemon
+
+
 @pytest.mark.parametrize("companions", ["deny", "allow"])
 def test_a_stranger_walking_up_beside_a_member(companions: str, door: Door, mosquitto, tmp_path: Path) -> None:
     """Tailgating: an enrolled person and a stranger walk up side by side (a real two-face video)."""
@@ -434,14 +447,7 @@ def test_a_stranger_walking_up_beside_a_member(companions: str, door: Door, mosq
                  visit_s=5.0, gap_s=0.5)
     config = write_config(tmp_path / "facedoor.yaml", door.models, door.store, mosquitto.port,
                           policy={"companions": companions, "unknown_interval_s": 1.0})
-    sub = Subscriber(mosquitto.host, mosquitto.port, "facedoor/front/decision")
-    daemon = Daemon(config, str(video))
-    try:
-        assert daemon.wait(120) == 0, daemon.log()[-3000:]
-        time.sleep(0.3)
-    finally:
-        daemon.kill()
-        sub.stop()
+    sub, daemon = run_to_the_end(config, video, mosquitto)
     decisions = sub.decisions()
     assert decisions, daemon.log()[-3000:]
     assert all(d["faces"] == 2 for d in decisions)
@@ -483,14 +489,7 @@ def test_a_screen_replay_never_unlocks(clip: str, liveness_door: tuple[Path, Pat
     video = shared_dir / "data" / "antispoof" / "videos" / f"apfol_{clip}.webm"
     config = write_config(tmp_path / "facedoor.yaml", models, store, mosquitto.port,
                           policy={"unknown_interval_s": 1.0}, audit={"enabled": True, "save_crops": True})
-    sub = Subscriber(mosquitto.host, mosquitto.port, "facedoor/front/decision")
-    daemon = Daemon(config, str(video))
-    try:
-        assert daemon.wait(180) == 0, daemon.log()[-3000:]
-        time.sleep(0.3)
-    finally:
-        daemon.kill()
-        sub.stop()
+    sub, daemon = run_to_the_end(config, video, mosquitto)
     assert "liveness gate on" in daemon.log()
     decisions = sub.decisions()
     if clip == "spoof":
