@@ -257,6 +257,9 @@ def test_watcher_sees_commits_of_another_process(tmp_path: Path) -> None:
             assert proc.exitcode == 0
             assert watcher.changed(), f"{target.__name__} {name} not seen"
             assert not watcher.changed()  # once per change
+            with EmbeddingStore(path, ENC_A, readonly=True) as reload:  # the door reloads in this process
+                reload.identities()
+            assert not watcher.changed()  # its own reads are no change, and it is not blinded by them
         with EmbeddingStore(path, ENC_A, readonly=True) as reader:
             assert [i.name for i in reader.identities()] == ["bo"]
 

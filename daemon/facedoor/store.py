@@ -383,44 +383,49 @@ class EmbeddingStore:
 
 
 class StoreWatcher:
-    """Tells a running reader, for the cost of a stat and a pragma, that another process changed the store.
+    """Tells a running reader, for the cost of two stats, that another process changed the store.
 
-    `changed()` is True once after each commit by any other connection (SQLite `PRAGMA
-    data_version`), when the file was replaced (new inode) and, failing closed, when it cannot
-    be read; the caller then reloads the gallery and meets any error there.
+    A commit appends to the write-ahead log (`-wal`) and a checkpoint rewrites the store file, so
+    the pair's (inode, size, mtime) changes with every committed change (an empty log is none). `changed()` is True once
+    after each such change, when the file was replaced and, failing closed, when it cannot be
+    stat'ed; the caller then reloads the gallery and meets any error there. (SQLite's `PRAGMA
+    data_version` on a long-lived connection was tried first: it goes blind once anything in the
+    same process closes another descriptor of the file, as the store's header check does, because
+    closing any descriptor drops the process's POSIX locks on it.)
     """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self._db: sqlite3.Connection | None = None
-        self._inode: tuple[int, int] | None = None
-        self._version: int | None = None
+        self._wal = Path(f"{self.path}-wal")
+        self._seen: tuple[tuple[int, int, int] | None, ...] | None = None
         self.changed()
+
+    def _signature(self) -> tuple[tuple[int, int, int] | None, ...]:
+        sig: list[tuple[int, int, int] | None] = []
+        for path in (self.path, self._wal):
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                if path == self.path:
+                    raise
+                st = None
+            # an empty log is no log: a reader opening the store may create one, and that is no change
+            sig.append((st.st_ino, st.st_size, st.st_mtime_ns) if st is not None and st.st_size else None)
+        return tuple(sig)
 
     def changed(self) -> bool:
         """Whether the store changed since the previous call (True on the first call too)."""
         try:
-            st = os.stat(self.path)
-            inode = (st.st_dev, st.st_ino)
-            if inode != self._inode or self._db is None:
-                self.close()
-                self._db = sqlite3.connect(
-                    f"{self.path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None,
-                    check_same_thread=False,
-                )
-                self._inode, self._version = inode, None
-            version = self._db.execute("PRAGMA data_version").fetchone()[0]
-        except (OSError, sqlite3.Error) as exc:
-            log.warning("store watcher: cannot read %s (%s); reloading", self.path, exc)
-            self._inode = self._version = None
+            signature = self._signature()
+        except OSError as exc:
+            log.warning("store watcher: cannot stat %s (%s); reloading", self.path, exc)
+            self._seen = None
             return True
-        previous, self._version = self._version, version
-        return version != previous
+        previous, self._seen = self._seen, signature
+        return signature != previous
 
     def close(self) -> None:
-        if self._db is not None:
-            self._db.close()
-            self._db = None
+        """Nothing is held open; kept so the door closes what it opened the same way for every part."""
 
     def __enter__(self) -> StoreWatcher:
         return self
