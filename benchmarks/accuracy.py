@@ -51,7 +51,8 @@ def detect_all(pipeline: FacePipeline, paths: list[Path]) -> list[tuple[np.ndarr
     return out
 
 
-def embed_all(pipeline: FacePipeline, detections: list[tuple[np.ndarray, Face | None]]) -> tuple[np.ndarray, np.ndarray]:
+def embed_all(pipeline: FacePipeline,
+              detections: list[tuple[np.ndarray, Face | None]]) -> tuple[np.ndarray, np.ndarray]:
     """Per photo: the probe embedding (as a camera frame is encoded) and the enrolment embedding
     (as `facedoor enroll` stores it); NaN rows where no face was found."""
     probe = np.full((len(detections), pipeline.embedding_dim), np.nan, dtype=np.float32)
@@ -77,7 +78,8 @@ def pair_distances(probe: np.ndarray, enrol: np.ndarray, labels: np.ndarray) -> 
     return d[same], d[(labels[:, None] != labels[None, :])]
 
 
-def gallery_distances(probe: np.ndarray, enrol: np.ndarray, labels: np.ndarray, k: int = 3) -> tuple[np.ndarray, np.ndarray]:
+def gallery_distances(probe: np.ndarray, enrol: np.ndarray, labels: np.ndarray,
+                      k: int = 3) -> tuple[np.ndarray, np.ndarray]:
     """3-photo enrolment: genuine / impostor min-distances over sliding groups of K photos per person."""
     ok = ~np.isnan(probe[:, 0])
     d, labels = _distances(probe[ok], enrol[ok]), labels[ok]
@@ -97,7 +99,8 @@ def rates(genuine: np.ndarray, impostor: np.ndarray) -> list[tuple[float, float]
 
 
 def make_pipeline(models: Path, detector: str, align: str) -> FacePipeline:
-    cfg = parse_config({"models": str(models), "recognition": {"detector": detector, "align": align, "yunet_model": str(YUNET)}})
+    cfg = parse_config({"models": str(models),
+                        "recognition": {"detector": detector, "align": align, "yunet_model": str(YUNET)}})
     return FacePipeline.from_config(cfg)
 
 
@@ -137,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
                 }
 
     variants = [f"{d}/{a}" for d in args.detectors.split(",") for a in args.aligns.split(",")]
-    for name, (paths, labels) in datasets.items():
+    for name in datasets:
         for protocol in ("single", "3-photo"):
             g, i = results[(name, *variants[0].split("/"))][protocol]
             print(f"\n## {name}, {protocol} enrolment ({len(g)} genuine / {len(i)} impostor comparisons)"
@@ -156,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
                 k = int(np.argmin(np.abs(far - frr)))
                 eer.append(f"{100 * (far[k] + frr[k]) / 2:5.2f}% @ {ts[k]:.2f}")
             print("      EER | " + " | ".join(f"{e:>19}" for e in eer))
-    print("\nphotos without a detected face (left out of the comparisons): " + ", ".join(f"{k[0]} {k[1]}: {v}" for k, v in missed.items()))
+    print("\nphotos without a detected face (left out of the comparisons): "
+          + ", ".join(f"{k[0]} {k[1]}: {v}" for k, v in missed.items()))
     return 0
 
 

@@ -43,7 +43,8 @@ def make_frames(count: int, seed: int = 0) -> list[bytes]:
     """JPEG 640x480 frames: a background scene with one LFW face photo pasted at door distance."""
     rng = np.random.default_rng(seed)
     backgrounds = [cv2.imread(str(p)) for p in sorted((SHARED / "data/nst").glob("*.jpg"))]
-    backgrounds = [cv2.resize(b, (FRAME_W, FRAME_H), interpolation=cv2.INTER_AREA) for b in backgrounds if b is not None]
+    backgrounds = [cv2.resize(b, (FRAME_W, FRAME_H), interpolation=cv2.INTER_AREA)
+                   for b in backgrounds if b is not None]
     people = sorted((SHARED / "data/faces/lfw10").glob("*/*.jpg"))
     frames = []
     for i in range(count):
@@ -147,7 +148,7 @@ def print_table(title: str, results: dict[str, dict[str, list[float]]], baseline
     names = list(results)
     print("stage       | " + " | ".join(f"{n:>22}" for n in names))
     for stage in STAGES:
-        cells = [f"{'%7.2f / %7.2f' % stats(results[n][stage]):>22}" if stage in results[n] else f"{'-':>22}"
+        cells = [f"{'{:7.2f} / {:7.2f}'.format(*stats(results[n][stage])):>22}" if stage in results[n] else f"{'-':>22}"
                  for n in names]
         print(f"{stage:11} | " + " | ".join(cells))
     print("faces found | " + " | ".join(f"{100 * results[n]['found'][0]:21.0f}%" for n in names))
@@ -182,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
             steps["face_recognition"] = fr
         print_table(f"\n# {args.frames} frames {FRAME_W}x{FRAME_H} x {args.rounds} rounds, one face each; "
                     f"{os.cpu_count()} CPUs, ORT threads {threads} (face_recognition: dlib, 1 thread); "
-                    f"ms median / p95 of {'thread CPU time' if args.cpu_clock else 'wall time'}", run_interleaved(steps, frames, args.rounds),
+                    f"ms median / p95 of {'thread CPU time' if args.cpu_clock else 'wall time'}",
+                    run_interleaved(steps, frames, args.rounds),
                     "face_recognition" if fr is not None else None)
 
     big = random_gallery(100_000, 128, 0.7, seed=3)
@@ -191,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     for q in queries[:10]:
         big.identify(q)
     samples = [timed(lambda q=q: big.identify(q))[1] for q in queries]
-    print("\nidentify against 100,000 stored embeddings: %.2f ms median, %.2f ms p95" % stats(samples))
+    print("\nidentify against 100,000 stored embeddings: {:.2f} ms median, {:.2f} ms p95".format(*stats(samples)))
     return 0
 
 
