@@ -34,7 +34,7 @@ import numpy as np
 from facedoor.config import FacedoorConfig, parse_config
 from facedoor.demo.broker import PrivateBroker, Subscriber
 from facedoor.events import DecisionEvent
-from facedoor.formatting import table
+from facedoor.formatting import distance, table
 
 if TYPE_CHECKING:
     from facedoor.pipeline import FacePipeline
@@ -92,6 +92,12 @@ class Seen:
     image: np.ndarray
     box: list[float] | None
     received_ms: float | None = None
+
+
+def shown(distance_: float | None) -> str:
+    """A distance with 3 decimals, cut like the messages' (0.6999 shows 0.699, never the threshold 0.700)."""
+    cut = distance(distance_, 3)
+    return "-" if cut is None else f"{cut:.3f}"
 
 
 def say(text: str) -> None:
@@ -223,9 +229,9 @@ class Recorder:
         rec = Seen(dict(event.payload), event.delivered, (event.frame.seq - 1) / VIDEO_FPS, event.frame.image.copy(),
                    [float(v) for v in event.face.box[:4]] if event.face is not None else None)
         self.seen.append(rec)
-        p, distance = rec.payload, rec.payload.get("distance")
+        p, dist = rec.payload, rec.payload.get("distance")
         say(f"      {rec.video_s:5.1f}s  {p['decision']:<6} {p.get('identity') or p.get('reason'):<16} "
-            f"distance {'-' if distance is None else f'{distance:.3f}'}  {p.get('latency_ms')} ms"
+            f"distance {shown(dist)}  {p.get('latency_ms')} ms"
             f"{'' if event.delivered else '  (not delivered)'}")
 
     def close(self) -> None:
@@ -275,7 +281,7 @@ def format_table(outcomes: list[Outcome]) -> str:
     header = ("VISITOR", "ENROLLED", "DECISION", "IDENTITY", "DISTANCE", "LATENCY_MS", "FRAME->SUB_MS", "RESULT")
     return table(header, [(
         o.visitor, "yes" if o.enrolled else "no", o.decision or "(none)", o.identity or "-",
-        f"{o.distance:.3f}" if o.distance is not None else "-",
+        shown(o.distance),
         f"{o.latency_ms:.0f}" if o.latency_ms is not None else "-",
         f"{o.delivered_ms:.0f}" if o.delivered_ms is not None else "-",
         "ok" if o.ok else f"WRONG (expected {o.expected})",
@@ -312,7 +318,7 @@ def contact_sheet(path: Path, scored: list[tuple[Outcome, Seen | None]], segment
         lines = [
             f"{o.visitor} ({'enrolled' if o.enrolled else 'not enrolled'})",
             f"{(o.decision or 'no decision').upper()} {o.identity or ''}"
-            + (f"  d={o.distance:.3f}" if o.distance is not None else "")
+            + (f"  d={shown(o.distance)}" if o.distance is not None else "")
             + ("" if o.ok else "  WRONG"),
         ]
         for i, text in enumerate(lines):
