@@ -64,6 +64,17 @@ def real_models(facenet_sdist: Path) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def antispoof_models(tmp_path_factory: pytest.TempPathFactory, shared_dir: Path) -> Path:
+    """A models directory with ../shared's MiniFASNet files exported (hash-pinned) by facedoor-export."""
+    from facedoor_export.cli import main
+
+    out = tmp_path_factory.mktemp("antispoof") / "models"
+    assert main(["--out", str(out), "--only", "antispoof", "--antispoof-dir",
+                 str(shared_dir / "models/antispoof")]) == 0
+    return out
+
+
 @pytest.fixture
 def mosquitto(tmp_path: Path) -> Iterator[PrivateBroker]:
     """A running private broker for one test: `.host`, `.port`, `.stop()`, `.start()` (same port)."""

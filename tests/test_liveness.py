@@ -146,17 +146,6 @@ def test_gate_is_off_with_a_log_line_without_the_models(tmp_path, caplog):
 
 
 @pytest.fixture(scope="module")
-def antispoof_models(tmp_path_factory: pytest.TempPathFactory, shared_dir: Path) -> Path:
-    """A models directory with ../shared's MiniFASNet files exported (hash-pinned)."""
-    from facedoor_export.cli import main
-
-    out = tmp_path_factory.mktemp("liveness") / "models"
-    assert main(["--out", str(out), "--only", "antispoof", "--antispoof-dir",
-                 str(shared_dir / "models/antispoof")]) == 0
-    return out
-
-
-@pytest.fixture(scope="module")
 def gate(antispoof_models: Path) -> LivenessModel:
     """The gate loaded through the hash-checked manifest."""
     model = load_liveness(Manifest.load(antispoof_models))

@@ -3,23 +3,12 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 
 from facedoor.models import Manifest, ModelError, sha256_file
 
 NAMES = {"antispoof_v2": "MiniFASNetV2.onnx", "antispoof_v1se": "MiniFASNetV1SE.onnx"}
-
-
-@pytest.fixture(scope="module")
-def antispoof_models(tmp_path_factory: pytest.TempPathFactory, shared_dir: Path) -> Path:
-    from facedoor_export.cli import main
-
-    out = tmp_path_factory.mktemp("antispoof") / "models"
-    assert main(["--out", str(out), "--only", "antispoof", "--antispoof-dir",
-                 str(shared_dir / "models/antispoof")]) == 0
-    return out
 
 
 def test_files_are_pinned_in_the_manifest(antispoof_models, shared_dir):
