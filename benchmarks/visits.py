@@ -1,7 +1,8 @@
 """Open-set recognition per visit, as at a real door: k-of-n votes vs fused tracks vs door templates.
 
 Data: `../shared/data/faces/lfw-devtrain` (4,038 people, 9,525 photos). Each draw enrols a
-10-person gallery (3 random photos each, stored as `facedoor enroll` stores them) from the
+10-person gallery (3 random photos each, stored as `facedoor enroll` stores them and matched as
+the door matches them: one template per person, `facedoor.match.person_templates`) from the
 people with 6 or more photos; everyone not drawn is a stranger. A visit is a short frame
 sequence fed through the product's `Tracker` and `TrackPolicy` (fused tracks) or the old k-of-n
 vote over the same frames:
@@ -37,7 +38,6 @@ Embeddings and per-photo quality are computed once and cached in
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 from collections import Counter, deque
@@ -50,7 +50,7 @@ from tqdm import tqdm
 
 from facedoor.config import PolicyConfig, TrackingConfig, parse_config
 from facedoor.detect import Face
-from facedoor.match import Gallery
+from facedoor.match import Gallery, person_templates
 from facedoor.pipeline import ENROL_MIN_FACE, ENROL_MIN_SHARPNESS, FacePipeline, sharpness
 from facedoor.policy import Decision, TrackPolicy
 from facedoor.track import Sighting, Tracker
@@ -237,6 +237,7 @@ class Visit:
     nearest: list[str | None] = field(default_factory=list)  # per frame, set per draw
     distance: np.ndarray | None = None                        # per frame, set per draw
     fused: np.ndarray | None = None  # (K, D) every fused embedding TrackPolicy could decide on
+    rows: np.ndarray | None = None   # the LFW photo rows the frames come from
 
 
 def decidable_embeddings(v: Visit, tcfg: TrackingConfig, min_good: int) -> np.ndarray:
@@ -281,7 +282,8 @@ def photo_visits(rows: np.ndarray, person: int, data: dict[str, np.ndarray], rng
     for start in range(0, len(rows), VISIT_FRAMES):
         chunk = np.resize(rows[start:start + VISIT_FRAMES], VISIT_FRAMES)
         quality = data["quality"][chunk]
-        visits.append(Visit(person, data["probe"][chunk], quality, centred_boxes(np.maximum(quality[:, 0], 1))))
+        visits.append(Visit(person, data["probe"][chunk], quality, centred_boxes(np.maximum(quality[:, 0], 1)),
+                            rows=chunk))
     return visits
 
 
@@ -361,6 +363,7 @@ class Tally:
     rejected: Counter = field(default_factory=Counter)
     wrong: Counter = field(default_factory=Counter)
     accepted: Counter = field(default_factory=Counter)
+    accepts: list[tuple[Visit, Decision]] = field(default_factory=list)  # stranger visits fused tracks let in
 
     def member(self, key: tuple[str, float], got: str | None, name: str) -> None:
         self.rejected[key] += got != name
@@ -392,6 +395,8 @@ def evaluate(members: list[Visit], strangers: list[Visit], gallery: Gallery, nam
             decision = run_tracks(v, gallery, (t,), tcfg, pcfg)[0] if maybe else None
             tally.stranger(("k-of-n votes", t), votes)
             tally.stranger(("fused tracks", t), decision.identity if decision is not None else None)
+            if decision is not None:
+                tally.accepts.append((v, decision))
             tally.replayed += int(maybe)
         for label, tpl in templates.items():
             grown = replay_with_templates(members, gallery, t, tcfg, tpl, tally, label, names)
@@ -443,8 +448,27 @@ def enrolable(data: dict[str, np.ndarray]) -> np.ndarray:
     return ~np.isnan(data["enrol"][:, 0]) & (q[:, 0] >= ENROL_MIN_FACE) & (q[:, 2] >= ENROL_MIN_SHARPNESS)
 
 
+def write_sheet(path: Path, accepts: list[tuple[str, Visit, Decision]], paths: list[Path]) -> None:
+    """A PNG, one row per accepted stranger visit: the stranger's photo, then 3 photos of the member."""
+    tile = 125
+    names = [p.parent.name for p in paths]
+    rows = []
+    for mode, v, d in accepts:
+        assert v.rows is not None
+        member = [i for i, n in enumerate(names) if n == d.identity][:3]
+        tiles = []
+        for i, row in enumerate([int(v.rows[0]), *member]):
+            img = cv2.resize(cv2.imread(str(paths[row])), (tile, tile), interpolation=cv2.INTER_AREA)
+            text = f"({mode}) {d.distance:.3f}" if i == 0 else names[row][:16]
+            cv2.putText(img, text, (3, tile - 6), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 3)
+            cv2.putText(img, text, (3, tile - 6), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1)
+            tiles.append(img)
+        rows.append(np.hstack(tiles + [np.zeros((tile, tile, 3), np.uint8)] * (4 - len(tiles))))
+    cv2.imwrite(str(path), np.vstack(rows))
+
+
 def lfw_benchmark(data: dict[str, np.ndarray], people: list[str], draws: int, tcfg: TrackingConfig,
-                  pcfg: PolicyConfig, templates: dict[str, PolicyConfig]) -> None:
+                  pcfg: PolicyConfig, templates: dict[str, PolicyConfig], sheet: Path | None = None) -> None:
     """The open-set draws on LFW: (a) photo visits and (b) walk-up visits."""
     labels = data["labels"]
     counts = np.bincount(labels, minlength=len(people))
@@ -466,14 +490,15 @@ def lfw_benchmark(data: dict[str, np.ndarray], people: list[str], draws: int, tc
             pool = [r for r in rows_of[p] if ok_enrol[r] and r != walk_row.get(p)]
             enrol_rows.extend(rng.choice(pool, 3, replace=False))
         enrol_rows = np.array(enrol_rows)
-        gallery = Gallery([names[labels[r]] for r in enrol_rows], data["enrol"][enrol_rows], THRESHOLDS[0])
+        gallery = Gallery(*person_templates([names[labels[r]] for r in enrol_rows], data["enrol"][enrol_rows]),
+                          THRESHOLDS[0])
         member_set = set(drawn.tolist())
         members, strangers = [], []
         for p in range(len(people)):
             if p in member_set:
                 members += photo_visits(np.setdiff1d(rows_of[p], enrol_rows), p, data, rng)
             else:
-                strangers += [dataclasses.replace(v, person=-1) for v in photo_visits(rows_of[p], p, data, rng)]
+                strangers += photo_visits(rows_of[p], p, data, rng)
         members = [members[i] for i in rng.permutation(len(members))]
         evaluate(members, strangers, gallery, names, photos, tcfg, pcfg, templates)
         probe_rows = np.setdiff1d(np.arange(len(labels)), enrol_rows)
@@ -490,8 +515,8 @@ def lfw_benchmark(data: dict[str, np.ndarray], people: list[str], draws: int, tc
         wm, ws = [], []
         for k, p in enumerate(data["walk_people"]):
             q = data["walk_quality"][k]
-            who = int(p) if p in member_set else -1
-            v = Visit(who, data["walk_probe"][k], q, centred_boxes(np.maximum(q[:, 0], 1)))
+            v = Visit(int(p), data["walk_probe"][k], q, centred_boxes(np.maximum(q[:, 0], 1)),
+                      rows=data["walk_photo"][k:k + 1])
             (wm if p in member_set else ws).append(v)
         evaluate(wm, ws, gallery, names, walks, tcfg, pcfg, templates)
     print(f"\n## single photos (one frame decides): {single['members']} member photos, "
@@ -503,6 +528,15 @@ def lfw_benchmark(data: dict[str, np.ndarray], people: list[str], draws: int, tc
     print_table(f"(a) photo visits ({VISIT_FRAMES} frames: different photos of the person)", photos, modes)
     print_table(f"(b) walk-up visits ({WALKUP_FRAMES} frames: one photo animated, detected and encoded per frame)",
                 walks, modes)
+    accepts = [("a", v, d) for v, d in photos.accepts] + [("b", v, d) for v, d in walks.accepts]
+    accepts = [(mode, v, d) for mode, v, d in accepts if d.threshold == THRESHOLDS[0]]
+    print(f"\n## stranger visits fused tracks accepted at {THRESHOLDS[0]}: {len(accepts)}")
+    for mode, v, d in accepts:
+        frames = ", ".join(f"{x:.3f}" for x in v.distance)
+        print(f"({mode}) {people[v.person]} let in as {d.identity}: fused {d.distance:.3f}; frames {frames}")
+    if sheet is not None and accepts:
+        write_sheet(sheet, accepts, [p for photos in lfw_people().values() for p in photos])
+        print(f"contact sheet: {sheet}")
 
 
 # -- real webcam videos ----------------------------------------------------------------------------
@@ -564,7 +598,7 @@ def video_benchmark(pipeline: FacePipeline, tcfg: TrackingConfig, pcfg: PolicyCo
         rows += [cands[i] for i in picked]
         halves[person] = (frames[half:], dt)
     t = threshold
-    gallery = Gallery(names, np.array(rows), t)
+    gallery = Gallery(*person_templates(names, np.array(rows)), t)
     print(f"\n## real webcam videos: enrolled {', '.join(sorted(set(names)))} ({k} diverse good frames each "
           f"from the first half); second half cut into {visit_s:.0f} s visits, threshold {t}")
     print(f"{'video':<14} | {'visit (s)':>11} | {'faces':>5} | {'k-of-n votes':>16} | {'fused tracks':>24}")
@@ -610,6 +644,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--draws", type=int, default=20)
     ap.add_argument("--cache-only", action="store_true", help="compute the embedding cache and stop")
     ap.add_argument("--skip-videos", action="store_true", help="leave out the real webcam videos")
+    ap.add_argument("--sheet", type=Path, help="write a PNG of the stranger visits let in at the first threshold")
     ap.add_argument("--thresholds", default=",".join(map(str, THRESHOLDS)), help="comma-separated L2 thresholds")
     args = ap.parse_args(argv)
     THRESHOLDS = tuple(float(t) for t in args.thresholds.split(","))
@@ -621,7 +656,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_config({})
     templates = {f"fused + door templates (<{b}, {n}/person)": cfg.policy.model_copy(
         update={"door_templates": n, "door_template_below": b}) for b, n in TEMPLATE_SETTINGS}
-    lfw_benchmark(data, list(people), args.draws, cfg.tracking, cfg.policy, templates)
+    lfw_benchmark(data, list(people), args.draws, cfg.tracking, cfg.policy, templates, args.sheet)
     if not args.skip_videos:
         video_benchmark(pipeline, cfg.tracking, cfg.policy, cfg.recognition.threshold)
     return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from facedoor.match import Gallery, Match
+from facedoor.match import Gallery, Match, person_templates
 
 
 def _unit(v: np.ndarray) -> np.ndarray:
@@ -113,3 +113,35 @@ def test_identify_against_100k_embeddings_is_exact() -> None:
     m = g.identify(q)
     assert m.identity == names[54321]
     assert m.distance == pytest.approx(float(np.linalg.norm(emb - q, axis=1).min()), abs=1e-5)
+
+
+def test_person_templates_are_normalised_means_in_first_appearance_order() -> None:
+    rng = np.random.default_rng(3)
+    rows = rng.normal(size=(5, 16)).astype(np.float32)
+    rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+    names, templates = person_templates(["bo", "ana", "bo", "ana", "bo"], rows)
+    assert names == ["bo", "ana"]
+    for name, idx, template in ((names[0], [0, 2, 4], templates[0]), (names[1], [1, 3], templates[1])):
+        mean = rows[idx].mean(axis=0)
+        np.testing.assert_allclose(template, mean / np.linalg.norm(mean), atol=1e-6, err_msg=name)
+    assert person_templates([], np.zeros((0, 16), np.float32))[1].shape == (0, 16)
+
+
+def test_a_template_is_nearer_to_a_fresh_photo_of_the_person_than_its_rows_on_average() -> None:
+    """Why the door matches templates: the mean of noisy photos of one face sits nearer its next photo."""
+    rng = np.random.default_rng(4)
+    face = rng.normal(size=128)
+    photos = face + 0.9 * rng.normal(size=(3, 128)) * np.linalg.norm(face) / np.sqrt(128)
+    photos /= np.linalg.norm(photos, axis=1, keepdims=True)
+    _, (template,) = person_templates(["ana"] * 3, photos.astype(np.float32))
+    probes = face + 0.9 * rng.normal(size=(200, 128)) * np.linalg.norm(face) / np.sqrt(128)
+    probes /= np.linalg.norm(probes, axis=1, keepdims=True)
+    to_template = np.linalg.norm(probes - template, axis=1)
+    to_nearest_photo = np.linalg.norm(probes[:, None] - photos[None], axis=2).min(axis=1)
+    assert np.median(to_template) < np.median(to_nearest_photo)
+
+
+def test_rows_that_cancel_out_have_no_template() -> None:
+    v = np.eye(4, dtype=np.float32)[:1]
+    with pytest.raises(ValueError, match="cancel out"):
+        person_templates(["ana", "ana"], np.concatenate([v, -v]))

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from facedoor.files import open_private, private_dir
-from facedoor.match import Gallery
+from facedoor.match import Gallery, person_templates
 
 log = logging.getLogger(__name__)
 
@@ -341,7 +341,8 @@ class EmbeddingStore:
         return [Identity(name, created, count, stale, door) for name, created, count, stale, door in rows]
 
     def gallery(self, threshold: float = 0.7) -> Gallery:
-        """All embeddings (enrolment and door templates) as a Gallery; refuses another encoder's."""
+        """Each person's enrolment template (the mean of its enrolment embeddings) and door templates
+        as a Gallery; refuses another encoder's embeddings."""
         with self._transaction(read=True):
             stale = self._db.execute(
                 "SELECT DISTINCT i.name FROM embeddings e JOIN identities i ON i.id = e.identity_id"
@@ -349,8 +350,8 @@ class EmbeddingStore:
                 (self.encoder_sha256,),
             ).fetchall()
             rows = self._db.execute(
-                "SELECT i.name, e.vector, e.dim FROM embeddings e JOIN identities i ON i.id = e.identity_id"
-                " ORDER BY e.id"
+                f"SELECT i.name, e.vector, e.dim, {self._kind} FROM embeddings e"
+                " JOIN identities i ON i.id = e.identity_id ORDER BY e.id"
             ).fetchall()
         if stale:
             names = ", ".join(n for (n,) in stale)
@@ -359,12 +360,15 @@ class EmbeddingStore:
                 f"(identities: {names}); re-enrol them with `facedoor enroll --replace NAME IMAGE...` "
                 "or remove them: embeddings of different models are never mixed"
             )
-        dims = {dim for _, _, dim in rows}
-        if len(dims) > 1 or any(len(blob) != 4 * dim for _, blob, dim in rows):
+        dims = {dim for _, _, dim, _ in rows}
+        if len(dims) > 1 or any(len(blob) != 4 * dim for _, blob, dim, _ in rows):
             raise StoreError(f"{self.path}: damaged embedding rows (inconsistent vector sizes)")
         dim = dims.pop() if dims else 0
-        matrix = np.frombuffer(b"".join(blob for _, blob, _ in rows), dtype="<f4").reshape(len(rows), dim)
-        return Gallery([name for name, _, _ in rows], matrix.astype(np.float32), threshold)
+        matrix = np.frombuffer(b"".join(blob for _, blob, _, _ in rows), dtype="<f4").reshape(len(rows), dim)
+        enrolment = np.array([kind == ENROLMENT for _, _, _, kind in rows], dtype=bool)
+        people, templates = person_templates([r[0] for r, e in zip(rows, enrolment) if e], matrix[enrolment])
+        door = [r[0] for r, e in zip(rows, enrolment) if not e]
+        return Gallery(people + door, np.concatenate([templates, matrix[~enrolment].astype(np.float32)]), threshold)
 
     def _query(self, sql: str, params: tuple = ()) -> list[tuple]:
         try:

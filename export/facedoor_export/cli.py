@@ -9,7 +9,8 @@ Models come in groups (`--only facenet,mtcnn`). Each group is one `ModelGroup` e
    skip an up-to-date model, and `convert.export_onnx(...)` to convert, parity-check and write.
    Raise `errors.ExportError("one clear line")` for anything the user must fix.
 2. add `ModelGroup("name", "facedoor_export.<module>", "help", options=(Option(...), ...))`
-   to `GROUPS`. `sources` lists the modules whose code changes make the group's outputs stale.
+   to `GROUPS`. `sources` lists the modules whose code changes make the group's outputs stale;
+   `needs` the groups whose models it reads from `--out` (they run first when selected too).
 
 Group modules are imported only when exported, so `--help` never loads TensorFlow.
 """
@@ -47,6 +48,7 @@ class ModelGroup:
     options: tuple[Option, ...] = ()
     default: bool = False
     sources: tuple[str, ...] = field(default=())
+    needs: tuple[str, ...] = field(default=())
 
     def digest_modules(self) -> tuple[str, ...]:
         return (self.module.rsplit(".", 1)[-1], *self.sources)
@@ -73,6 +75,7 @@ GROUPS: tuple[ModelGroup, ...] = (
                              "../shared/data/faces/lfw-devtrain)"),
                  Option("--calibration-images", metavar="N", type=int,
                         help="calibration photos (default 300; the check set is a third, at least 100)"),),
+        needs=("facenet", "mtcnn"),
     ),
     ModelGroup(
         "mtcnn", "facedoor_export.mtcnn",
@@ -122,7 +125,14 @@ def _parse_only(values: Sequence[str] | None) -> list[ModelGroup]:
     if unknown:
         raise ExportError(f"unknown model group {', '.join(unknown)} in --only "
                           f"(choose from {', '.join(by_name)})")
-    return [by_name[n] for n in dict.fromkeys(names)]
+    chosen = [by_name[n] for n in dict.fromkeys(names)]
+    # a group runs after the selected groups it needs (GROUPS declares no cycles)
+    ordered: list[ModelGroup] = []
+    while chosen:
+        ready = next(g for g in chosen if not set(g.needs) & {c.name for c in chosen if c is not g})
+        chosen.remove(ready)
+        ordered.append(ready)
+    return ordered
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -151,7 +161,8 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     """Export the selected groups into args.out and rewrite its manifest; return the entries.
 
     New ONNX files stay under temp names until every group has succeeded, so a failed run
-    leaves the directory (files and manifest) as it was.
+    leaves the directory (files and manifest) as it was; except that a group which reads models
+    built earlier in the same run (`needs`) finds them committed with their manifest first.
     """
     groups = _parse_only(args.only)
     out: Path = args.out
@@ -167,13 +178,18 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     ctx = ExportContext(out=out, args=args, force=args.force, previous=previous)
     models = {name: entry for name, entry in previous.items()
               if (out / str(entry.get("file", ""))).is_file()}
+    built: set[str] = set()
     try:
         for group in groups:
+            if set(group.needs) & built:
+                ctx.commit()
+                manifest.write_manifest(out, models, ctx.opset)
             started = time.monotonic()
             ctx.digest = manifest.source_digest(group.digest_modules(), ctx.opset)
             module = importlib.import_module(group.module)
             for name, entry in module.export(ctx):
                 models[name] = entry
+            built.add(group.name)
             print(f"{group.name}: done in {time.monotonic() - started:.1f} s")
         ctx.commit()
     finally:

@@ -131,6 +131,25 @@ def test_int8_needs_the_float_model(export_cli, tmp_path: Path) -> None:
     assert code == 2 and "needs the float facenet and mtcnn" in err
 
 
+def test_int8_in_the_same_run_as_the_models_it_needs(export_cli, float_models: Path, shared_dir: Path,
+                                                    tmp_path: Path) -> None:
+    """`--only facenet_int8,mtcnn`: MTCNN is built first and committed, then quantisation reads it."""
+    from facedoor.models import Manifest
+
+    out = tmp_path / "models"
+    out.mkdir()
+    shutil.copy(float_models / "facenet.onnx", out)
+    manifest = json.loads((float_models / "manifest.json").read_text())
+    manifest["models"] = {"facenet": manifest["models"]["facenet"]}  # the float encoder only, no detector
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    code, stdout, err = _quantize(export_cli, out, shared_dir / "data/faces/lfw-devtrain", "--only", "mtcnn")
+    assert code == 0, err
+    assert stdout.index("mtcnn: done") < stdout.index("facenet_int8: done")
+    entries = Manifest.load(out).entries
+    assert {"facenet", "facenet_int8", "mtcnn_pnet", "mtcnn_rnet", "mtcnn_onet"} <= set(entries)
+    assert Manifest.load(out).verify("facenet_int8") == out / "facenet_int8.onnx"
+
+
 def test_calibration_people_are_not_in_the_pairs(shared_dir: Path) -> None:
     from facedoor_export.quantize import pair_people, photo_split
 
