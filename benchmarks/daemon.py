@@ -1,42 +1,68 @@
-"""Benchmark `facedoor run`: frame-to-MQTT latency, sustained frame rate and peak memory.
+"""Benchmark `facedoor run` with the idle gate on (the product default) and off, side by side.
 
-Runs the real daemon (subprocess) on a looping walk-up video (5-celebrity val photos, 3 enrolled
-people and 1 stranger, 25 fps, paced like a live camera) against a private Mosquitto, with a
-short cooldown so decisions keep coming, once per detector (MTCNN, and YuNet when
-../shared/models/yunet is present), and prints both side by side. Latency is measured from the
-frame's capture time (`ts_ms` in the decision) to the moment a subscriber receives the decision.
+Runs the real daemon (subprocess, `facedoor run --source VIDEO`, the video paced like a live
+camera) against a private Mosquitto, with the product's defaults (the liveness gate is on when the
+antispoof models are exported) except a 0.5 s cooldown so that every visit decides; per detector
+(MTCNN; YuNet with --detectors when ../shared/models/yunet is present) and per setting, two runs:
 
-    .venv/bin/python benchmarks/daemon.py                       # 5 minutes per detector
-    .venv/bin/python benchmarks/daemon.py --seconds 60          # shorter
-    .venv/bin/python benchmarks/daemon.py --detectors mtcnn     # one detector
+1. Empty door (benchmarks/idle.py's video: a door, light changes, no person): the daemon's CPU
+   share of one core from /proc/<pid>/stat over --idle-seconds, after --warmup seconds from the
+   moment its camera opened; detector passes per second from its health reports.
+2. Walk-up (5-celebrity val photos, 3 enrolled people and a stranger, on a still doorway; every
+   visit begins after --gap seconds of empty door, so the gate is idle when the face appears):
+   for each visit of an enrolled person, the time from the capture of the first frame that shows
+   the face to the unlock at the subscriber; every decision's capture -> subscriber latency; fps.
+   A frame's capture time follows from the video (frame i is i / fps after the first) and the
+   camera's pacing, anchored at its `camera_up` log record; the capture time that each decision
+   carries checks the schedule (the "camera pacing" line). A camera that falls behind its
+   schedule makes the walk-up times longer, never shorter.
 
-Targets (2 cores, facenet + MTCNN): p95 <= 100 ms, >= 15 fps, peak RSS <= 400 MB.
+Peak RSS (VmHWM) is the larger of the two runs.
+
+    .venv/bin/python benchmarks/daemon.py                                   # about 6 minutes
+    .venv/bin/python benchmarks/daemon.py --seconds 30 --idle-seconds 30    # shorter
+    .venv/bin/python benchmarks/daemon.py --detectors mtcnn,yunet           # a YuNet column too
+
+Targets (2 cores, facenet + MTCNN): empty door <= 10 % of one core with the gate on; a visit's
+unlock at most one idle detector period (1 / idle.detect_fps) later than with the gate off;
+p95 capture -> subscriber <= 100 ms; >= 15 fps with the gate off; peak RSS <= 400 MB.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import math
 import os
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
-import paho.mqtt.client as mqtt
-import yaml
-from paho.mqtt.enums import CallbackAPIVersion
-
+from facedoor.config import IdleConfig
 from facedoor.demo import datasets
-from facedoor.demo.broker import PrivateBroker, mosquitto_binary
-from facedoor.demo.walkup import Visitor, write_walkup
+from facedoor.demo.broker import PrivateBroker, Subscriber, mosquitto_binary
+from facedoor.demo.walkup import Segment, Visitor, write_walkup
+from idle import cpu_seconds, write_empty_door
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from daemon_support import Daemon, write_config  # noqa: E402
 
 BIN = Path(sys.executable).parent
 ENROLLED = ("jerry_seinfeld", "mindy_kaling", "ben_afflek")
 STRANGER = "elton_john"
+VISIT_S = 3.0
+GRACE_S = 1.0  # a run goes on this long after its measured window: decisions in flight arrive
+YUNET = Path(__file__).resolve().parents[1].parent / "shared/models/yunet/face_detection_yunet_2023mar.onnx"
+SETTINGS = {"on": {}, "off": {"idle": {"enabled": False}}}  # the idle gate; on is the product default
+RISE = "walk-up: rise vs gate off, median / max of visits  [<= 1 detector period]"
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -52,107 +78,192 @@ def rss_mb(pid: int, key: str) -> float:
     return float("nan")
 
 
-YUNET = Path(__file__).resolve().parents[1].parent / "shared/models/yunet/face_detection_yunet_2023mar.onnx"
+@dataclass
+class Run:
+    """What one daemon run recorded, wall-clock times in seconds since the epoch."""
+
+    decisions: list[dict[str, Any]]  # payloads, receive time under `_recv`
+    health: list[dict[str, Any]]     # payloads received in the measured window
+    camera_t0: float                 # the camera opened (its `camera_up` log record): frame 0 is read
+    start: float                     # the measured window
+    end: float
+    cpu_share: float                 # CPU seconds per wall second over the window (1.0 = one core)
+    peak_mb: float
 
 
-def run_once(detector: str, args: argparse.Namespace, models: Path, work: Path, video: Path,
-             store: Path) -> dict[str, str]:
-    """One measured daemon run with DETECTOR; returns the table column."""
-    procs: list[subprocess.Popen] = []
-    broker = PrivateBroker(work / f"mosquitto-{detector}")
+def wait_message(sub: Subscriber, daemon: Daemon, predicate: Callable[[dict[str, Any]], bool],
+                 timeout: float) -> dict[str, Any]:
+    """The first message that satisfies PREDICATE, as it arrives; exits with the log if the daemon stops first."""
+    deadline = time.monotonic() + timeout
+    while (message := sub.wait_for(predicate, 1.0)) is None:
+        if daemon.proc.poll() is not None or time.monotonic() > deadline:
+            sys.exit(f"daemon exited ({daemon.proc.poll()}) or timed out before the message:\n{daemon.log()[-3000:]}")
+    return message
+
+
+def stays_up(daemon: Daemon, until: float) -> None:
+    """Return at wall time UNTIL, or exit with the log as soon as the daemon stops before it."""
     try:
-        broker.start()
-        port = broker.port
+        daemon.proc.wait(max(0.0, until - time.time()))
+    except subprocess.TimeoutExpired:
+        return
+    sys.exit(f"daemon exited early ({daemon.proc.returncode}):\n{daemon.log()[-3000:]}")
 
-        received: list[tuple[float, dict]] = []
-        health: list[tuple[float, dict]] = []
-        lock = threading.Lock()
 
-        def on_message(client, userdata, msg) -> None:
-            now = time.time()
-            with lock:
-                (received if msg.topic.endswith("/decision") else health).append((now, json.loads(msg.payload)))
+def log_time(record: dict[str, Any]) -> float:
+    """Epoch seconds of a JSON log record's `ts` (UTC, milliseconds)."""
+    return datetime.strptime(record["ts"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc).timestamp()
 
-        sub = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-        sub.on_message = on_message
-        sub.on_connect = lambda c, u, f, r, p: c.subscribe([("facedoor/bench/decision", 1),
-                                                             ("facedoor/bench/health", 0)])
-        sub.connect("127.0.0.1", port)
-        sub.loop_start()
 
-        config = work / f"facedoor-{detector}.yaml"
-        recognition: dict = {"threads": args.threads, "detector": detector}
-        if detector == "yunet":
-            recognition["yunet_model"] = str(YUNET)
-        config.write_text(yaml.safe_dump({
-            "door_id": "bench", "state_dir": str(work), "models": str(models), "store": str(store),
-            "recognition": recognition,
-            "policy": {"cooldown_s": 0.5, "unknown_interval_s": 0.5},
-            "mqtt": {"port": port, "health_interval_s": 2.0},
-            "audit": {"enabled": False},
-            "logging": {"level": "WARNING"},
-        }))
-        daemon = subprocess.Popen([str(BIN / "facedoor"), "--config", str(config), "run", "--source", str(video),
-                                   "--loop"], stderr=subprocess.PIPE, text=True)
-        procs.append(daemon)
-        measure_from = time.time() + args.warmup
-        end = measure_from + args.seconds
-        print(f"{detector}: {args.warmup:.0f} s warm-up + {args.seconds:.0f} s measured ...", flush=True)
-        while time.time() < end:
-            if daemon.poll() is not None:
-                sys.exit(f"daemon exited early ({daemon.returncode}):\n{daemon.stderr.read()[-3000:]}")
-            time.sleep(1.0)
-        peak = rss_mb(daemon.pid, "VmHWM")
-        daemon.terminate()
-        daemon.wait(20)
-        sub.loop_stop()
+def run_daemon(name: str, sections: dict[str, Any], video: Path, seconds: float, args: argparse.Namespace,
+               work: Path, store: Path) -> Run:
+    """The daemon with config SECTIONS on VIDEO: --warmup s after its camera opens, then SECONDS measured."""
+    with PrivateBroker(work / f"mosquitto-{name}") as broker:
+        config = write_config(work / f"{name}.yaml", args.models, store, broker.port, **sections)
+        sub = Subscriber(broker.host, broker.port, "facedoor/front/decision", "facedoor/front/health")
+        daemon = Daemon(config, str(video))
+        try:
+            wait_message(sub, daemon, lambda m: m["topic"].endswith("/health")
+                         and json.loads(m["payload"])["camera"] == "up", 300)
+            opened = daemon.events("camera_up")
+            if not opened:
+                sys.exit(f"{name}: the camera is up but its camera_up log record is missing:\n{daemon.log()[-3000:]}")
+            camera_t0 = log_time(opened[0])
+            start = camera_t0 + args.warmup
+            stays_up(daemon, start)
+            cpu, mono = cpu_seconds(daemon.proc.pid), time.monotonic()
+            stays_up(daemon, start + seconds)
+            cpu_share = (cpu_seconds(daemon.proc.pid) - cpu) / (time.monotonic() - mono)
+            end = time.time()
+            stays_up(daemon, end + GRACE_S)
+            peak = rss_mb(daemon.proc.pid, "VmHWM")
+            if len(daemon.events("camera_up")) != 1:
+                sys.exit(f"{name}: the camera reopened; the walk-up schedule is lost:\n{daemon.log()[-3000:]}")
+        finally:
+            daemon.terminate()
+            daemon.kill()
+            sub.stop()
+    health = [json.loads(m["payload"]) for m in sub.on("health") if start <= m["recv"] <= end]
+    return Run(sub.decisions(), health, camera_t0, start, end, cpu_share, peak)
 
-        with lock:
-            decisions = [(recv, d) for recv, d in received if d["ts_ms"] / 1000 >= measure_from]
-            reports = [h for recv, h in health if recv >= measure_from]
-        if not decisions or not reports:
-            sys.exit(f"{detector}: no decisions or health reports were received during the measured run")
-        e2e = [(recv - d["ts_ms"] / 1000) * 1000 for recv, d in decisions]
-        internal = [d["latency_ms"] for _, d in decisions]
-        fps = [h["fps"] for h in reports]
-        late = sum(1 for recv, d in decisions if recv - d["ts_ms"] / 1000 > d["ttl_s"])
-        unlock = sum(1 for _, d in decisions if d["decision"] == "unlock")
-        return {
-            "decisions received (unlock / deny)": f"{len(decisions)} ({unlock} / {len(decisions) - unlock})",
-            "capture -> subscriber, median": f"{statistics.median(e2e):.1f} ms",
-            "capture -> subscriber, p95  [<= 100 ms]": f"{percentile(e2e, 95):.1f} ms",
-            "capture -> publish (in daemon), median / p95":
-                f"{statistics.median(internal):.1f} / {percentile(internal, 95):.1f} ms",
-            "processed fps, median of 10 s windows  [>= 15]": f"{statistics.median(fps):.1f}",
-            "processed fps, min": f"{min(fps):.1f}",
-            "peak RSS (VmHWM)  [<= 400 MB]": f"{peak:.0f} MB",
-            "decisions delivered after their TTL  [0]": f"{late}",
-        }
-    finally:
-        broker.stop()
-        for proc in reversed(procs):
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+
+def idle_rows(run: Run) -> dict[str, str]:
+    """The empty-door rows: CPU share and detector passes per second from the health counts."""
+    if len(run.health) < 2:
+        sys.exit("empty door: fewer than two health reports in the measured window")
+    first, last = run.health[0], run.health[-1]
+
+    def passes(h: dict[str, Any]) -> int:
+        return h["frames"] - h["skipped_idle"] - h["skipped_offline"]
+
+    span = last["uptime_s"] - first["uptime_s"]
+    return {
+        "empty door: CPU, % of one core  [<= 10 % gate on]": f"{100 * run.cpu_share:.1f} %",
+        "empty door: detector passes / frames per s":
+            f"{(passes(last) - passes(first)) / span:.1f} / {(last['frames'] - first['frames']) / span:.1f}",
+        "empty door: unlock / deny decisions  [0 / 0]":
+            f"{sum(d['decision'] == 'unlock' for d in run.decisions)} / "
+            f"{sum(d['decision'] == 'deny' for d in run.decisions)}",
+    }
+
+
+def visit_latencies(run: Run, segments: list[Segment], fps: float) -> tuple[dict[int, float | None], list[float]]:
+    """Per measured visit of an enrolled person (by index in SEGMENTS): seconds from the capture of its
+    first face frame to its first unlock at the subscriber (None: no unlock); and the pacing residuals."""
+    period = 1.0 / fps
+    # a decision carries its frame's capture time: on the camera's schedule, frame j is read at
+    # camera_t0 + j * period plus the read itself (ts_ms and the log's ts are truncated to ms)
+    residuals = []
+    for d in run.decisions:
+        since = d["ts_ms"] / 1000 - run.camera_t0
+        residuals.append(since - math.floor((since + 0.002) / period) * period)
+    read_s = statistics.median(residuals) if residuals else 0.0
+    out: dict[int, float | None] = {}
+    for i, seg in enumerate(segments):
+        face_t = run.camera_t0 + seg.first_frame(fps) * period + read_s
+        end_t = run.camera_t0 + seg.end_s
+        if seg.name not in ENROLLED or face_t < run.start or end_t > run.end:
+            continue
+        unlocks = [d["_recv"] for d in run.decisions if d["decision"] == "unlock" and d["identity"] == seg.name
+                   and face_t - 0.002 <= d["ts_ms"] / 1000 <= end_t]
+        out[i] = min(unlocks) - face_t if unlocks else None
+    return out, residuals
+
+
+def walkup_rows(run: Run, visits: dict[int, float | None]) -> dict[str, str]:
+    """The walk-up rows: first face -> unlock per visit, capture -> subscriber of all decisions, fps."""
+    decisions = [d for d in run.decisions if run.start <= d["ts_ms"] / 1000 <= run.end]
+    if not decisions or not run.health:
+        sys.exit("walk-up: no decisions or health reports were received during the measured window")
+    e2e = [(d["_recv"] - d["ts_ms"] / 1000) * 1000 for d in decisions]
+    internal = [d["latency_ms"] for d in decisions]
+    unlocked = [1000 * v for v in visits.values() if v is not None]
+    unlock = sum(d["decision"] == "unlock" for d in decisions)
+    return {
+        "walk-up: member visits unlocked": f"{len(unlocked)} / {len(visits)}",
+        "walk-up: first face -> unlock at subscriber, median":
+            f"{statistics.median(unlocked):.0f} ms" if unlocked else "-",
+        "walk-up: first face -> unlock at subscriber, max": f"{max(unlocked):.0f} ms" if unlocked else "-",
+        RISE: "-",  # the gate-on column's is filled in once both settings ran
+        "walk-up: decisions (unlock / deny)": f"{len(decisions)} ({unlock} / {len(decisions) - unlock})",
+        "walk-up: liveness gate (live_score in decisions)":
+            "on" if any(d["live_score"] is not None for d in decisions) else "off",
+        "capture -> subscriber, median": f"{statistics.median(e2e):.1f} ms",
+        "capture -> subscriber, p95  [<= 100 ms]": f"{percentile(e2e, 95):.1f} ms",
+        "capture -> publish (in daemon), median / p95":
+            f"{statistics.median(internal):.1f} / {percentile(internal, 95):.1f} ms",
+        "processed fps, median of 10 s windows  [>= 15 gate off]":
+            f"{statistics.median(h['fps'] for h in run.health):.1f}",
+        "decisions delivered after their TTL  [0]":
+            f"{sum(d['_recv'] - d['ts_ms'] / 1000 > d['ttl_s'] for d in decisions)}",
+    }
+
+
+def rise_row(on: dict[int, float | None], off: dict[int, float | None], period_s: float) -> str:
+    """Gate on minus gate off, per visit unlocked in both: median and max, against one detector period."""
+    rises = [1000 * (on[i] - off_s) for i, off_s in off.items() if off_s is not None and on.get(i) is not None]
+    if not rises:
+        return "-"
+    worst = max(rises)
+    verdict = "within" if worst <= 1000 * period_s else "EXCEEDS"
+    return f"{statistics.median(rises):+.0f} / {worst:+.0f} ms ({verdict} {1000 * period_s:.0f})"
+
+
+def walkup_video(path: Path, celeb: Path, seconds: float, args: argparse.Namespace) -> list[Segment]:
+    """A still-doorway walk-up long enough for warm-up, SECONDS measured and the grace: the enrolled
+    people (each val photo in turn) and every fourth visit the stranger; returns its timeline."""
+    photos = {n: sorted((celeb / "val" / n).glob("*.jpg")) for n in (*ENROLLED, STRANGER)}
+    visits = math.ceil((args.warmup + seconds + GRACE_S) / (VISIT_S + args.gap)) + 1
+    people = itertools.cycle((*ENROLLED, STRANGER))
+    visitors = [Visitor(n, photos[n][(i // 4) % len(photos[n])]) for i, n in zip(range(visits), people)]
+    return write_walkup(path, visitors, fps=args.fps, visit_s=VISIT_S, gap_s=args.gap, still=True)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=float, default=300.0, help="measured seconds per detector (default 300)")
+    parser.add_argument("--seconds", type=float, default=60.0, help="measured walk-up seconds per run (default 60)")
+    parser.add_argument("--idle-seconds", type=float, default=60.0,
+                        help="measured empty-door seconds per run (default 60)")
     parser.add_argument("--models", type=Path, default=None,
                         help="models directory (default: ./models, else the test cache)")
-    parser.add_argument("--detectors", default="mtcnn,yunet", help="comma-separated: mtcnn, yunet")
+    parser.add_argument("--detectors", default="mtcnn", help="comma-separated: mtcnn, yunet (default mtcnn)")
     parser.add_argument("--fps", type=float, default=25.0, help="camera (video) frame rate")
     parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads")
-    parser.add_argument("--warmup", type=float, default=10.0, help="seconds ignored at the start of each run")
+    parser.add_argument("--warmup", type=float, default=10.0, help="seconds ignored after the camera opens")
+    hold = IdleConfig().active_hold_s
+    parser.add_argument("--gap", type=float, default=hold + 1.5,
+                        help=f"seconds of empty door before each visit (default {hold + 1.5:g}: the gate's "
+                             f"{hold:g} s hold after the last visitor, then idle)")
     args = parser.parse_args()
+    if args.gap <= hold:
+        parser.error(f"--gap must exceed idle.active_hold_s ({hold:g} s): the gate must be idle when a face appears")
+    if args.seconds < VISIT_S + args.gap or args.idle_seconds < 5 or args.warmup < 0 or args.fps <= 0:
+        parser.error(f"need --seconds >= {VISIT_S + args.gap:g} (one visit), --idle-seconds >= 5, --warmup >= 0, "
+                     "--fps > 0")
 
-    models = args.models or next((p for p in (Path("models"), datasets.cache_dir() / "test-models")
-                                  if (p / "manifest.json").is_file()), None)
-    if models is None:
+    args.models = args.models or next((p for p in (Path("models"), datasets.cache_dir() / "test-models")
+                                       if (p / "manifest.json").is_file()), None)
+    if args.models is None:
         sys.exit("no models: run `facedoor-export --out models --only facenet,mtcnn` first")
     if mosquitto_binary() is None:
         sys.exit("mosquitto not installed (`make mosquitto`)")
@@ -160,31 +271,58 @@ def main() -> int:
     if "yunet" in detectors and not YUNET.is_file():
         print(f"skipping yunet: {YUNET} not found (../shared)")
         detectors.remove("yunet")
+    period_s = 1.0 / IdleConfig().detect_fps
     celeb = datasets.celebrity_faces_dir()
     work = Path(tempfile.mkdtemp(prefix="facedoor-bench-"))
     try:
         store = work / "store.db"
         for name in ENROLLED:
             photos = sorted(str(p) for p in (celeb / "train" / name).glob("*.jpg"))
-            subprocess.run([str(BIN / "facedoor"), "--models", str(models), "--store", str(store), "enroll",
+            subprocess.run([str(BIN / "facedoor"), "--models", str(args.models), "--store", str(store), "enroll",
                             "--skip-bad", name, *photos], check=True, capture_output=True)
-        visitors = [Visitor(n, sorted((celeb / "val" / n).glob("*.jpg"))[0]) for n in (*ENROLLED, STRANGER)]
-        video = work / "walkup.avi"
-        write_walkup(video, visitors, fps=args.fps, visit_s=3.0, gap_s=1.0)
-        load_before = os.getloadavg()[0]
-        columns = {d: run_once(d, args, models, work, video, store) for d in detectors}
-        load_after = os.getloadavg()[0]
+        empty = write_empty_door(work / "empty-door.mp4", args.warmup + args.idle_seconds + GRACE_S + 5.0, args.fps)
+        walkup = work / "walkup.avi"
+        segments = walkup_video(walkup, celeb, args.seconds, args)
+        load_before = os.getloadavg()
+        columns: dict[str, dict[str, str]] = {}
+        for detector in detectors:
+            visits: dict[str, dict[int, float | None]] = {}
+            for setting, gate in SETTINGS.items():
+                recognition: dict[str, Any] = {"threads": args.threads, "detector": detector}
+                if detector == "yunet":
+                    recognition["yunet_model"] = str(YUNET)
+                sections = {**gate, "recognition": recognition, "mqtt": {"health_interval_s": 2.0},
+                            "policy": {"cooldown_s": 0.5, "unknown_interval_s": 0.5}}
+                label = f"{detector}, gate {setting}"
+                print(f"{label}: empty door {args.warmup:g} + {args.idle_seconds:g} s, walk-up "
+                      f"{args.warmup:g} + {args.seconds:g} s ...", flush=True)
+                quiet = run_daemon(f"{detector}-{setting}-empty", sections, empty, args.idle_seconds, args, work,
+                                   store)
+                walk = run_daemon(f"{detector}-{setting}-walkup", sections, walkup, args.seconds, args, work, store)
+                visits[setting], residuals = visit_latencies(walk, segments, args.fps)
+                columns[label] = {
+                    **idle_rows(quiet), **walkup_rows(walk, visits[setting]),
+                    "peak RSS (VmHWM)  [<= 400 MB]": f"{max(quiet.peak_mb, walk.peak_mb):.0f} MB",
+                    "camera pacing: decision frames read after schedule, median / max":
+                        f"{1000 * statistics.median(residuals):.0f} / {1000 * max(residuals):.0f} ms"
+                        if residuals else "-",
+                }
+            columns[f"{detector}, gate on"][RISE] = rise_row(visits["on"], visits["off"], period_s)
+        load_after = os.getloadavg()
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
     rows = list(next(iter(columns.values())))
     width = max(len(r) for r in rows)
-    print(f"\nfacedoor daemon benchmark: {args.seconds:.0f} s measured per detector, {os.cpu_count()} CPUs, "
-          f"{args.threads} ORT threads, camera {args.fps:g} fps, cooldown 0.5 s, "
-          f"load average {load_before:.1f} -> {load_after:.1f}")
-    print(f"{'metric  [target]'.ljust(width)}  " + "  ".join(f"{d:>24}" for d in columns))
+    print(f"\nfacedoor daemon benchmark: idle gate on (product default, idle.detect_fps {IdleConfig().detect_fps:g}: "
+          f"detector period {1000 * period_s:.0f} ms) vs off (idle.enabled: false); empty door {args.idle_seconds:g} s "
+          f"and walk-up {args.seconds:g} s measured per run after {args.warmup:g} s warm-up; {os.cpu_count()} CPUs, "
+          f"{args.threads} ORT threads, camera {args.fps:g} fps, {args.gap:g} s empty door before each "
+          f"{VISIT_S:g} s visit, cooldown 0.5 s; load average (1/5/15 min) "
+          f"{'/'.join(f'{x:.1f}' for x in load_before)} -> {'/'.join(f'{x:.1f}' for x in load_after)}")
+    print(f"{'metric  [target]'.ljust(width)}  " + "  ".join(f"{c:>24}" for c in columns))
     for row in rows:
-        print(f"{row.ljust(width)}  " + "  ".join(f"{columns[d][row]:>24}" for d in columns))
+        print(f"{row.ljust(width)}  " + "  ".join(f"{columns[c][row]:>24}" for c in columns))
     return 0
 
 

@@ -1,12 +1,15 @@
 """Synthetic door-camera footage: real face photos walking up to the door, written with OpenCV.
 
 Each visitor's photo is pasted, with a feathered elliptical edge, on a background that pans,
-has a passer-by moving across it and fresh sensor noise in every frame; the photo grows as the
-visitor approaches and sways a little. Tests, the benchmark and `facedoor demo` use it to drive
-the real daemon as a live camera would (a video file paced at its frame rate).
+has a passer-by moving across it and fresh sensor noise in every frame (or, `still`, a doorway
+where only the visitor moves: the idle gate's case); the photo grows as the visitor approaches
+and sways a little. Tests, the benchmark and `facedoor demo` use it to drive the real daemon as
+a live camera would (a video file paced at its frame rate).
 """
 from __future__ import annotations
 
+import itertools
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +36,10 @@ class Segment:
     photo: str
     start_s: float
     end_s: float
+
+    def first_frame(self, fps: float) -> int:
+        """Index of the first frame that shows the visitor (`render` draws frame i at i / FPS seconds)."""
+        return next(i for i in itertools.count(max(0, math.floor(self.start_s * fps) - 1)) if i / fps >= self.start_s)
 
 
 def _background(size: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
@@ -86,8 +93,8 @@ def plan(visitors: Sequence[Visitor], visit_s: float, gap_s: float) -> list[Segm
 
 
 def render(visitors: Sequence[Visitor], *, fps: float = 10.0, size: tuple[int, int] = (640, 480),
-           visit_s: float = 3.0, gap_s: float = 1.0, seed: int = 0) -> Iterator[np.ndarray]:
-    """Yield the BGR frames of the walk-up video (see `plan` for its timeline)."""
+           visit_s: float = 3.0, gap_s: float = 1.0, seed: int = 0, still: bool = False) -> Iterator[np.ndarray]:
+    """Yield the BGR frames of the walk-up video (see `plan` for its timeline); STILL: no pan, no passer-by."""
     rng = np.random.default_rng(seed)
     w, h = size
     bg = _background(size, rng)
@@ -97,10 +104,11 @@ def render(visitors: Sequence[Visitor], *, fps: float = 10.0, size: tuple[int, i
     total = segments[-1].end_s + gap_s if segments else gap_s
     for i in range(int(round(total * fps))):
         t = i / fps
-        pan = int((np.sin(t * 0.4) * 0.5 + 0.5) * w * 0.5)
+        pan = 0 if still else int((np.sin(t * 0.4) * 0.5 + 0.5) * w * 0.5)
         frame = bg[:, pan:pan + w].copy()
-        walker_x = (t * 90) % (w + 200) - 100  # a passer-by crossing in the background
-        cv2.ellipse(frame, (int(walker_x), int(h * 0.55)), (35, 110), 0, 0, 360, (50, 45, 40), -1)
+        if not still:
+            walker_x = (t * 90) % (w + 200) - 100  # a passer-by crossing in the background
+            cv2.ellipse(frame, (int(walker_x), int(h * 0.55)), (35, 110), 0, 0, 360, (50, 45, 40), -1)
         for seg, photo, companion in zip(segments, photos, companions):
             if seg.start_s <= t < seg.end_s:
                 p = (t - seg.start_s) / (seg.end_s - seg.start_s)   # 0 -> 1 while approaching
@@ -116,8 +124,8 @@ def render(visitors: Sequence[Visitor], *, fps: float = 10.0, size: tuple[int, i
 
 def write_walkup(path: str | Path, visitors: Sequence[Visitor], *, fps: float = 10.0,
                  size: tuple[int, int] = (640, 480), visit_s: float = 3.0, gap_s: float = 1.0,
-                 seed: int = 0) -> list[Segment]:
-    """Write the walk-up video to PATH (Motion-JPEG AVI) and return its timeline."""
+                 seed: int = 0, still: bool = False) -> list[Segment]:
+    """Write the walk-up video to PATH (Motion-JPEG AVI) and return its timeline (see `render`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fourcc = cv2.VideoWriter_fourcc(*"MJPG")  # type: ignore[attr-defined]  # missing from the stubs
@@ -126,7 +134,7 @@ def write_walkup(path: str | Path, visitors: Sequence[Visitor], *, fps: float = 
         raise RuntimeError(f"OpenCV cannot write {path}")
     writer.set(cv2.VIDEOWRITER_PROP_QUALITY, 90)
     try:
-        for frame in render(visitors, fps=fps, size=size, visit_s=visit_s, gap_s=gap_s, seed=seed):
+        for frame in render(visitors, fps=fps, size=size, visit_s=visit_s, gap_s=gap_s, seed=seed, still=still):
             writer.write(frame)
     finally:
         writer.release()
