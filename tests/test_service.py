@@ -102,6 +102,18 @@ def test_a_stranger_beside_a_member_keeps_the_door_shut(door) -> None:
     assert decisions[0]["identity"] == "alice" and decisions[0]["unknown_near"] == 1
 
 
+def test_a_stranger_the_detector_misses_for_a_frame_still_keeps_the_door_shut(door) -> None:
+    """Tailgating: the stranger's face track lives on for `tracking.max_gap_s`; a frame that shows
+    only the member (the detector lost the stranger) unlocks nothing."""
+    make, sub = door
+    service = make([[face(120, ALICE), face(100, STRANGER, x=180)]] * 3 + [[face(120, ALICE)]] * 3)
+    for f in frames(6):
+        service.process(f)
+    decisions = received(sub)
+    assert [d for d in decisions if d["decision"] == "unlock"] == []
+    assert decisions[0]["reason"] == "companion" and decisions[0]["identity"] == "alice"
+
+
 def test_an_error_in_the_frame_path_decides_nothing_and_breaks_the_evidence(door) -> None:
     make, sub = door
     script = [[face(100, ALICE)], [face(100, ALICE)], RuntimeError("ORT failed"), [face(100, ALICE)],

