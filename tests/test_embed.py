@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from facedoor.embed import Encoder, preprocess
-from facedoor.models import Manifest, ModelError, Preprocessing
+from facedoor.models import Manifest, ModelError, Preprocessing, int8_dot_product
 
 
 def pre(color: str = "RGB", normalize: str = "per_image_standardization", mean=(0.0, 0.0, 0.0),
@@ -110,3 +110,31 @@ def test_manifest_missing_or_bad_contract_field_is_refused_by_name(real_models: 
     (models / "manifest.json").write_text(json.dumps(raw))
     with pytest.raises(ModelError, match=f"'facenet'.*{named}"):
         Manifest.load(models)
+
+
+@pytest.mark.parametrize(("cpuinfo", "expected"), [
+    ("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_vnni avx_vnni\n", True),
+    ("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\n", False),                      # AVX2, no VNNI
+    ("processor\t: 0\nFeatures\t: fp asimd evtstrm aes crc32 asimddp\n", True),     # Arm with dotprod
+    ("processor\t: 0\nFeatures\t: fp asimd evtstrm crc32\n", False),                # Raspberry Pi 4
+])
+def test_int8_dot_product_reads_the_cpu_flags(cpuinfo: str, expected: bool) -> None:
+    assert int8_dot_product(cpuinfo) is expected
+
+
+def test_int8_weights_on_a_cpu_without_a_dot_product_are_warned_about(
+        real_models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    import facedoor.embed
+
+    models = tmp_path / "models"
+    shutil.copytree(real_models, models)
+    manifest = json.loads((models / "manifest.json").read_text())
+    manifest["models"]["facenet"]["quantization"] = {"weights": "int8 per-channel"}
+    (models / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.setattr(facedoor.embed, "int8_dot_product", lambda: False)
+    Encoder(Manifest.load(models), "facenet", 1)
+    assert "no 8-bit dot product" in caplog.text and "--int8-weights uint8" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(facedoor.embed, "int8_dot_product", lambda: True)
+    Encoder(Manifest.load(models), "facenet", 1)
+    assert "dot product" not in caplog.text

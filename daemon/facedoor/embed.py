@@ -10,7 +10,7 @@ import logging
 
 import numpy as np
 
-from facedoor.models import Manifest, ModelError, Preprocessing
+from facedoor.models import Manifest, ModelError, Preprocessing, int8_dot_product
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,11 @@ class Encoder:
             log.warning(
                 "encoder %s was exported from UNTRAINED weights: recognition is meaningless", name
             )
+        quantized = self.entry.extra("quantization") or {}
+        if str(quantized.get("weights", "")).startswith("int8") and not int8_dot_product():
+            log.warning("encoder %s has INT8 weights but this CPU has no 8-bit dot product (VNNI / dotprod): "
+                        "its sums may saturate; rebuild it here with `facedoor-export --only facenet_int8 "
+                        "--int8-weights uint8`", name)
 
     def __call__(self, crops_bgr: np.ndarray) -> np.ndarray:
         """(N, S, S, 3) uint8 BGR crops -> (N, D) float32 unit-length embeddings, one ORT run."""

@@ -96,6 +96,7 @@ def test_int8_export_is_verified_and_hash_pinned(export_cli, float_models: Path,
     assert entry.embedding_dim == 128 and entry.threshold == 0.7
     q = entry.extra("quantization")
     assert q["format"] == "QDQ" and q["calibration_crops"] >= 32 and q["check_crops"] >= 1
+    assert q["weights"] == f"{quantize.weight_type('auto')} per-channel"  # int8 where this CPU has VNNI
     assert q["l2_median"] <= quantize.TOLERANCE_MEDIAN and q["l2_max"] <= quantize.TOLERANCE_MAX
     assert entry.weights["sha256"] == source.sha256
     ops = {n.op_type for n in onnx.load(out / "facenet_int8.onnx").graph.node}
@@ -124,6 +125,27 @@ def test_int8_over_the_tolerance_is_refused_and_nothing_written(
     assert code == 2 and "INT8 embeddings differ from the float model" in err
     assert (out / "manifest.json").read_text() == before
     assert not list(out.glob("*int8*")) and not list(out.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("weights", ["int8", "uint8"])
+def test_int8_weight_type_is_chosen_and_recorded(export_cli, float_models: Path, shared_dir: Path, tmp_path: Path,
+                                                 weights: str) -> None:
+    """`--int8-weights`: the quantised weights have that type in the model, and the manifest says so."""
+    from onnx import numpy_helper
+
+    from facedoor.models import Manifest
+
+    out = tmp_path / "models"
+    shutil.copytree(float_models, out)
+    code, _, err = _quantize(export_cli, out, shared_dir / "data/faces/lfw-devtrain", "--int8-weights", weights)
+    assert code == 0, err
+    assert Manifest.load(out).entry("facenet_int8").extra("quantization")["weights"] == f"{weights} per-channel"
+    graph = onnx.load(out / "facenet_int8.onnx").graph
+    conv_weights = {n.input[1] for n in graph.node if n.op_type == "Conv"}
+    feeding = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+    dtypes = {numpy_helper.to_array(i).dtype.name for i in graph.initializer if i.name in
+              {feeding.get(w) for w in conv_weights}}
+    assert dtypes == {weights}
 
 
 def test_int8_needs_the_float_model(export_cli, tmp_path: Path) -> None:
