@@ -21,7 +21,10 @@ def pre(color: str = "RGB", normalize: str = "per_image_standardization", mean=(
 def test_per_image_standardization_and_rgb() -> None:
     rng = np.random.default_rng(0)
     crops = rng.integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    original = crops.copy()
     x = preprocess(crops, pre())
+    # standardised in place on its own copy: the crops stay as they were, the tensor is ORT-ready
+    assert x.dtype == np.float32 and x.flags.c_contiguous and np.array_equal(crops, original)
     for i in range(3):
         rgb = crops[i, ..., ::-1].astype(np.float64)
         expected = (rgb - rgb.mean()) / max(rgb.std(), 1 / np.sqrt(rgb.size))
