@@ -96,6 +96,16 @@ def test_layout_optimised_session_matches_plain_and_falls_back(
     np.testing.assert_allclose(fallback.run(None, {"input": x})[0], plain, atol=1e-5)
 
 
+def test_session_workers_spin_only_while_a_run_lasts(real_models: Path) -> None:
+    """Workers left spinning after a run starve the door's capture thread (benchmarks/daemon.py)."""
+    manifest = Manifest.load(real_models)
+    for layout_optimization in (False, True):
+        options = manifest.session("mtcnn_onet", 2, layout_optimization=layout_optimization).get_session_options()
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+        assert options.get_session_config_entry("session.force_spinning_stop") == "1"
+        assert options.intra_op_num_threads == 2
+
+
 @pytest.mark.parametrize(("field", "value", "named"), [
     ("color", None, "preprocessing.color"),           # missing: never guessed
     ("normalize", "zscore", "preprocessing.normalize"),  # unknown
