@@ -7,8 +7,35 @@ import cv2
 import numpy as np
 import pytest
 
-from facedoor.detect import MTCNNDetector, YuNetDetector, crop_and_resize, mosaic, nms, square
+from facedoor.detect import (
+    Face,
+    MTCNNDetector,
+    YuNetDetector,
+    _regress,
+    _to_faces,
+    crop_and_resize,
+    mosaic,
+    nms,
+    square,
+)
 from facedoor.models import Manifest, ModelError
+
+
+def _greedy_nms(boxes: np.ndarray, scores: np.ndarray, threshold: float, method: str = "union") -> np.ndarray:
+    """Non-maximum suppression one box at a time, as first written (the oracle)."""
+    x1, y1, x2, y2 = boxes.T
+    areas = np.maximum(x2 - x1, 0) * np.maximum(y2 - y1, 0)
+    order = np.argsort(-scores, kind="stable")
+    keep = []
+    while order.size:
+        i, rest = order[0], order[1:]
+        keep.append(i)
+        w = np.maximum(0.0, np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]))
+        h = np.maximum(0.0, np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]))
+        inter = w * h
+        denom = np.minimum(areas[i], areas[rest]) if method == "min" else areas[i] + areas[rest] - inter
+        order = rest[inter / np.maximum(denom, 1e-9) <= threshold]
+    return np.asarray(keep, dtype=np.int64)
 
 
 def test_nms_keeps_best_of_overlapping_boxes() -> None:
@@ -23,9 +50,39 @@ def test_nms_keeps_best_of_overlapping_boxes() -> None:
     assert nms(np.zeros((0, 4), np.float32), np.zeros(0), 0.5).size == 0
 
 
+def test_nms_keeps_what_one_box_at_a_time_keeps() -> None:
+    """Block-wise NMS, and NMS by group, keep exactly the boxes of greedy NMS, in the same order,
+    with identical boxes, touching boxes and tied scores."""
+    rng = np.random.default_rng(0)
+    for trial in range(150):
+        n = int(rng.integers(1, 300))
+        corner = rng.uniform(0, 200, (n, 2)).astype(np.float32)
+        boxes = np.concatenate([corner, corner + rng.uniform(1, 60, (n, 2)).astype(np.float32)], axis=1)
+        boxes = np.round(boxes) if trial % 2 else boxes
+        scores = rng.uniform(0, 1, n).astype(np.float32).round(trial % 3 + 1)
+        groups = rng.integers(0, 4, n)
+        for method, threshold in (("union", 0.5), ("min", 0.7)):
+            expected = _greedy_nms(boxes, scores, threshold, method).tolist()
+            assert nms(boxes, scores, threshold, method, block=int(rng.integers(1, 200))).tolist() == expected
+            by_group = [np.flatnonzero(groups == g)[_greedy_nms(boxes[groups == g], scores[groups == g], threshold,
+                                                                method)] for g in range(4)]
+            expected = sorted(np.concatenate(by_group).tolist(), key=lambda i: (-scores[i], i))
+            assert nms(boxes, scores, threshold, method, groups=groups).tolist() == expected
+
+
 def test_square_keeps_centre() -> None:
     sq = square(np.array([[10, 20, 30, 60]], np.float32))
     np.testing.assert_allclose(sq, [[0, 20, 40, 60]])
+
+
+def _bilinear(image: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
+    """IMAGE sampled at rows YS x columns XS (inside the image), edge pixels repeated beyond."""
+    h, w = image.shape[:2]
+    y0, x0 = np.floor(ys).astype(int), np.floor(xs).astype(int)
+    fy, fx = (ys - y0)[:, None, None], (xs - x0)[None, :, None]
+    y1, x1 = np.minimum(y0 + 1, h - 1), np.minimum(x0 + 1, w - 1)
+    return (image[y0][:, x0] * (1 - fy) * (1 - fx) + image[y0][:, x1] * (1 - fy) * fx
+            + image[y1][:, x0] * fy * (1 - fx) + image[y1][:, x1] * fy * fx)
 
 
 def test_crop_and_resize_matches_a_plain_resize_and_pads_with_zero() -> None:
@@ -34,18 +91,22 @@ def test_crop_and_resize_matches_a_plain_resize_and_pads_with_zero() -> None:
     whole = crop_and_resize(image, np.array([[0, 0, 40, 50]], np.float32), 24)[0]
     # tf.image.crop_and_resize with boxes normalised by the image size: the whole-image box
     # samples from the first to the last pixel centre
-    ys = np.linspace(0, 49, 24)
-    xs = np.linspace(0, 39, 24)
-    y0, x0 = np.floor(ys).astype(int), np.floor(xs).astype(int)
-    fy, fx = (ys - y0)[:, None, None], (xs - x0)[None, :, None]
-    y1, x1 = np.minimum(y0 + 1, 49), np.minimum(x0 + 1, 39)
-    ref = (image[y0][:, x0] * (1 - fy) * (1 - fx) + image[y0][:, x1] * (1 - fy) * fx
-           + image[y1][:, x0] * fy * (1 - fx) + image[y1][:, x1] * fy * fx)
+    ref = _bilinear(image, np.linspace(0, 49, 24), np.linspace(0, 39, 24))
     # OpenCV's bilinear warp places samples in 1/32-pixel steps: off by at most 1/64 of a pixel
     step = max(np.abs(np.diff(image, axis=0)).max(), np.abs(np.diff(image, axis=1)).max())
     np.testing.assert_allclose(whole, ref, atol=step / 64 + 1e-4)
     outside = crop_and_resize(image, np.array([[-100, -100, -60, -60]], np.float32), 12)
     assert np.all(outside == 0)
+    # a box over the left and bottom edges: the sample rows and columns outside are FILL, the rest
+    # bilinear samples; with a box inside the image in the same batch
+    boxes = np.array([[-20, 10, 20, 70], [0, 0, 40, 50]], np.float32)
+    part, again = crop_and_resize(image, boxes, 24, fill=7.0)
+    np.testing.assert_array_equal(again, whole)
+    ys, xs = np.linspace(10, 70, 24) * 49 / 50, np.linspace(-20, 20, 24) * 39 / 40
+    inside = (ys <= 49)[:, None] & (xs >= 0)[None, :]
+    assert np.all(part[~inside] == 7.0) and 0 < inside.sum() < inside.size
+    np.testing.assert_allclose(part[inside], _bilinear(image, ys[ys <= 49], xs[xs >= 0]).reshape(-1, 3),
+                               atol=step / 64 + 1e-4)
 
 
 @pytest.fixture(scope="module")
@@ -186,6 +247,107 @@ def test_one_pnet_call_finds_the_faces_of_one_call_per_level(manifest: Manifest,
             np.testing.assert_allclose(fb.box, fa.box, atol=0.08 * side)
             np.testing.assert_allclose(fb.landmarks, fa.landmarks, atol=0.04 * side)
             assert fb.score == pytest.approx(fa.score, abs=0.02)
+
+
+def _plain_crops(rgb: np.ndarray, boxes: np.ndarray, size: int, fill: float) -> np.ndarray:
+    """R-/O-Net crops as first written: one warp per box from the float RGB frame, a mask after."""
+    h, w = rgb.shape[:2]
+    src = rgb.astype(np.float32)
+    out = np.empty((len(boxes), size, size, 3), dtype=np.float32)
+    sx, sy = (w - 1) / w, (h - 1) / h
+    step = 1.0 / (size - 1)
+    for i, (x1, y1, x2, y2) in enumerate(boxes.astype(np.float64)):
+        matrix = np.array([[(x2 - x1) * sx * step, 0.0, x1 * sx], [0.0, (y2 - y1) * sy * step, y1 * sy]])
+        cv2.warpAffine(src, matrix, (size, size), out[i], flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                       borderMode=cv2.BORDER_REPLICATE)
+    t = np.linspace(0.0, 1.0, size, dtype=np.float32)
+    x1, y1, x2, y2 = (boxes[:, k : k + 1].astype(np.float32) for k in range(4))
+    ys, xs = (y1 + (y2 - y1) * t) * sy, (x1 + (x2 - x1) * t) * sx
+    inside = ((ys >= 0) & (ys <= h - 1))[:, :, None] & ((xs >= 0) & (xs <= w - 1))[:, None, :]
+    out[~inside] = np.float32(fill)
+    return out
+
+
+def _plain_detect(det: MTCNNDetector, image_bgr: np.ndarray, min_face_size: int) -> list[Face]:
+    """MTCNN around the same nets as first written, the oracle of the faster numpy: an RGB copy of
+    the frame normalised by a 3-vector, P-Net candidates and NMS level by level, greedy NMS, crops
+    one box at a time."""
+    rgb = cv2.cvtColor(image_bgr, cv2.COLOR_BGR2RGB)
+    pre = det.pnet.entry.preprocessing
+    mean, scale, fill = np.asarray(pre.mean, np.float32), np.float32(pre.scale), float(np.mean(pre.mean))
+    h, w = rgb.shape[:2]
+    levels, level = [], rgb
+    for s in det._scales(h, w, min_face_size):
+        level = cv2.resize(level, (max(int(np.ceil(w * s)), 12), max(int(np.ceil(h * s)), 12)),
+                           interpolation=cv2.INTER_AREA)
+        levels.append((s, level))
+    canvas, offsets = mosaic([lv for _, lv in levels], fill)
+    out = det.pnet(((canvas - mean) * scale)[None])
+    found = []
+    for (s, lv), (ox, oy) in zip(levels, offsets):
+        rows, cols = (lv.shape[0] - 1) // 2 - 4, (lv.shape[1] - 1) // 2 - 4
+        prob = out[2][0, oy // 2 : oy // 2 + rows, ox // 2 : ox // 2 + cols, 1]
+        ys, xs = np.nonzero(prob > det.thresholds[0])
+        cells = np.stack([xs * 2, ys * 2, xs * 2 + 12, ys * 2 + 12], axis=1).astype(np.float32)
+        cand = np.concatenate([(cells + out[4][0, oy // 2 + ys, ox // 2 + xs] * 12.0) / s, prob[ys, xs, None]], axis=1)
+        found.append(cand[_greedy_nms(cand[:, :4], cand[:, 4], det.nms_thresholds[0])])
+    cand = np.concatenate(found)
+    cand = cand[_greedy_nms(cand[:, :4], cand[:, 4], det.nms_thresholds[1])][: det.max_candidates[0]]
+    if not len(cand):
+        return []
+    out = det.rnet((_plain_crops(rgb, square(cand[:, :4]), 24, fill) - mean) * scale)
+    keep = out[2][:, 1] > det.thresholds[1]
+    boxes, scores = _regress(square(cand[:, :4])[keep], out[4][keep]), out[2][keep, 1]
+    boxes = square(boxes[_greedy_nms(boxes, scores, det.nms_thresholds[2])[: det.max_candidates[1]]])
+    if not len(boxes):
+        return []
+    out = det.onet((_plain_crops(rgb, boxes, 48, fill) - mean) * scale)
+    size = boxes[:, 2:4] - boxes[:, 0:2] + 1
+    landmarks = np.stack([size[:, :1] * out[10][:, 0:5] + boxes[:, 0:1] - 1,
+                          size[:, 1:] * out[10][:, 5:10] + boxes[:, 1:2] - 1], axis=2)
+    keep = out[2][:, 1] > det.thresholds[2]
+    boxes, scores, landmarks = _regress(boxes[keep], out[4][keep]), out[2][keep, 1], landmarks[keep]
+    order = _greedy_nms(boxes, scores, det.nms_thresholds[3], "min")
+    final = scores[order] >= det.score_threshold
+    return _to_faces(boxes[order][final], scores[order][final], landmarks[order][final], min_face_size)
+
+
+def _door_frames(shared_dir: Path, count: int) -> list[np.ndarray]:
+    """640x480 frames like benchmarks/pipeline.py's: an LFW face at door distance on a scene."""
+    rng = np.random.default_rng(0)
+    scenes = [cv2.resize(cv2.imread(str(p)), (640, 480), interpolation=cv2.INTER_AREA)
+              for p in sorted((shared_dir / "data/nst").glob("*.jp*g"))[:count]]
+    people = sorted((shared_dir / "data/faces/lfw10").glob("*/*.jpg"))
+    frames = []
+    for scene in scenes:
+        face = cv2.imread(str(people[int(rng.integers(len(people)))]))[25:225, 25:225]
+        side = int(rng.integers(180, 260))
+        x, y = int(rng.integers(0, 640 - side)), int(rng.integers(0, 480 - side))
+        scene[y : y + side, x : x + side] = cv2.resize(face, (side, side), interpolation=cv2.INTER_AREA)
+        frames.append(scene)
+    return frames
+
+
+def test_mtcnn_gives_exactly_the_faces_of_the_plain_implementation(manifest: Manifest, shared_dir: Path) -> None:
+    """The faster numpy around the nets (no RGB copy of the frame, a scalar mean, all P-Net levels'
+    candidates and NMS at once, NMS on overlap matrices, crop matrices built together) finds
+    bit-identical boxes, scores and landmarks: on door-camera frames, NUAA webcam frames (bystanders
+    cut by the frame's edge) and LFW photos, at the camera's and the stills' smallest face sizes."""
+    images = _door_frames(shared_dir, 8)
+    images += [cv2.imread(str(p)) for p in sorted((shared_dir / "data/antispoof/nuaa/live").glob("*.jpg"))[::20]]
+    images += [cv2.imread(str(p)) for p in sorted((shared_dir / "data/faces/lfw10").glob("*/*.jpg"))[::7]]
+    detector = MTCNNDetector(manifest, threads=1)
+    found = 0
+    for image in images:
+        for min_face_size in (40, 20):
+            ours, plain = detector.detect(image, min_face_size), _plain_detect(detector, image, min_face_size)
+            assert len(ours) == len(plain)
+            for a, b in zip(ours, plain):
+                np.testing.assert_array_equal(a.box, b.box)
+                np.testing.assert_array_equal(a.landmarks, b.landmarks)
+                assert a.score == b.score
+            found += len(ours)
+    assert found >= 2 * len(images)
 
 
 def test_yunet_missing_model_is_a_model_error(tmp_path: Path) -> None:

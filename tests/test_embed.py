@@ -21,7 +21,10 @@ def pre(color: str = "RGB", normalize: str = "per_image_standardization", mean=(
 def test_per_image_standardization_and_rgb() -> None:
     rng = np.random.default_rng(0)
     crops = rng.integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    original = crops.copy()
     x = preprocess(crops, pre())
+    # standardised in place on its own copy: the crops stay as they were, the tensor is ORT-ready
+    assert x.dtype == np.float32 and x.flags.c_contiguous and np.array_equal(crops, original)
     for i in range(3):
         rgb = crops[i, ..., ::-1].astype(np.float64)
         expected = (rgb - rgb.mean()) / max(rgb.std(), 1 / np.sqrt(rgb.size))
@@ -91,6 +94,16 @@ def test_layout_optimised_session_matches_plain_and_falls_back(
         fallback = manifest.session("facenet", layout_optimization=True)
     assert "layout optimisation failed" in caplog.text
     np.testing.assert_allclose(fallback.run(None, {"input": x})[0], plain, atol=1e-5)
+
+
+def test_session_workers_spin_only_while_a_run_lasts(real_models: Path) -> None:
+    """Workers left spinning after a run starve the door's capture thread (benchmarks/daemon.py)."""
+    manifest = Manifest.load(real_models)
+    for layout_optimization in (False, True):
+        options = manifest.session("mtcnn_onet", 2, layout_optimization=layout_optimization).get_session_options()
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+        assert options.get_session_config_entry("session.force_spinning_stop") == "1"
+        assert options.intra_op_num_threads == 2
 
 
 @pytest.mark.parametrize(("field", "value", "named"), [

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 import cv2
 import numpy as np
+from numpy.typing import ArrayLike
 
 from facedoor.models import Manifest, ModelEntry, ModelError
 
@@ -62,27 +63,46 @@ def _to_faces(boxes: np.ndarray, scores: np.ndarray, landmarks: np.ndarray, min_
 
 # -- numpy helpers ------------------------------------------------------------------------------
 
-def nms(boxes: np.ndarray, scores: np.ndarray, threshold: float, method: str = "union") -> np.ndarray:
+def nms(boxes: np.ndarray, scores: np.ndarray, threshold: float, method: str = "union",
+        groups: np.ndarray | None = None, block: int = 128) -> np.ndarray:
     """Greedy non-maximum suppression; indices of the kept boxes, best score first.
 
     METHOD "union" is IoU, "min" divides the intersection by the smaller area (MTCNN's O-Net stage).
-    """
+    With GROUPS (one label per box), a box only suppresses boxes of its own group: one call
+    does what a call per group would (P-Net's per-scale stage).
+    The greedy pass runs on the overlap matrix of the next BLOCK boxes, then drops the later boxes
+    the kept ones suppress: the same boxes as one box at a time, with a few numpy calls per block
+    rather than ten per kept box, and memory bounded by BLOCK times the number of boxes."""
     if len(boxes) == 0:
         return np.zeros(0, dtype=np.int64)
     x1, y1, x2, y2 = boxes.T
     areas = np.maximum(x2 - x1, 0) * np.maximum(y2 - y1, 0)
-    order = np.argsort(-scores, kind="stable")
-    keep = []
-    while order.size:
-        i = order[0]
-        keep.append(i)
-        rest = order[1:]
-        w = np.maximum(0.0, np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]))
-        h = np.maximum(0.0, np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]))
+
+    def suppresses(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """(len(ROWS), len(COLS)) overlap > THRESHOLD, ROWS the earlier (better) boxes."""
+        w = np.maximum(0.0, np.minimum(x2[rows, None], x2[cols]) - np.maximum(x1[rows, None], x1[cols]))
+        h = np.maximum(0.0, np.minimum(y2[rows, None], y2[cols]) - np.maximum(y1[rows, None], y1[cols]))
         inter = w * h
-        denom = np.minimum(areas[i], areas[rest]) if method == "min" else areas[i] + areas[rest] - inter
-        overlap = inter / np.maximum(denom, 1e-9)
-        order = rest[overlap <= threshold]
+        first, later = areas[rows, None], areas[cols]
+        denom = np.minimum(first, later) if method == "min" else first + later - inter
+        over = inter / np.maximum(denom, 1e-9) > threshold
+        return over if groups is None else over & (groups[rows, None] == groups[cols])
+
+    order = np.argsort(-scores, kind="stable")
+    keep: list[int] = []
+    while order.size:
+        head, order = order[:block], order[block:]
+        over = suppresses(head, head)
+        gone = np.zeros(len(head), dtype=bool)
+        kept = []
+        for i in range(len(head)):
+            if not gone[i]:
+                kept.append(i)
+                gone |= over[i]
+        winners = head[kept]
+        keep.extend(winners.tolist())
+        if order.size:
+            order = order[~suppresses(winners, order).any(axis=0)]
     return np.asarray(keep, dtype=np.int64)
 
 
@@ -110,16 +130,19 @@ def crop_and_resize(image: np.ndarray, boxes: np.ndarray, size: int, fill: float
     out = np.empty((len(boxes), size, size, image.shape[2]), dtype=np.float32)
     sx, sy = (w - 1) / w, (h - 1) / h
     step = 1.0 / max(size - 1, 1)
-    for i, (x1, y1, x2, y2) in enumerate(boxes.astype(np.float64)):
-        matrix = np.array([[(x2 - x1) * sx * step, 0.0, x1 * sx], [0.0, (y2 - y1) * sy * step, y1 * sy]])
-        cv2.warpAffine(src, matrix, (size, size), out[i], flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+    x1, y1, x2, y2 = boxes.astype(np.float64).T
+    matrices = np.zeros((len(boxes), 2, 3))  # all at once: building one per box took as long as its warp
+    matrices[:, 0, 0], matrices[:, 0, 2] = (x2 - x1) * sx * step, x1 * sx
+    matrices[:, 1, 1], matrices[:, 1, 2] = (y2 - y1) * sy * step, y1 * sy
+    for crop, matrix in zip(out, matrices):
+        cv2.warpAffine(src, matrix, (size, size), crop, flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
                        borderMode=cv2.BORDER_REPLICATE)
     t = np.linspace(0.0, 1.0, size, dtype=np.float32)
     x1, y1, x2, y2 = (boxes[:, k : k + 1].astype(np.float32) for k in range(4))
     ys = (y1 + (y2 - y1) * t) * sy  # (N, S) sample positions, as TF computes them
     xs = (x1 + (x2 - x1) * t) * sx
-    inside = ((ys >= 0) & (ys <= h - 1))[:, :, None] & ((xs >= 0) & (xs <= w - 1))[:, None, :]
-    out[~inside] = np.float32(fill)
+    out[~((ys >= 0) & (ys <= h - 1))] = np.float32(fill)  # sample rows outside the image
+    out.transpose(0, 2, 1, 3)[~((xs >= 0) & (xs <= w - 1))] = np.float32(fill)  # and columns
     return out
 
 
@@ -166,26 +189,34 @@ class MTCNNDetector:
         self.rgb = pre.color.upper() == "RGB"
         if pre.normalize != "affine":
             raise ModelError(f"mtcnn_pnet: unsupported preprocessing {pre.normalize!r} (expected affine)")
-        self.mean = np.asarray(pre.mean, dtype=np.float32)
+        # one scalar when the channels share it: numpy runs a 3-vector over (..., 3) pixels 5x slower
+        self.mean = np.float32(pre.mean[0]) if len(set(pre.mean)) == 1 else np.asarray(pre.mean, dtype=np.float32)
         self.scale = np.float32(pre.scale)
+        self.fill = float(np.mean(pre.mean))  # outside the image: 0 after normalisation, as in mtcnn
         self.score_threshold = score_threshold
 
-    def _normalize(self, image: np.ndarray) -> np.ndarray:
-        return (image.astype(np.float32) - self.mean) * self.scale
+    def _normalize(self, bgr: np.ndarray) -> np.ndarray:
+        """BGR pixels (H, W, 3) or (N, S, S, 3) -> net input: the manifest's channel order, (x - mean) * scale.
 
-    def _crops(self, rgb: np.ndarray, boxes: np.ndarray, size: int) -> np.ndarray:
-        """Normalised SIZE x SIZE crops; outside the image is 0 after normalisation, as in mtcnn."""
-        return self._normalize(crop_and_resize(rgb, boxes, size, fill=float(self.mean.mean())))
+        The frame itself is never converted to RGB: only the small pyramid levels and crops are
+        (resizing and cropping treat channels alike, so the values are the same)."""
+        flat = bgr.reshape(-1, bgr.shape[-2], bgr.shape[-1])  # cvtColor takes crops as one (N*S, S, 3) image
+        x = (cv2.cvtColor(flat, cv2.COLOR_BGR2RGB) if self.rgb else flat).astype(np.float32, copy=False)
+        return ((x - self.mean) * self.scale).reshape(bgr.shape)
+
+    def _crops(self, pixels: np.ndarray, boxes: np.ndarray, size: int) -> np.ndarray:
+        """Normalised SIZE x SIZE crops of PIXELS (the float32 BGR frame), FILL outside it."""
+        return self._normalize(crop_and_resize(pixels, boxes, size, fill=self.fill))
 
     def detect(self, image_bgr: np.ndarray, min_face_size: int = 40) -> list[Face]:
-        rgb = cv2.cvtColor(image_bgr, cv2.COLOR_BGR2RGB) if self.rgb else image_bgr
-        boxes = self._stage1(rgb, min_face_size)
+        boxes = self._stage1(image_bgr, min_face_size)
         if len(boxes) == 0:
             return []
-        boxes = self._stage2(rgb, boxes)
+        pixels = image_bgr.astype(np.float32)  # converted once for the R-Net and O-Net crops
+        boxes = self._stage2(pixels, boxes)
         if len(boxes) == 0:
             return []
-        boxes, scores, landmarks = self._stage3(rgb, boxes)
+        boxes, scores, landmarks = self._stage3(pixels, boxes)
         keep = scores >= self.score_threshold
         return _to_faces(boxes[keep], scores[keep], landmarks[keep], min_face_size)
 
@@ -199,11 +230,11 @@ class MTCNNDetector:
             shortest *= self.scale_factor
         return scales
 
-    def _stage1(self, rgb: np.ndarray, min_face_size: int) -> np.ndarray:
+    def _stage1(self, image_bgr: np.ndarray, min_face_size: int) -> np.ndarray:
         """P-Net over the pyramid in one ORT call: candidate boxes (N, 5: x1 y1 x2 y2 score), squared."""
-        h, w = rgb.shape[:2]
+        h, w = image_bgr.shape[:2]
         levels = []
-        level = rgb
+        level = image_bgr
         for scale in self._scales(h, w, min_face_size):
             size = (max(int(np.ceil(w * scale)), 12), max(int(np.ceil(h * scale)), 12))
             # each level from the previous one: area-averaging the full frame 8 times costs more
@@ -212,31 +243,35 @@ class MTCNNDetector:
             levels.append((scale, level))
         if not levels:
             return np.zeros((0, 5), dtype=np.float32)
-        canvas, offsets = mosaic([lv for _, lv in levels], float(self.mean.mean()))
-        out = self.pnet(self._normalize(canvas)[None])
-        prob_all, reg_all = out[2][0, :, :, 1], out[4][0]
-        found = []
-        for (scale, lv), (ox, oy) in zip(levels, offsets):
-            # this level's cells: 3x3 conv, 2x2 max-pool (stride 2, padded at the end), two 3x3 convs
-            rows, cols = (lv.shape[0] - 1) // 2 - 4, (lv.shape[1] - 1) // 2 - 4
-            prob = prob_all[oy // 2 : oy // 2 + rows, ox // 2 : ox // 2 + cols]
-            ys, xs = np.nonzero(prob > self.thresholds[0])
-            if ys.size == 0:
-                continue
-            r = reg_all[oy // 2 + ys, ox // 2 + xs]
-            cells = np.stack([xs * 2, ys * 2, xs * 2 + 12, ys * 2 + 12], axis=1).astype(np.float32)
-            cand = np.concatenate([(cells + r * 12.0) / scale, prob[ys, xs, None]], axis=1)
-            found.append(cand[nms(cand[:, :4], cand[:, 4], self.nms_thresholds[0])])
-        if not found:
+        # normalised level by level (the canvas is a quarter larger), the gaps filled with normalised FILL
+        fill = (np.float32(self.fill) - self.mean) * self.scale
+        canvas, offsets = mosaic([self._normalize(lv) for _, lv in levels], fill)
+        out = self.pnet(canvas[None])
+        prob, reg = out[2][0, :, :, 1], out[4][0]
+        # which level each output cell belongs to (-1: gap or fill); a level's cells: 3x3 conv,
+        # 2x2 max-pool (stride 2, padded at the end), two 3x3 convs
+        owner = np.full(prob.shape, -1, dtype=np.int64)
+        for i, ((_, lv), (ox, oy)) in enumerate(zip(levels, offsets)):
+            owner[oy // 2 : oy // 2 + (lv.shape[0] - 1) // 2 - 4, ox // 2 : ox // 2 + (lv.shape[1] - 1) // 2 - 4] = i
+        ys, xs = np.nonzero((prob > self.thresholds[0]) & (owner >= 0))
+        if ys.size == 0:
             return np.zeros((0, 5), dtype=np.float32)
-        cand = np.concatenate(found)
+        level = owner[ys, xs]
+        origin = np.asarray(offsets)[level] // 2  # the level's first cell (x, y)
+        cx, cy = (xs - origin[:, 0]) * 2, (ys - origin[:, 1]) * 2  # cell corners in the level's pixels
+        cells = np.stack([cx, cy, cx + 12, cy + 12], axis=1).astype(np.float32)
+        scales = np.asarray([scale for scale, _ in levels], dtype=np.float32)[level, None]
+        cand = np.concatenate([(cells + reg[ys, xs] * 12.0) / scales, prob[ys, xs, None]], axis=1)
+        keep = nms(cand[:, :4], cand[:, 4], self.nms_thresholds[0], groups=level)
+        # level after level (each best first), the order the scales were once merged in
+        cand = cand[keep[np.argsort(level[keep], kind="stable")]]
         cand = cand[nms(cand[:, :4], cand[:, 4], self.nms_thresholds[1])][: self.max_candidates[0]]
         cand[:, :4] = square(cand[:, :4])
         return cand
 
-    def _stage2(self, rgb: np.ndarray, cand: np.ndarray) -> np.ndarray:
+    def _stage2(self, pixels: np.ndarray, cand: np.ndarray) -> np.ndarray:
         """R-Net on all candidates in one batch: refined, squared boxes (N, 5)."""
-        out = self.rnet(self._crops(rgb, cand[:, :4], 24))
+        out = self.rnet(self._crops(pixels, cand[:, :4], 24))
         scores, reg = out[2][:, 1], out[4]
         keep = scores > self.thresholds[1]
         boxes = _regress(cand[keep, :4], reg[keep])
@@ -244,9 +279,9 @@ class MTCNNDetector:
         order = nms(boxes, scores, self.nms_thresholds[2])[: self.max_candidates[1]]
         return np.concatenate([square(boxes[order]), scores[order, None]], axis=1)
 
-    def _stage3(self, rgb: np.ndarray, cand: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _stage3(self, pixels: np.ndarray, cand: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """O-Net on all candidates in one batch: boxes (N, 4), scores (N,), landmarks (N, 5, 2)."""
-        out = self.onet(self._crops(rgb, cand[:, :4], 48))
+        out = self.onet(self._crops(pixels, cand[:, :4], 48))
         scores, reg, marks = out[2][:, 1], out[4], out[10]
         box = cand[:, :4]
         w = (box[:, 2] - box[:, 0] + 1)[:, None]
@@ -261,7 +296,7 @@ class MTCNNDetector:
         return boxes[order], scores[order], landmarks[order]
 
 
-def mosaic(levels: list[np.ndarray], fill: float, gap: int = 2) -> tuple[np.ndarray, list[tuple[int, int]]]:
+def mosaic(levels: list[np.ndarray], fill: ArrayLike, gap: int = 2) -> tuple[np.ndarray, list[tuple[int, int]]]:
     """LEVELS (largest first) packed into one image for a single P-Net run, and each one's (x, y).
 
     The largest level takes the left; the others are stacked in columns to its right. Offsets

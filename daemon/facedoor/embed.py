@@ -7,7 +7,9 @@ and nothing else. All faces of a frame go through the encoder in one batch.
 from __future__ import annotations
 
 import logging
+import math
 
+import cv2
 import numpy as np
 
 from facedoor.models import Manifest, ModelError, Preprocessing, int8_dot_product
@@ -16,20 +18,22 @@ log = logging.getLogger(__name__)
 
 
 def preprocess(crops_bgr: np.ndarray, pre: Preprocessing) -> np.ndarray:
-    """(N, S, S, 3) uint8 BGR crops -> float32 NHWC tensor as PRE describes."""
-    x = crops_bgr.astype(np.float32)
-    if pre.color.upper() == "RGB":
-        x = x[..., ::-1]
-    if pre.normalize == "per_image_standardization":
-        n = x[0].size
-        mean = x.mean(axis=(1, 2, 3), keepdims=True)
-        std = x.std(axis=(1, 2, 3), keepdims=True)
-        x = (x - mean) / np.maximum(std, 1.0 / np.sqrt(n))
-    elif pre.normalize == "affine":
-        x = (x - np.asarray(pre.mean, dtype=np.float32)) * np.float32(pre.scale)
-    else:
+    """(N, S, S, 3) uint8 BGR crops -> float32 NHWC tensor as PRE describes (a new, contiguous array).
+
+    Channels are swapped by `cv2.cvtColor` and the standardisation runs in place on one
+    contiguous copy: numpy on a reversed-channel view took 0.77 instead of 0.08 ms a face."""
+    if pre.normalize not in ("per_image_standardization", "affine"):
         raise ModelError(f"unsupported preprocessing normalize={pre.normalize!r}")
-    return np.ascontiguousarray(x, dtype=np.float32)
+    x = crops_bgr
+    if pre.color.upper() == "RGB" and x.size:
+        x = cv2.cvtColor(x.reshape(-1, x.shape[2], 3), cv2.COLOR_BGR2RGB).reshape(x.shape)
+    x = x.astype(np.float32)
+    if pre.normalize == "affine":
+        return (x - np.asarray(pre.mean, dtype=np.float32)) * np.float32(pre.scale)
+    flat = x.reshape(len(x), math.prod(x.shape[1:]))
+    flat -= flat.mean(axis=1, keepdims=True)
+    flat /= np.maximum(np.sqrt((flat * flat).mean(axis=1, keepdims=True)), 1.0 / np.sqrt(flat.shape[1]))
+    return x
 
 
 class Encoder:

@@ -207,9 +207,13 @@ class Manifest:
         path = self.verify(name)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-        # No busy-waiting workers: on a 2-core door unit they starve the capture thread
-        # (analyze() median 311 ms spinning vs 55 ms not, with capture running alongside).
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # Workers busy-wait only while a run lasts, so they are not put to sleep and woken between
+        # a frame's few hundred operators (2 threads, MTCNN + FaceNet: 21.1 -> 18.5 ms a frame),
+        # and stop when it returns: workers spinning on between runs starve the capture thread of a
+        # 2-core door unit (benchmarks/daemon.py, capture -> subscriber median / p95: never spinning
+        # 26.6 / 34.3 ms, spinning during runs 24.5 / 30.3 ms, spinning on 79.7 / 113.6 ms at 19.9 fps).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1")
+        options.add_session_config_entry("session.force_spinning_stop", "1")
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
