@@ -178,16 +178,16 @@ class DoorService:
         """The decisions of the faces near the door (at least `companion_ratio` of the largest
         one's size; faces far behind decide nothing), each told how many of the others near the
         door match no member: a face near the door left unencoded by the bound counts as one, and
-        so does an unknown face track near the door that this frame missed but that is still
-        alive (seen within `tracking.max_gap_s`): a stranger the detector loses for a frame
-        never lets the member beside them in."""
+        so does a stranger's track near the door (`min_good_frames` good frames, matching nobody)
+        that this frame missed but that is still alive (seen within `tracking.max_gap_s`): a
+        stranger the detector loses for a frame never lets the member beside them in."""
         near_size = self.cfg.policy.companion_ratio * max((f.size for f in faces), default=0.0)
         near = [(f, t) for f, t in zip(encoded, tracks) if f.size >= near_size]
         strangers: dict[int, Face] = {t.id: f for f, t in near if self.policy.matched(t, self.gallery) is None}
         strangers.update({-1 - i: f for i, f in enumerate(faces) if f.size >= near_size and f.embedding is None})
         seen = {t.id for t in tracks}
         missed = sum(1 for t in self.tracker.tracks if t.id not in seen and t.last.size >= near_size
-                     and self.policy.matched(t, self.gallery) is None)
+                     and t.good >= self.cfg.policy.min_good_frames and self.policy.matched(t, self.gallery) is None)
         decisions = []
         for face, track in near:
             evidence: TrackLiveness | None = track.state.get("liveness")
