@@ -64,16 +64,24 @@ def _rows(store: Path) -> int:
 
 
 @pytest.mark.slow
-def test_enroll_from_video_stores_the_most_diverse_frames(real_models: Path, celebrity_dir: Path, tmp_path: Path,
-                                                          capsys) -> None:
+@pytest.mark.parametrize(("source", "extra", "frames"), [
+    ("--video", [], 4),
+    # `--camera SOURCE` goes through the door's threaded `Camera` (a video file is paced as a live camera)
+    ("--camera", ["--seconds", "30"], 3),
+])
+def test_enroll_from_video_or_camera_stores_the_most_diverse_frames(
+        real_models: Path, celebrity_dir: Path, tmp_path: Path, capsys, source: str, extra: list[str],
+        frames: int) -> None:
     photo = photo_of(celebrity_dir)
     video = tmp_path / "jerry.avi"
     write_walkup(video, [Visitor("jerry", photo)], visit_s=4.0, gap_s=0.5)
     store = tmp_path / "door.db"
     base = ["--models", str(real_models), "--store", str(store)]
-    assert main([*base, "--json", "enroll", "jerry", "--video", str(video), "--frames", "4"]) == 0
-    out = capsys.readouterr().out
-    assert '"enrolled": 4' in out and _rows(store) == 4
+    assert main([*base, "--json", "enroll", "jerry", source, str(video), *extra, "--frames", str(frames)]) == 0
+    captured = capsys.readouterr()
+    assert f'"enrolled": {frames}' in captured.out and _rows(store) == frames
+    if source == "--camera":
+        assert "look at the camera for 30 s" in captured.err
     # the enrolled person is recognised in a frame of the walk-up (a still of the video)
     assert main([*base, "verify", "jerry", str(photo)]) == 0
 
@@ -94,22 +102,6 @@ def test_enroll_from_video_stores_nothing_on_failure(real_models: Path, celebrit
     assert "more than one person" in capsys.readouterr().err and not store.exists()
     assert main([*base, "enroll", "x", str(photo_of(celebrity_dir)), "--video", str(two)]) == 2  # which one?
     assert "exactly one of them" in capsys.readouterr().err
-
-
-@pytest.mark.slow
-def test_enroll_at_the_camera_watches_for_the_given_seconds(real_models: Path, celebrity_dir: Path, tmp_path: Path,
-                                                            capsys) -> None:
-    """`--camera SOURCE` goes through the door's threaded `Camera` (a video file is paced as a live camera)."""
-    photo = photo_of(celebrity_dir)
-    video = tmp_path / "door-camera.avi"
-    write_walkup(video, [Visitor("jerry", photo)], visit_s=4.0, gap_s=0.5)
-    store = tmp_path / "door.db"
-    base = ["--models", str(real_models), "--store", str(store)]
-    assert main([*base, "--json", "enroll", "jerry", "--camera", str(video), "--seconds", "30", "--frames", "3"]) == 0
-    captured = capsys.readouterr()
-    assert '"enrolled": 3' in captured.out and _rows(store) == 3
-    assert "look at the camera for 30 s" in captured.err
-    assert main([*base, "verify", "jerry", str(photo)]) == 0
 
 
 @pytest.mark.slow
