@@ -32,7 +32,8 @@ good frames of the first half, then cut the second half into visits and decide e
 
 Two LFW photos filed under the wrong name are counted as the person they show (`LABEL_FIXES`).
 `--half 0|1` keeps one half of a seeded identity split: choose a setting on one half, check it
-on people it never saw.
+on people it never saw. The other half then serves as the cohort (`facedoor cohort`): the mode
+"fused + cohort" is the door with those people's templates stored as its cohort.
 
 Embeddings and per-photo quality are computed once and cached in
 `~/.cache/facedoor/visits-<encoder sha256 prefix>.npz`.
@@ -52,6 +53,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from facedoor.cli.cohort import PHOTOS_PER_PERSON
 from facedoor.config import PolicyConfig, TrackingConfig, parse_config
 from facedoor.detect import Face
 from facedoor.match import Gallery, person_templates
@@ -101,14 +103,27 @@ def true_labels(data: dict[str, np.ndarray], people: list[str], paths: list[Path
     return labels
 
 
-def keep_half(data: dict[str, np.ndarray], labels: np.ndarray, n_people: int, half: int) -> None:
-    """Leave out (as photos without a face) everyone outside HALF of a seeded identity split, so a
-    setting chosen on one half can be checked on people it never saw."""
+def identity_half(n_people: int, half: int) -> np.ndarray:
+    """Per person: whether they are in HALF (0 or 1) of a seeded identity split."""
     keep = np.zeros(n_people, bool)
     keep[np.random.default_rng(HALF_SEED).permutation(n_people)[half::2]] = True
+    return keep
+
+
+def leave_out(data: dict[str, np.ndarray], labels: np.ndarray, keep: np.ndarray) -> None:
+    """Turn every photo and walk-up of a person not in KEEP into frames without a face."""
     for key in ("probe", "enrol"):
         data[key][~keep[labels]] = np.nan
     data["walk_probe"][~keep[labels[data["walk_photo"]]]] = np.nan
+
+
+def cohort_templates(data: dict[str, np.ndarray], labels: np.ndarray, people: np.ndarray) -> np.ndarray:
+    """One template per person in PEOPLE (a mask), as `facedoor cohort` makes it: the mean of up to
+    PHOTOS_PER_PERSON photos that pass the enrolment gates (single-pass embeddings: the cache has
+    mirror-averaged ones only for people with 6+ photos)."""
+    ok = enrolable(data, mirrored=False)
+    rows = np.concatenate([np.flatnonzero(ok & (labels == p))[:PHOTOS_PER_PERSON] for p in np.flatnonzero(people)])
+    return person_templates([str(label) for label in labels[rows]], data["probe"][rows])[1]
 
 
 def central_face(faces: list[Face], image: np.ndarray) -> Face | None:
@@ -394,7 +409,7 @@ class Tally:
     rejected: Counter = field(default_factory=Counter)
     wrong: Counter = field(default_factory=Counter)
     accepted: Counter = field(default_factory=Counter)
-    accepts: list[tuple[Visit, Decision]] = field(default_factory=list)  # stranger visits fused tracks let in
+    accepts: list[tuple[str, Visit, Decision]] = field(default_factory=list)  # stranger visits let in, by mode
 
     def member(self, key: tuple[str, float], got: str | None, name: str) -> None:
         self.rejected[key] += got != name
@@ -405,8 +420,10 @@ class Tally:
 
 
 def evaluate(members: list[Visit], strangers: list[Visit], gallery: Gallery, names: list[str], tally: Tally,
-             tcfg: TrackingConfig, pcfg: PolicyConfig, templates: dict[str, PolicyConfig]) -> None:
-    """One draw: k-of-n votes, fused tracks and fused tracks with door templates, at every threshold."""
+             tcfg: TrackingConfig, pcfg: PolicyConfig, templates: dict[str, PolicyConfig],
+             cohort: tuple[str, Gallery] | None = None) -> None:
+    """One draw: k-of-n votes, fused tracks, fused tracks with door templates and, given COHORT (a
+    mode label and the gallery with a cohort), fused tracks with the cohort check, at every threshold."""
     attach(members + strangers, gallery)
     tally.members += len(members)
     tally.strangers += len(strangers)
@@ -417,6 +434,9 @@ def evaluate(members: list[Visit], strangers: list[Visit], gallery: Gallery, nam
             decision = run_tracks(v, gallery, (t,), tcfg, pcfg)[0]
             tally.member(("k-of-n votes", t), run_votes(v, t), names[v.person])
             tally.member(("fused tracks", t), decision.identity if decision is not None else None, names[v.person])
+            if cohort is not None:
+                decision = run_tracks(v, cohort[1], (t,), tcfg, pcfg)[0]
+                tally.member((cohort[0], t), decision.identity if decision is not None else None, names[v.person])
     for t in THRESHOLDS:
         # Strangers that cannot unlock (no decidable fused embedding, fewer than k frames below T)
         # are counted without the replay; the rest go through the product's policies.
@@ -427,8 +447,13 @@ def evaluate(members: list[Visit], strangers: list[Visit], gallery: Gallery, nam
             tally.stranger(("k-of-n votes", t), votes)
             tally.stranger(("fused tracks", t), decision.identity if decision is not None else None)
             if decision is not None:
-                tally.accepts.append((v, decision))
+                tally.accepts.append(("fused tracks", v, decision))
             tally.replayed += int(maybe)
+            if cohort is not None:
+                decision = run_tracks(v, cohort[1], (t,), tcfg, pcfg)[0] if maybe else None
+                tally.stranger((cohort[0], t), decision.identity if decision is not None else None)
+                if decision is not None:
+                    tally.accepts.append((cohort[0], v, decision))
         for label, tpl in templates.items():
             grown = replay_with_templates(members, gallery, t, tcfg, tpl, tally, label, names)
             attach(strangers, grown)
@@ -473,10 +498,12 @@ def print_table(title: str, tally: Tally, modes: list[str]) -> None:
                   f"{acc:7d} ({100 * acc / max(1, tally.strangers):7.4f}%)")
 
 
-def enrolable(data: dict[str, np.ndarray]) -> np.ndarray:
-    """Photos `facedoor enroll` would take: a face of enrolment size and sharpness."""
+def enrolable(data: dict[str, np.ndarray], mirrored: bool = True) -> np.ndarray:
+    """Photos `facedoor enroll` would take: a face of enrolment size and sharpness (MIRRORED: and a
+    mirror-averaged embedding in the cache)."""
     q = data["quality"]
-    return ~np.isnan(data["enrol"][:, 0]) & (q[:, 0] >= ENROL_MIN_FACE) & (q[:, 2] >= ENROL_MIN_SHARPNESS)
+    ok = ~np.isnan(data["enrol" if mirrored else "probe"][:, 0])
+    return ok & (q[:, 0] >= ENROL_MIN_FACE) & (q[:, 2] >= ENROL_MIN_SHARPNESS)
 
 
 def write_sheet(path: Path, accepts: list[tuple[str, Visit, Decision]], paths: list[Path]) -> None:
@@ -506,16 +533,21 @@ def lfw_benchmark(data: dict[str, np.ndarray], people: list[str], draws: int, tc
     labels = true_labels(data, people, paths)
     print(f"# counted as the person they show (LFW label errors): "
           f"{', '.join(f'{k} -> {v}' for k, v in LABEL_FIXES.items())}", file=sys.stderr)
+    cohort: tuple[str, np.ndarray] | None = None
     if half is not None:
-        keep_half(data, labels, len(people), half)
-        print(f"# identity half {half} only (seed {HALF_SEED}): everyone else is left out", file=sys.stderr)
+        keep = identity_half(len(people), half)
+        others = cohort_templates(data, labels, ~keep)
+        cohort = (f"fused + cohort ({len(others)} others)", others)
+        leave_out(data, labels, keep)
+        print(f"# identity half {half} only (seed {HALF_SEED}): the other half is left out, its {len(others)} "
+              f"people are the cohort (margin {pcfg.cohort_margin:g})", file=sys.stderr)
     counts = np.bincount(labels, minlength=len(people))
     ok_enrol = enrolable(data)
     walk_rows = set(data["walk_photo"].tolist())  # never enrolled: they are walked up to the door
     candidates = [p for p in np.flatnonzero(counts >= 6)
                   if sum(ok_enrol[r] and r not in walk_rows for r in np.flatnonzero(labels == p)) >= 3]
     rows_of = [np.flatnonzero(labels == p) for p in range(len(people))]
-    modes = ["k-of-n votes", "fused tracks", *templates]
+    modes = ["k-of-n votes", "fused tracks", *templates, *([cohort[0]] if cohort else [])]
     photos, walks = Tally(), Tally()
     single = Counter()
     print(f"# {len(candidates)} people can be drawn (6+ photos, 3 enrolable besides the walk-up photo); "
@@ -530,6 +562,8 @@ def lfw_benchmark(data: dict[str, np.ndarray], people: list[str], draws: int, tc
         enrol_rows = np.array(enrol_rows)
         gallery = Gallery(*person_templates([names[labels[r]] for r in enrol_rows], data["enrol"][enrol_rows]),
                           THRESHOLDS[0])
+        with_cohort = None if cohort is None else (
+            cohort[0], Gallery(gallery.names, gallery.embeddings, THRESHOLDS[0], cohort[1]))
         member_set = set(drawn.tolist())
         members, strangers = [], []
         for p in range(len(people)):
@@ -538,7 +572,7 @@ def lfw_benchmark(data: dict[str, np.ndarray], people: list[str], draws: int, tc
             else:
                 strangers += photo_visits(rows_of[p], p, data, rng)
         members = [members[i] for i in rng.permutation(len(members))]
-        evaluate(members, strangers, gallery, names, photos, tcfg, pcfg, templates)
+        evaluate(members, strangers, gallery, names, photos, tcfg, pcfg, templates, with_cohort)
         probe_rows = np.setdiff1d(np.arange(len(labels)), enrol_rows)
         probe_rows = probe_rows[~np.isnan(data["probe"][probe_rows, 0])]
         d = gallery.distances(data["probe"][probe_rows])
@@ -556,7 +590,7 @@ def lfw_benchmark(data: dict[str, np.ndarray], people: list[str], draws: int, tc
             v = Visit(int(p), data["walk_probe"][k], q, centred_boxes(np.maximum(q[:, 0], 1)),
                       rows=data["walk_photo"][k:k + 1])
             (wm if p in member_set else ws).append(v)
-        evaluate(wm, ws, gallery, names, walks, tcfg, pcfg, templates)
+        evaluate(wm, ws, gallery, names, walks, tcfg, pcfg, templates, with_cohort)
     print(f"\n## single photos (one frame decides): {single['members']} member photos, "
           f"{single['strangers']} stranger photos")
     for t in THRESHOLDS:
@@ -566,9 +600,9 @@ def lfw_benchmark(data: dict[str, np.ndarray], people: list[str], draws: int, tc
     print_table(f"(a) photo visits ({VISIT_FRAMES} frames: different photos of the person)", photos, modes)
     print_table(f"(b) walk-up visits ({WALKUP_FRAMES} frames: one photo animated, detected and encoded per frame)",
                 walks, modes)
-    accepts = [("a", v, d) for v, d in photos.accepts] + [("b", v, d) for v, d in walks.accepts]
-    accepts = [(mode, v, d) for mode, v, d in accepts if d.threshold == THRESHOLDS[0]]
-    print(f"\n## stranger visits fused tracks accepted at {THRESHOLDS[0]}: {len(accepts)}")
+    accepts = [(f"{kind}, {mode}", v, d) for kind, tally in (("a", photos), ("b", walks))
+               for mode, v, d in tally.accepts if d.threshold == THRESHOLDS[0]]
+    print(f"\n## stranger visits let in at {THRESHOLDS[0]}: {len(accepts)}")
     for mode, v, d in accepts:
         frames = ", ".join(f"{x:.3f}" for x in v.distance)
         print(f"({mode}) {people[v.person]} let in as {d.identity}: fused {d.distance:.3f}; frames {frames}")
@@ -685,6 +719,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sheet", type=Path, help="write a PNG of the stranger visits let in at the first threshold")
     ap.add_argument("--half", type=int, choices=(0, 1),
                     help="only one half of a seeded identity split (choose a setting on one, check on the other)")
+    ap.add_argument("--cohort-margin", type=float,
+                    help="policy.cohort_margin for the cohort mode (default: the product's)")
     ap.add_argument("--thresholds", default=",".join(map(str, THRESHOLDS)), help="comma-separated L2 thresholds")
     args = ap.parse_args(argv)
     THRESHOLDS = tuple(float(t) for t in args.thresholds.split(","))
@@ -693,7 +729,7 @@ def main(argv: list[str] | None = None) -> int:
     data = load_embeddings(pipeline, people)
     if args.cache_only:
         return 0
-    cfg = parse_config({})
+    cfg = parse_config({} if args.cohort_margin is None else {"policy": {"cohort_margin": args.cohort_margin}})
     templates = {f"fused + door templates (<{b}, {n}/person)": cfg.policy.model_copy(
         update={"door_templates": n, "door_template_below": b}) for b, n in TEMPLATE_SETTINGS}
     lfw_benchmark(data, list(people), args.draws, cfg.tracking, cfg.policy, templates, args.sheet, args.half)

@@ -236,3 +236,44 @@ def test_celebrities_identified_and_stranger_never_matched(real_models: Path, ce
     print(f"5-celebrity val: {rate:.0%} of {len(known)} enrolled-person photos identified at 0.7, "
           f"0 of {len(strangers)} stranger photos matched")
     assert rate >= 0.6
+
+
+def test_cohort_is_built_from_a_folder_of_people_warns_of_a_member_and_clears(
+        real_models: Path, celebrity_dir: Path, tmp_path: Path, capsys) -> None:
+    """`facedoor cohort DIR`: one template per person folder (or loose photo), bad photos counted,
+    a member found in the cohort named; status and --clear; bad input changes nothing."""
+    base = ["--models", str(real_models), "--store", str(tmp_path / "s.db")]
+    train, val = celebrity_dir / "train", celebrity_dir / "val"
+    code, _, _ = run(capsys, *base, "enroll", "elton_john", *map(str, sorted((train / "elton_john").glob("*.jpg"))[:5]))
+    assert code == 0
+    cohort = tmp_path / "cohort"
+    for person in ("jerry_seinfeld", "madonna"):
+        (cohort / person).mkdir(parents=True)
+        for photo in sorted((train / person).glob("*.jpg"))[:3]:
+            shutil.copy(photo, cohort / person)
+    shutil.copy(sorted((train / "mindy_kaling").glob("*.jpg"))[0], cohort / "mindy.jpg")  # a loose photo: one person
+    (cohort / "elton_again").mkdir()
+    for photo in sorted((val / "elton_john").glob("*.jpg"))[:3]:
+        shutil.copy(photo, cohort / "elton_again")
+    (cohort / "madonna" / "broken.jpg").write_bytes(b"not a jpeg")
+
+    code, rows, err = run(capsys, *base, "cohort", str(cohort))
+    assert code == 0, err
+    assert rows[-1]["cohort"] == 4 and rows[-1]["rejected"] >= 1 and rows[-1]["photos"] + rows[-1]["rejected"] == 11
+    assert "'elton_again'" in err and "'elton_john'" in err and "jerry" not in err  # only the member's double
+    code, rows, _ = run(capsys, *base, "cohort")
+    assert (code, rows[-1]["cohort"]) == (0, 4)
+
+    for bad in (tmp_path / "missing", tmp_path / "s.db"):
+        code, _, err = run(capsys, *base, "cohort", str(bad))
+        assert_clean_error(code, err, "not a directory")
+    (tmp_path / "empty").mkdir()
+    code, _, err = run(capsys, *base, "cohort", str(tmp_path / "empty"))
+    assert_clean_error(code, err, "no face photos")
+    code, rows, _ = run(capsys, *base, "cohort")
+    assert rows[-1]["cohort"] == 4  # unchanged by the failures
+
+    code, rows, _ = run(capsys, *base, "cohort", "--clear")
+    assert (code, rows[-1]["dropped"]) == (0, 4)
+    code, rows, _ = run(capsys, *base, "cohort")
+    assert rows[-1]["cohort"] == 0

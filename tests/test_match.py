@@ -145,3 +145,12 @@ def test_rows_that_cancel_out_have_no_template() -> None:
     v = np.eye(4, dtype=np.float32)[:1]
     with pytest.raises(ValueError, match="cancel out"):
         person_templates(["ana", "ana"], np.concatenate([v, -v]))
+
+
+def test_cohort_distance_is_to_the_nearest_cohort_template_and_infinite_without_one() -> None:
+    a, b = np.eye(3, dtype=np.float32)[:2]
+    assert Gallery(["a"], a[None], 0.7).cohort_distance(a) == float("inf")
+    g = Gallery(["a"], a[None], 0.7, cohort=np.stack([b, (a + b) / np.linalg.norm(a + b)]))
+    assert g.cohort_distance(a) == pytest.approx(np.linalg.norm(a - (a + b) / np.linalg.norm(a + b)))
+    with pytest.raises(ValueError, match="cohort needs"):
+        Gallery(["a"], a[None], 0.7, cohort=np.zeros((2, 5), np.float32))

@@ -128,3 +128,43 @@ def test_matched_needs_enough_good_frames_and_a_fused_match(tracks: TrackPolicy)
     assert tracks.matched(track_of(alice_frames(2), ["alice"] * 2), GALLERY) is None
     assert tracks.matched(track_of([unit(0, 0, 1)] * 3, ["alice"] * 3), GALLERY) is None
     assert tracks.matched(track_of(alice_frames(3), ["alice"] * 3), None) is None
+
+
+def test_a_visit_as_near_a_cohort_face_as_its_member_is_denied_as_a_lookalike() -> None:
+    """A cohort face within `cohort_margin` of the member's distance vetoes the unlock; farther, it does not."""
+    visit = unit(np.cos(0.5), 0, np.sin(0.5))  # 0.49 from alice
+
+    def frames() -> Track:  # a fresh track per policy (a look-alike verdict stays with its track)
+        return track_of([visit] * 3, ["alice"] * 3)
+
+    lookalike = unit(np.cos(0.5), 0, np.sin(0.5), 0.65)  # 0.57 from the visit: farther, but within 0.49 + 0.2
+    elsewhere = unit(0, 0, 0, 1)  # 1.41 from it
+    near = Gallery(["alice", "bob"], np.stack([ALICE, BOB]), T, cohort=np.stack([elsewhere, lookalike]))
+    d = TrackPolicy(PolicyConfig(), T).decide(frames(), near)
+    assert d is not None and (d.decision, d.reason, d.identity) == ("deny", "lookalike", "alice")
+    assert d.distance < float(np.linalg.norm(lookalike - visit)) <= d.distance + 0.2
+    far = Gallery(["alice", "bob"], np.stack([ALICE, BOB]), T, cohort=np.stack([elsewhere]))
+    d = TrackPolicy(PolicyConfig(), T).decide(frames(), far)
+    assert d is not None and d.decision == "unlock"
+    d = TrackPolicy(PolicyConfig(cohort_margin=0.0), T).decide(frames(), near)  # no margin: nearer alice wins
+    assert d is not None and d.decision == "unlock"
+    policy = TrackPolicy(PolicyConfig(), T)  # beside another member, a look-alike counts as a stranger
+    assert (policy.matched(frames(), near), policy.matched(frames(), far)) == (None, "alice")
+
+
+def test_a_track_found_a_lookalike_never_unlocks_later() -> None:
+    """Doubt holds for the rest of the track: frames that later pull the fused embedding onto the
+    member (and away from the cohort face) do not open the door."""
+    visit = unit(np.cos(0.5), 0, np.sin(0.5))
+    lookalike = unit(np.cos(0.5), 0, np.sin(0.5), 0.65)
+    gallery = Gallery(["alice", "bob"], np.stack([ALICE, BOB]), T, cohort=lookalike[None])
+    policy = TrackPolicy(PolicyConfig(), T)
+    track = track_of([visit] * 3, ["alice"] * 3)
+    first = policy.decide(track, gallery)
+    assert first is not None and first.reason == "lookalike"
+    s = Sighting(np.array([0, 0, 120, 120], np.float32), ALICE, 0.99, 500.0, "alice")
+    for i in range(20):
+        track.add(0.3 + i / 10, s, 1.0, 1)
+    assert gallery.cohort_distance(track.embedding) > gallery.nearest(track.embedding).distance + 0.2  # clear now
+    assert policy.decide(track, gallery) is None
+    assert TrackPolicy(PolicyConfig(), T).decide(track_of([ALICE] * 3, ["alice"] * 3), gallery).decision == "unlock"

@@ -60,8 +60,8 @@ def door(mosquitto):
     time.sleep(0.3)
     gallery = Gallery(["alice", "bob"], np.stack([ALICE, BOB]), 0.7)
 
-    def make(script: list) -> DoorService:
-        return DoorService(cfg, ScriptedPipeline(script), lambda: gallery, Camera(cfg.camera), link, Notifier(""))
+    def make(script: list, members: Gallery = gallery) -> DoorService:
+        return DoorService(cfg, ScriptedPipeline(script), lambda: members, Camera(cfg.camera), link, Notifier(""))
 
     yield make, sub
     sub.stop()
@@ -188,3 +188,22 @@ def test_a_confident_unlock_adds_a_bounded_audited_door_template(mosquitto, tmp_
         assert (alice.embeddings, alice.door_templates) == (1, 2)  # bounded: the oldest was replaced
         s.remove("alice")
         assert s.identities() == []
+
+
+def test_a_visit_that_looks_as_much_like_a_cohort_face_never_unlocks(door) -> None:
+    """The cohort check at the door: the visit matches alice, but a cohort face is within
+    `policy.cohort_margin` of it: one "lookalike" deny, and no unlock on the track's later frames."""
+    make, sub = door
+    visit = ALICE + 0.35 * unit(4)
+    visit /= np.linalg.norm(visit)
+    lookalike = visit + 0.3 * unit(5)
+    lookalike /= np.linalg.norm(lookalike)
+    d_alice, d_cohort = float(np.linalg.norm(visit - ALICE)), float(np.linalg.norm(visit - lookalike))
+    assert d_alice < 0.7 and d_cohort <= d_alice + 0.2
+    members = Gallery(["alice", "bob"], np.stack([ALICE, BOB]), 0.7, cohort=np.stack([STRANGER, lookalike]))
+    service = make([[face(120, visit)]] * 8, members)
+    for f in frames(8):
+        service.process(f)
+    decisions = received(sub)
+    assert [(d["decision"], d["reason"], d["identity"]) for d in decisions] == [("deny", "lookalike", "alice")]
+    assert decisions[0]["distance"] == pytest.approx(d_alice, abs=1e-3)

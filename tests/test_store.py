@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from facedoor.store import EmbeddingStore, StoreError, StoreWatcher
+from facedoor.store import SCHEMA_VERSION, EmbeddingStore, StoreError, StoreWatcher
 
 ENC_A = "a" * 64
 ENC_B = "b" * 64
@@ -343,8 +343,36 @@ def test_a_schema_1_store_is_read_as_is_and_upgraded_when_written(tmp_path: Path
         np.testing.assert_allclose(store.gallery().embeddings, [_template(emb)], atol=1e-6)
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+    with EmbeddingStore(path, ENC_A, readonly=True) as store:
+        assert store.cohort()[0] == [] and len(store.gallery().cohort) == 0  # no cohort table yet
     with EmbeddingStore(path, ENC_A) as store:
         store.add_door_template("ana", _emb(1, 3)[0], 2)
         assert [(i.embeddings, i.door_templates) for i in store.identities()] == [(2, 1)]
+        assert store.set_cohort(["x"], _emb(1, 4)) == 1
     with sqlite3.connect(path) as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+
+
+def test_the_cohort_is_replaced_whole_joins_the_gallery_and_is_bound_to_the_encoder(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    with EmbeddingStore(path, ENC_A) as store:
+        store.enroll("ana", _emb(2), _shas(2))
+        assert store.set_cohort(["x", "y", "z"], _emb(3, 7)) == 3
+        assert store.set_cohort(["p", "q"], _emb(2, 9)) == 2  # replaces, never adds
+        labels, cohort = store.cohort()
+        assert labels == ["p", "q"]
+        np.testing.assert_array_equal(cohort, _emb(2, 9))
+        np.testing.assert_array_equal(store.gallery().cohort, _emb(2, 9))
+        assert store.gallery().names == ["ana"]  # cohort people are never members
+        bad = _emb(2, 11)
+        bad[1, 0] = np.nan
+        with pytest.raises(StoreError, match="non-finite"):
+            store.set_cohort(["a", "b"], bad)
+        assert store.cohort()[0] == ["p", "q"]  # nothing written
+    with EmbeddingStore(path, ENC_B, readonly=True) as store, pytest.raises(StoreError, match="another encoder"):
+        store.cohort()
+    with EmbeddingStore(path, ENC_A, readonly=True) as store, pytest.raises(StoreError, match="read-only"):
+        store.set_cohort(["a"], _emb(1))
+    with EmbeddingStore(path, ENC_A) as store:
+        assert store.set_cohort([], np.zeros((0, 128), np.float32)) == 0
+        assert len(store.gallery().cohort) == 0

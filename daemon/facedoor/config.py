@@ -79,6 +79,9 @@ class PolicyConfig(_Section):
         0, ge=0, le=20, description="door templates kept per person after confident unlocks (0: off)")
     door_template_below: float = Field(
         0.5, gt=0, le=4.0, description="fused distance an unlock must be below to add one")
+    cohort_margin: float = Field(
+        0.2, ge=0, le=2.0, description="with a cohort stored (`facedoor cohort DIR`): an unlock needs the visit "
+        "nearer its member than any cohort face by this much, else a deny with reason lookalike")
 
 
 class TrackingConfig(_Section):

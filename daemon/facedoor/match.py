@@ -7,6 +7,11 @@ A person's enrolment photos are matched as one template, the L2-normalised mean 
 embeddings (`person_templates`), as the door's visits are fused: on LFW DevTrain this halved both
 the stranger visits accepted and the member visits rejected at 0.7 compared with the nearest
 single enrolment photo (`benchmarks/visits.py`; the README's threshold section).
+
+A cohort is a set of templates of people who are not members (e.g. a public face set, stored by
+`facedoor cohort DIR`). The door's policy unlocks only when the visit is nearer its member than
+any cohort face by a margin: a stranger who looks like a member usually looks as much like
+someone in a large cohort (look-alikes come in groups), a member rarely does.
 """
 from __future__ import annotations
 
@@ -47,14 +52,19 @@ def person_templates(names: list[str], embeddings: np.ndarray) -> tuple[list[str
 
 class Gallery:
     """Enrolled templates: an (M, D) float32 matrix and the identity name of each row (a person may
-    have several: the enrolment template and door templates)."""
+    have several: the enrolment template and door templates); optionally a cohort, (C, D) templates
+    of people who are not members (`cohort_distance`)."""
 
-    def __init__(self, names: list[str], embeddings: np.ndarray, threshold: float):
+    def __init__(self, names: list[str], embeddings: np.ndarray, threshold: float, cohort: np.ndarray | None = None):
         embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
         if embeddings.ndim != 2 or embeddings.shape[0] != len(names):
             raise ValueError(f"gallery needs ({len(names)}, D) embeddings, got shape {embeddings.shape}")
+        cohort = np.ascontiguousarray(cohort if cohort is not None else np.zeros((0, embeddings.shape[1])), np.float32)
+        if cohort.ndim != 2 or (len(cohort) and cohort.shape[1] != embeddings.shape[1]):
+            raise ValueError(f"cohort needs (C, {embeddings.shape[1]}) embeddings, got shape {cohort.shape}")
         self.names = list(names)
         self.embeddings = embeddings
+        self.cohort = cohort
         self.threshold = float(threshold)
         self._index = {name: i for i, name in enumerate(sorted(set(names)))}
         self.identities = sorted(self._index)
@@ -94,6 +104,14 @@ class Gallery:
         i = int(np.argmin(self._sq_norms - 2.0 * (self.embeddings @ q)))
         diff = self.embeddings[i] - q
         return Match(self.names[i], float(np.sqrt(diff @ diff)), self.threshold)
+
+    def cohort_distance(self, embedding: np.ndarray) -> float:
+        """The L2 distance from EMBEDDING to the nearest cohort template (inf without a cohort)."""
+        if len(self.cohort) == 0:
+            return float("inf")
+        q = np.asarray(embedding, dtype=np.float32).reshape(-1)
+        diff = self.cohort - q
+        return float(np.sqrt(np.min(np.einsum("ij,ij->i", diff, diff))))
 
     def verify(self, name: str, embedding: np.ndarray) -> Match:
         """1:1: the smallest distance to NAME's templates; `.matched` says whether it is below."""

@@ -12,7 +12,9 @@ monotonic clock), so tests replay any timeline exactly. Rules:
 
 - nothing before the track has `min_good_frames` good frames;
 - unlock when the track's fused embedding is strictly below the threshold for one person AND
-  the majority of its good frames were nearest to that same person AND, with the liveness gate
+  the majority of its good frames were nearest to that same person AND, with a cohort stored,
+  no cohort face is within `cohort_margin` of the member's distance (else a rate-limited deny
+  with reason "lookalike", and the track decides nothing more) AND, with the liveness gate
   on, the track's liveness verdict is "live" (undecided: wait; "spoof": a rate-limited deny with
   reason "spoof", never an unlock) AND no unknown face is near the door (`companions: deny`:
   a deny with reason "companion"; `allow`: only counted). The decision carries the fused
@@ -38,7 +40,7 @@ class Decision:
     """An event to publish: an unlock for an identity, or a deny (unknown face, spoof, companion)."""
 
     decision: Literal["unlock", "deny"]
-    reason: Literal["match", "unknown", "spoof", "companion"]
+    reason: Literal["match", "unknown", "lookalike", "spoof", "companion"]
     identity: str | None       # the matched person (also for a spoof or companion deny)
     distance: float | None     # of the track's fused embedding to the nearest enrolled one
     threshold: float
@@ -75,12 +77,19 @@ class TrackPolicy:
             self._next_deny.pop(decision.reason, None)
 
     def matched(self, track: Track, gallery: Gallery | None) -> str | None:
-        """The member TRACK's fused embedding is strictly below the threshold for, with enough good frames."""
+        """The member TRACK's fused embedding is strictly below the threshold for, with enough good frames
+        and no cohort face within `cohort_margin` (a look-alike counts as a stranger beside a member)."""
         fused = track.embedding
-        if track.good < self.cfg.min_good_frames or fused is None or gallery is None:
+        if track.good < self.cfg.min_good_frames or fused is None or gallery is None or track.state.get("lookalike"):
             return None
         nearest = gallery.nearest(fused)
-        return nearest.identity if nearest.distance < self.threshold else None
+        if not nearest.distance < self.threshold or self._lookalike(gallery, fused, nearest.distance):
+            return None
+        return nearest.identity
+
+    def _lookalike(self, gallery: Gallery, fused: np.ndarray, distance: float) -> bool:
+        """Whether a cohort face is within `cohort_margin` of the member's DISTANCE from FUSED."""
+        return gallery.cohort_distance(fused) <= distance + self.cfg.cohort_margin
 
     def decide(self, track: Track, gallery: Gallery | None, *, liveness: str | None = None,
                live_score: float | None = None, unknown_near: int = 0) -> Decision | None:
@@ -89,13 +98,13 @@ class TrackPolicy:
         LIVENESS is the track's verdict ("live", "spoof", "undecided"; None: gate off) and
         UNKNOWN_NEAR the unknown faces near the door beside this one."""
         fused = track.embedding
-        if track.good < self.cfg.min_good_frames or fused is None:
+        if track.good < self.cfg.min_good_frames or fused is None or track.state.get("lookalike"):
             return None
         nearest = gallery.nearest(fused) if gallery is not None else None
         distance = nearest.distance if nearest is not None else float("inf")
         t = track.t_last
 
-        def deny(reason: Literal["unknown", "spoof", "companion"], identity: str | None,
+        def deny(reason: Literal["unknown", "lookalike", "spoof", "companion"], identity: str | None,
                  frames: int) -> Decision | None:
             if t < self._next_deny.get(reason, float("-inf")):
                 return None
@@ -108,6 +117,9 @@ class TrackPolicy:
         name, votes = track.majority()
         if name != nearest.identity or 2 * votes <= track.good or self.in_cooldown(name, t):
             return None
+        if gallery is not None and self._lookalike(gallery, fused, distance):
+            track.state["lookalike"] = True  # doubt about this face holds for the rest of its track
+            return deny("lookalike", name, votes)
         if liveness == "spoof":
             return deny("spoof", name, votes)
         if liveness == "undecided":

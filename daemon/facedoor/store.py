@@ -7,8 +7,10 @@ replaced first, enrolment embeddings never). Embeddings of another encoder are n
 a gallery: the store refuses and says to re-enrol. Enrolment is one transaction (all photos or
 none). The daemon reads while the CLI writes (WAL, busy timeout). A file that is not a facedoor
 store, or is damaged, is reported as a StoreError naming it and is never written to; a symbolic
-link is refused, never followed. A store of schema 1 (before door templates) is read as it is
-and upgraded the first time it is opened for writing. A new store (and its -wal/-shm, which
+link is refused, never followed. The cohort (`set_cohort`) is a separate table of templates of
+people who are not members, one per person, of the same encoder; it is replaced as a whole. A
+store of an older schema (1: before door templates, 2: before the cohort) is read as it is and
+upgraded the first time it is opened for writing. A new store (and its -wal/-shm, which
 SQLite gives the store's mode) is 0600 in a 0700 directory. A running reader sees another
 process's commits through `StoreWatcher`.
 """
@@ -32,7 +34,7 @@ from facedoor.match import Gallery, person_templates
 log = logging.getLogger(__name__)
 
 APPLICATION_ID = 0x46444F52  # "FDOR" in the SQLite header: marks the file as a facedoor store
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 ENROLMENT, DOOR = "enrolment", "door"  # embedding kinds
 SQLITE_MAGIC = b"SQLite format 3\x00"
 BUSY_TIMEOUT_MS = 10_000
@@ -56,10 +58,21 @@ CREATE TABLE embeddings (
     UNIQUE (identity_id, encoder_sha256, image_sha256)
 );
 CREATE INDEX embeddings_identity ON embeddings(identity_id);
+CREATE TABLE cohort (
+    id             INTEGER PRIMARY KEY,
+    label          TEXT NOT NULL,
+    vector         BLOB NOT NULL,
+    dim            INTEGER NOT NULL,
+    encoder_sha256 TEXT NOT NULL CHECK (length(encoder_sha256) = 64),
+    created        TEXT NOT NULL
+);
 """
-# Schema 1 -> 2: the embedding kind (every existing row is an enrolment embedding).
-_MIGRATE_1_2 = "ALTER TABLE embeddings ADD COLUMN kind TEXT NOT NULL DEFAULT 'enrolment'" \
-    " CHECK (kind IN ('enrolment', 'door'))"
+# Schema 1 -> 2: the embedding kind (every existing row is an enrolment embedding); 2 -> 3: the cohort.
+_MIGRATIONS = {
+    1: "ALTER TABLE embeddings ADD COLUMN kind TEXT NOT NULL DEFAULT 'enrolment' CHECK (kind IN ('enrolment', 'door'))",
+    2: _SCHEMA[_SCHEMA.index("CREATE TABLE cohort"):],
+}
+MAX_COHORT = 100_000  # cohort templates (C x D float32: 51 MB at 128-D)
 
 
 class StoreError(RuntimeError):
@@ -101,6 +114,7 @@ class EmbeddingStore:
         self.encoder_sha256 = encoder_sha256
         self.readonly = readonly
         self._kind = "e.kind"  # SQL for an embedding's kind; a schema-1 store read-only has none
+        self._version = SCHEMA_VERSION
         if self.path.is_symlink():
             raise StoreError(
                 f"{self.path}: is a symbolic link; refusing to follow it (give the store's real path)"
@@ -183,25 +197,30 @@ class EmbeddingStore:
                 f"(application_id {app_id:#x}); it was left untouched: give another --store path"
             )
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
-        if version not in (1, SCHEMA_VERSION):
+        if version not in range(1, SCHEMA_VERSION + 1):
             raise StoreError(f"{self.path}: store schema version {version}, this facedoor reads 1..{SCHEMA_VERSION}")
         problems = [row[0] for row in self._db.execute("PRAGMA quick_check")]
         if problems != ["ok"]:
             raise StoreError(
                 f"{self.path}: damaged embedding store ({'; '.join(problems[:3])}); restore a backup or move it away"
             )
-        if version == 1:
-            self._migrate()
+        if version < SCHEMA_VERSION:
+            self._migrate(version)
 
-    def _migrate(self) -> None:
-        """Schema 1 -> 2 (embedding kinds) when writable; read-only, schema 1 reads as enrolment only."""
+    def _migrate(self, version: int) -> None:
+        """Upgrade to the current schema when writable; read-only, schema 1 reads as enrolment only
+        and a store before schema 3 has no cohort."""
         if self.readonly:
-            self._kind = f"'{ENROLMENT}'"
+            self._version = version
+            if version == 1:
+                self._kind = f"'{ENROLMENT}'"
             return
         with self._transaction():
-            if self._db.execute("PRAGMA user_version").fetchone()[0] == 1:  # not upgraded by another process
-                self._db.execute(_MIGRATE_1_2)
-                self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]  # another process may have upgraded it
+            for step in range(version, SCHEMA_VERSION):
+                for statement in filter(str.strip, _MIGRATIONS[step].split(";")):
+                    self._db.execute(statement)
+            self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         log.info("upgraded embedding store %s to schema %d", self.path, SCHEMA_VERSION)
 
     def _initialise(self) -> None:
@@ -312,6 +331,40 @@ class EmbeddingStore:
         log.info("removed %s (%d embeddings) from %s", name, count, self.path)
         return count
 
+    def set_cohort(self, labels: Sequence[str], embeddings: np.ndarray) -> int:
+        """Replace the cohort with one template per label (C, D), in one transaction; return C."""
+        self._writable()
+        vectors = np.asarray(embeddings, dtype=np.float32)
+        if vectors.ndim != 2 or len(vectors) != len(labels):
+            raise ValueError("set_cohort needs (C, D) embeddings and C labels")
+        if len(vectors) > MAX_COHORT:
+            raise StoreError(f"a cohort of {len(vectors)} people is more than {MAX_COHORT}")
+        if not np.all(np.isfinite(vectors)):
+            raise StoreError("refusing non-finite cohort embeddings")
+        now = _now()
+        with self._transaction():
+            self._db.execute("DELETE FROM cohort")
+            self._db.executemany(
+                "INSERT INTO cohort (label, vector, dim, encoder_sha256, created) VALUES (?, ?, ?, ?, ?)",
+                [(label, v.astype("<f4").tobytes(), v.shape[0], self.encoder_sha256, now)
+                 for label, v in zip(labels, vectors)],
+            )
+        log.info("cohort of %d people stored in %s", len(vectors), self.path)
+        return len(vectors)
+
+    def cohort(self) -> tuple[list[str], np.ndarray]:
+        """The cohort's labels and (C, D) templates; refuses another encoder's."""
+        if self._version < 3:
+            return [], np.zeros((0, 0), np.float32)
+        rows = self._query("SELECT label, vector, dim, encoder_sha256 FROM cohort ORDER BY id")
+        if any(sha != self.encoder_sha256 for *_, sha in rows):
+            raise StoreError(f"{self.path}: the cohort comes from another encoder than the loaded one; "
+                             "rebuild it with `facedoor cohort DIR` or drop it with `facedoor cohort --clear`")
+        if len({dim for _, _, dim, _ in rows}) > 1 or any(len(blob) != 4 * dim for _, blob, dim, _ in rows):
+            raise StoreError(f"{self.path}: damaged cohort rows (inconsistent vector sizes)")
+        dim = rows[0][2] if rows else 0
+        return [r[0] for r in rows], np.frombuffer(b"".join(r[1] for r in rows), dtype="<f4").reshape(len(rows), dim)
+
     def _writable(self) -> None:
         if self.readonly:
             raise StoreError(f"{self.path}: opened read-only")
@@ -341,8 +394,8 @@ class EmbeddingStore:
         return [Identity(name, created, count, stale, door) for name, created, count, stale, door in rows]
 
     def gallery(self, threshold: float = 0.7) -> Gallery:
-        """Each person's enrolment template (the mean of its enrolment embeddings) and door templates
-        as a Gallery; refuses another encoder's embeddings."""
+        """Each person's enrolment template (the mean of its enrolment embeddings) and door templates,
+        with the cohort, as a Gallery; refuses another encoder's embeddings."""
         with self._transaction(read=True):
             stale = self._db.execute(
                 "SELECT DISTINCT i.name FROM embeddings e JOIN identities i ON i.id = e.identity_id"
@@ -368,7 +421,11 @@ class EmbeddingStore:
         enrolment = np.array([kind == ENROLMENT for _, _, _, kind in rows], dtype=bool)
         people, templates = person_templates([r[0] for r, e in zip(rows, enrolment) if e], matrix[enrolment])
         door = [r[0] for r, e in zip(rows, enrolment) if not e]
-        return Gallery(people + door, np.concatenate([templates, matrix[~enrolment].astype(np.float32)]), threshold)
+        cohort = self.cohort()[1]
+        if len(cohort) and len(rows) and cohort.shape[1] != dim:
+            raise StoreError(f"{self.path}: the cohort has {cohort.shape[1]} dimensions, the embeddings {dim}")
+        return Gallery(people + door, np.concatenate([templates, matrix[~enrolment].astype(np.float32)]), threshold,
+                       cohort if len(cohort) and len(rows) else None)
 
     def _query(self, sql: str, params: tuple = ()) -> list[tuple]:
         try:

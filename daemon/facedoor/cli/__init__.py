@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 # Command groups (each module defines `add_command(commands)`); one line each.
 COMMAND_MODULES: tuple[str, ...] = (
     "facedoor.cli.recognition",
+    "facedoor.cli.cohort",
     "facedoor.cli.audit",
     "facedoor.cli.homeassistant",
     "facedoor.cli.run",
