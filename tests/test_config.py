@@ -12,7 +12,9 @@ from facedoor.models import ModelEntry, threshold_warning
 EXAMPLE = Path(__file__).resolve().parents[1] / "config" / "facedoor.yaml"
 
 
-def test_example_config_is_complete_valid_and_the_defaults() -> None:
+def test_example_config_is_complete_valid_and_the_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)  # the models default is ./models when a checkout holds an export
+    monkeypatch.delenv("FACEDOOR_MODELS", raising=False)
     text = EXAMPLE.read_text()
     assert load_config(EXAMPLE) == FacedoorConfig()
     for key in FacedoorConfig.model_fields:

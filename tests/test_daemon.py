@@ -439,6 +439,24 @@ def run_to_the_end(config: Path, video: Path, broker) -> tuple[Subscriber, Daemo
     return sub, daemon
 
 
+def test_a_member_with_a_double_in_the_cohort_is_denied_as_a_lookalike(door: Door, mosquitto, tmp_path: Path) -> None:
+    """The cohort from `facedoor cohort DIR` reaches the running door: with the walk-up photo
+    itself stored as a cohort person, the member's visit is a look-alike and never opens."""
+    store, video = lingering_member(door, tmp_path)
+    (tmp_path / "cohort" / "double").mkdir(parents=True)
+    (tmp_path / "cohort" / "double" / door.known.photo.name).write_bytes(door.known.photo.read_bytes())
+    made = subprocess.run([str(FACEDOOR), "--models", str(door.models), "--store", str(store), "--json", "cohort",
+                           str(tmp_path / "cohort")], capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0 and json.loads(made.stdout)["cohort"] == 1, made.stderr
+    assert f"'{door.known.name}'" in made.stderr  # warned: the cohort holds the member's double
+    config = write_config(tmp_path / "facedoor.yaml", door.models, store, mosquitto.port)
+    sub, daemon = run_to_the_end(config, video, mosquitto)
+    decisions = sub.decisions()
+    assert decisions, daemon.log()[-3000:]
+    assert unlocks(sub) == []
+    assert [(d["reason"], d["identity"]) for d in decisions][0] == ("lookalike", door.known.name), decisions
+
+
 @pytest.mark.parametrize("companions", ["deny", "allow"])
 def test_a_stranger_walking_up_beside_a_member(companions: str, door: Door, mosquitto, tmp_path: Path) -> None:
     """Tailgating: an enrolled person and a stranger walk up side by side (a real two-face video)."""
