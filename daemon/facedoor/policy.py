@@ -37,11 +37,11 @@ from facedoor.track import Track
 
 @dataclass(frozen=True)
 class Decision:
-    """An event to publish: an unlock for an identity, or a deny (unknown face, spoof, companion)."""
+    """An event to publish: an unlock for an identity, or a deny (unknown face, look-alike, spoof, companion)."""
 
     decision: Literal["unlock", "deny"]
     reason: Literal["match", "unknown", "lookalike", "spoof", "companion"]
-    identity: str | None       # the matched person (also for a spoof or companion deny)
+    identity: str | None       # the matched person (also for a look-alike, spoof or companion deny)
     distance: float | None     # of the track's fused embedding to the nearest enrolled one
     threshold: float
     frames: int                # good frames nearest the identity (unknown: all good frames)
