@@ -527,7 +527,7 @@ def write_sheet(path: Path, accepts: list[tuple[str, Visit, Decision]], paths: l
 
 def lfw_benchmark(data: dict[str, np.ndarray], people: list[str], draws: int, tcfg: TrackingConfig,
                   pcfg: PolicyConfig, templates: dict[str, PolicyConfig], sheet: Path | None = None,
-                  half: int | None = None) -> None:
+                  half: int | None = None, cohort_size: int | None = None) -> None:
     """The open-set draws on LFW: (a) photo visits and (b) walk-up visits."""
     paths = [p for photos in lfw_people().values() for p in photos]
     labels = true_labels(data, people, paths)
@@ -536,7 +536,11 @@ def lfw_benchmark(data: dict[str, np.ndarray], people: list[str], draws: int, tc
     cohort: tuple[str, np.ndarray] | None = None
     if half is not None:
         keep = identity_half(len(people), half)
-        others = cohort_templates(data, labels, ~keep)
+        others_mask = ~keep
+        if cohort_size is not None:  # a random COHORT_SIZE of the other half
+            chosen = np.random.default_rng(HALF_SEED).choice(np.flatnonzero(~keep), cohort_size, replace=False)
+            others_mask = np.isin(np.arange(len(people)), chosen)
+        others = cohort_templates(data, labels, others_mask)
         cohort = (f"fused + cohort ({len(others)} others)", others)
         leave_out(data, labels, keep)
         print(f"# identity half {half} only (seed {HALF_SEED}): the other half is left out, its {len(others)} "
@@ -731,6 +735,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sheet", type=Path, help="write a PNG of the stranger visits let in at the first threshold")
     ap.add_argument("--half", type=int, choices=(0, 1),
                     help="only one half of a seeded identity split (choose a setting on one, check on the other)")
+    ap.add_argument("--cohort-size", type=int, help="with --half: only this many of the other half in the cohort")
     ap.add_argument("--cohort-margin", type=float,
                     help="policy.cohort_margin for the cohort mode (default: the product's)")
     ap.add_argument("--thresholds", default=",".join(map(str, THRESHOLDS)), help="comma-separated L2 thresholds")
@@ -746,7 +751,8 @@ def main(argv: list[str] | None = None) -> int:
         update={"door_templates": n, "door_template_below": b}) for b, n in TEMPLATE_SETTINGS}
     everyone = cohort_templates(data, true_labels(data, list(people), [p for ps in people.values() for p in ps]),
                                 np.ones(len(people), bool))
-    lfw_benchmark(data, list(people), args.draws, cfg.tracking, cfg.policy, templates, args.sheet, args.half)
+    lfw_benchmark(data, list(people), args.draws, cfg.tracking, cfg.policy, templates, args.sheet, args.half,
+                  args.cohort_size)
     if not args.skip_videos:
         video_benchmark(pipeline, cfg.tracking, cfg.policy, cfg.recognition.threshold, everyone)
     return 0
