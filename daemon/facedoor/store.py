@@ -406,6 +406,7 @@ class EmbeddingStore:
                 f"SELECT i.name, e.vector, e.dim, {self._kind} FROM embeddings e"
                 " JOIN identities i ON i.id = e.identity_id ORDER BY e.id"
             ).fetchall()
+            cohort = self.cohort()[1]  # same snapshot as the members
         if stale:
             names = ", ".join(n for (n,) in stale)
             raise StoreError(
@@ -421,7 +422,6 @@ class EmbeddingStore:
         enrolment = np.array([kind == ENROLMENT for _, _, _, kind in rows], dtype=bool)
         people, templates = person_templates([r[0] for r, e in zip(rows, enrolment) if e], matrix[enrolment])
         door = [r[0] for r, e in zip(rows, enrolment) if not e]
-        cohort = self.cohort()[1]
         if len(cohort) and len(rows) and cohort.shape[1] != dim:
             raise StoreError(f"{self.path}: the cohort has {cohort.shape[1]} dimensions, the embeddings {dim}")
         return Gallery(people + door, np.concatenate([templates, matrix[~enrolment].astype(np.float32)]), threshold,
