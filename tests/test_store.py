@@ -376,3 +376,15 @@ def test_the_cohort_is_replaced_whole_joins_the_gallery_and_is_bound_to_the_enco
     with EmbeddingStore(path, ENC_A) as store:
         assert store.set_cohort([], np.zeros((0, 128), np.float32)) == 0
         assert len(store.gallery().cohort) == 0
+
+
+def test_a_cohort_of_another_encoder_makes_the_gallery_refuse(tmp_path: Path) -> None:
+    """The daemon builds its gallery from the store at start and on reload: a cohort another encoder
+    made is never mixed in; the gallery refuses with the fix named (the door stays locked)."""
+    path = tmp_path / "s.db"
+    with EmbeddingStore(path, ENC_B) as store:
+        store.set_cohort(["x"], _emb(1, 3))
+    with EmbeddingStore(path, ENC_A) as store:
+        store.enroll("ana", _emb(2), _shas(2))
+    with EmbeddingStore(path, ENC_A, readonly=True) as store, pytest.raises(StoreError, match="facedoor cohort"):
+        store.gallery()
