@@ -14,6 +14,7 @@ them together stay under `max_bytes`) and by age (rotated files, lines and crops
 """
 from __future__ import annotations
 
+import base64
 import errno
 import json
 import logging
@@ -107,9 +108,12 @@ class AuditLog:
     def on_decision(self, event: DecisionEvent) -> None:
         """A decision listener: the message, whether it was delivered, the other listeners' notes
         and, with `save_crops`, the face crops cut from the deciding frame (the deciding face, then
-        the unknown faces near the door beside it)."""
+        the unknown faces near the door beside it) and the deciding face's embedding (the web
+        console's "this was not X" puts it in the look-alike cohort)."""
         entry = {**event.payload, "delivered": bool(event.delivered), **event.notes}
         if self.limits.save_crops:
+            if event.face is not None and event.face.embedding is not None:
+                entry["embedding"] = encode_embedding(event.face.embedding)
             self.record(entry, event.crop(), [event.crop(f) for f in event.strangers])
         else:
             self.record(entry)
@@ -275,6 +279,32 @@ def _append_whole(path: Path, line: bytes) -> None:
             raise
     finally:
         os.close(fd)
+
+
+def encode_embedding(embedding: np.ndarray) -> str:
+    """An embedding as base64 of little-endian float32 (one audit field, ~700 characters at 128-D)."""
+    return base64.b64encode(np.asarray(embedding, dtype="<f4").reshape(-1).tobytes()).decode("ascii")
+
+
+def decode_embedding(text: str, max_dim: int = 4096) -> np.ndarray:
+    """The vector `encode_embedding` wrote; ValueError for anything else (wrong size, not finite)."""
+    raw = base64.b64decode(text.encode("ascii"), validate=True)
+    if not raw or len(raw) % 4 or len(raw) // 4 > max_dim:
+        raise ValueError(f"an embedding of {len(raw)} bytes is not a float32 vector of at most {max_dim}")
+    vector = np.frombuffer(raw, dtype="<f4").astype(np.float32)
+    if not np.all(np.isfinite(vector)):
+        raise ValueError("embedding has non-finite values")
+    return vector
+
+
+def append_event(path: Path, entry: Mapping[str, Any]) -> None:
+    """Append one entry written by another process than the door (the web console: a login lockout,
+    a label) to the live audit file, at once and whole; OSError when it cannot be written."""
+    record = dict(entry)
+    record.setdefault("ts_ms", int(time.time() * 1000))
+    record.setdefault("ts", iso_utc(record["ts_ms"] / 1000.0))
+    private_dir(path.parent)
+    _append_whole(path, (json.dumps(record, default=str, separators=(",", ":")) + "\n").encode())
 
 
 def log_files(path: Path) -> list[Path]:

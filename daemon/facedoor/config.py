@@ -226,6 +226,36 @@ class IdleConfig(_Section):
         return self
 
 
+class WebConfig(_Section):
+    """`facedoor web`: the operator's console, its own process beside the door (facedoor.web)."""
+
+    host: str = Field("127.0.0.1", min_length=1, description="address the console listens on; a non-loopback "
+                      "address needs tls_cert and tls_key (or allow_insecure_bind: true)")
+    port: int = Field(8080, ge=1, le=65535, description="TCP port of the console")
+    tls_cert: Path | None = Field(None, description="PEM certificate: the console serves HTTPS with it")
+    tls_key: Path | None = Field(None, description="PEM private key of tls_cert")
+    allow_insecure_bind: bool = Field(
+        False, description="serve plain HTTP on a non-loopback address (passwords and faces readable on the network)")
+    users_file: Path | None = Field(None, description="argon2id password hashes (default <state_dir>/web-users.json)")
+    session_hours: float = Field(12.0, gt=0, le=720, description="a login lasts this long, then sign in again")
+    login_attempts_per_minute: int = Field(5, ge=1, le=100, description="login attempts per client per minute")
+    crop_retention_days: float | None = Field(
+        None, gt=0, le=3650, description="audit face crops older than this are removed by the console, hourly "
+        "(default: kept as long as the audit log, audit.max_age_days); admins can change it on the status page")
+    max_upload_mb: int = Field(16, ge=1, le=128, description="largest photo the console accepts in an upload")
+
+    @model_validator(mode="after")
+    def _tls_or_loopback(self) -> WebConfig:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("web.tls_cert and web.tls_key must be given together")
+        if self.tls_cert is None and not self.allow_insecure_bind and not _is_loopback(self.host):
+            raise ValueError(
+                f"web.host {_shown(self.host)} is not a loopback address and no web.tls_cert is configured: "
+                "passwords and faces would cross the network in clear text; configure web.tls_cert/web.tls_key "
+                "(or set web.allow_insecure_bind: true)")
+        return self
+
+
 class FacedoorConfig(_Section):
     door_id: str = Field("front", pattern=r"^[A-Za-z0-9_-]{1,64}$")
     state_dir: Path = DEFAULT_STATE_DIR
@@ -242,6 +272,7 @@ class FacedoorConfig(_Section):
     idle: IdleConfig = IdleConfig()
     logging: LoggingConfig = LoggingConfig()
     liveness: LivenessConfig = LivenessConfig()
+    web: WebConfig = WebConfig()
 
     def topic(self, leaf: str) -> str:
         """`<topic_prefix>/<door_id>/<leaf>`, e.g. facedoor/front/decision."""

@@ -8,7 +8,8 @@ a gallery: the store refuses and says to re-enrol. Enrolment is one transaction 
 none). The daemon reads while the CLI writes (WAL, busy timeout). A file that is not a facedoor
 store, or is damaged, is reported as a StoreError naming it and is never written to; a symbolic
 link is refused, never followed. The cohort (`set_cohort`) is a separate table of templates of
-people who are not members, one per person, of the same encoder; it is replaced as a whole. A
+people who are not members, one per person, of the same encoder; it is replaced as a whole
+(`add_cohort` adds one: the web console's "this was not X"). A
 store of an older schema (1: before door templates, 2: before the cohort) is read as it is and
 upgraded the first time it is opened for writing. A new store (and its -wal/-shm, which
 SQLite gives the store's mode) is 0600 in a 0700 directory. A running reader sees another
@@ -89,6 +90,16 @@ class Identity:
     embeddings: int
     stale: int
     door_templates: int = 0
+
+
+@dataclass(frozen=True)
+class Template:
+    """One stored embedding of a person as `templates` shows it."""
+
+    kind: str            # ENROLMENT or DOOR
+    image_sha256: str
+    created: str
+    current: bool        # made by the loaded encoder
 
 
 def _now() -> str:
@@ -352,6 +363,27 @@ class EmbeddingStore:
         log.info("cohort of %d people stored in %s", len(vectors), self.path)
         return len(vectors)
 
+    def add_cohort(self, label: str, embedding: np.ndarray) -> int:
+        """Add one template to the cohort (the web console's "this was not X"), keeping the rest;
+        refused when its size differs from the stored embeddings'. Returns the cohort's size."""
+        self._writable()
+        vector = np.asarray(embedding, dtype=np.float32).reshape(-1)
+        if not vector.size or not np.all(np.isfinite(vector)):
+            raise StoreError("refusing an empty or non-finite cohort embedding")
+        with self._transaction():
+            dims = {d for (d,) in self._db.execute("SELECT DISTINCT dim FROM embeddings WHERE encoder_sha256 = ?"
+                                                   " UNION SELECT DISTINCT dim FROM cohort", (self.encoder_sha256,))}
+            if dims - {vector.shape[0]}:
+                raise StoreError(f"a {vector.shape[0]}-D cohort embedding does not fit a store of "
+                                 f"{'/'.join(map(str, sorted(dims)))}-D embeddings")
+            size = self._db.execute("SELECT count(*) FROM cohort").fetchone()[0]
+            if size >= MAX_COHORT:
+                raise StoreError(f"the cohort already holds {size} people, the most it may")
+            self._db.execute("INSERT INTO cohort (label, vector, dim, encoder_sha256, created) VALUES (?, ?, ?, ?, ?)",
+                             (label, vector.astype("<f4").tobytes(), vector.shape[0], self.encoder_sha256, _now()))
+        log.info("cohort: %s added in %s (%d people)", label, self.path, size + 1)
+        return size + 1
+
     def cohort(self) -> tuple[list[str], np.ndarray]:
         """The cohort's labels and (C, D) templates; refuses another encoder's."""
         if self._version < 3:
@@ -392,6 +424,17 @@ class EmbeddingStore:
             (ENROLMENT, self.encoder_sha256, DOOR),
         )
         return [Identity(name, created, count, stale, door) for name, created, count, stale, door in rows]
+
+    def templates(self, name: str) -> list[Template]:
+        """NAME's stored embeddings, oldest first: kind, the photo's SHA-256 (a door template's: the
+        vector's), when, and whether the loaded encoder made it. Unknown NAME: StoreError."""
+        if not self._query("SELECT 1 FROM identities WHERE name = ?", (name,)):
+            raise StoreError(f"no identity named {name!r} in {self.path}")
+        rows = self._query(
+            f"SELECT {self._kind}, e.image_sha256, e.created, e.encoder_sha256 = ? FROM embeddings e"
+            " JOIN identities i ON i.id = e.identity_id WHERE i.name = ? ORDER BY e.id",
+            (self.encoder_sha256, name))
+        return [Template(kind, sha, created, bool(current)) for kind, sha, created, current in rows]
 
     def gallery(self, threshold: float = 0.7) -> Gallery:
         """Each person's enrolment template (the mean of its enrolment embeddings) and door templates,
