@@ -130,7 +130,9 @@ class Console:
         return removed
 
     def start(self) -> None:
+        """Index the audit log, watch the door, apply the crop retention hourly."""
         self.index.refresh()
+        self._stop.clear()
         if self.watch_door:
             self.door.start()
         threading.Thread(target=self._housekeeping, name="facedoor-web-retention", daemon=True).start()
@@ -145,10 +147,10 @@ class Console:
                 self.index.set_setting("last_prune", "nothing to do (no retention set)")
 
     def stop(self) -> None:
+        """Stop the background parts (the enrolment worker, the door watch, retention); the index stays open."""
         self._stop.set()
         self.actions.worker.stop()
         self.door.stop()
-        self.index.close()
 
 
 def create_app(console: Console, *, https: bool = False) -> Starlette:
