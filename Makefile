@@ -13,14 +13,19 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[export,stylize,bench,test]'
+	$(BIN)/pip install -q -e '.[export,stylize,bench,web,test]'
 	touch $@
 
-# Debian's Mosquitto broker (tests, demo) and systemd-analyze (unit test, package `systemd`).
+# Debian's Mosquitto broker (tests, demo), systemd-analyze (unit tests, package `systemd`) and
+# Chromium (the web console's browser tests; Playwright drives it, no browser is downloaded).
 mosquitto:
 	@{ command -v mosquitto && command -v systemd-analyze; } >/dev/null 2>&1 || { \
 	  echo "installing Debian's mosquitto and systemd (systemd-analyze)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto systemd >/dev/null; }
+	@command -v chromium >/dev/null 2>&1 || { \
+	  echo "installing Debian's chromium (web console browser tests)"; \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+	  echo "chromium could not be installed: the browser tests will skip"; }
 
 models: venv
 	$(BIN)/facedoor-export --out $(MODELS)

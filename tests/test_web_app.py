@@ -1,6 +1,6 @@
 """The console's routes through the ASGI test client: sign-in, roles, CSRF, the login rate limit,
-bad uploads, path tricks, paging and filters. No face models here (tests/test_web_enrol.py and
-tests/test_web_browser.py use the real ones)."""
+bad uploads, path tricks, paging and filters. No face models here (tests/test_web_browser.py
+enrols with the real ones)."""
 from __future__ import annotations
 
 import json
@@ -14,8 +14,17 @@ import pytest
 from facedoor.audit import encode_embedding
 from facedoor.store import EmbeddingStore
 from facedoor.web.app import COOKIE, HTMX_FILE, HTMX_SHA256, ConsoleError, check_vendored
-from web_support import ENCODER, PASSWORD, client_for, console_config, csrf_of, make_console, sign_in, visit, \
-    write_audit
+from web_support import (
+    ENCODER,
+    PASSWORD,
+    client_for,
+    console_config,
+    csrf_of,
+    make_console,
+    sign_in,
+    visit,
+    write_audit,
+)
 
 
 @pytest.fixture
@@ -154,10 +163,11 @@ def test_visits_page_filters_and_pages_newest_first(tmp_path: Path) -> None:
         older = re.search(r'href="(/visits\?before=[^"]+)"', page.text).group(1).replace("&amp;", "&")
         assert re.findall(r'data-id="(visit-\d+)"', client.get(older).text)[0] == "visit-79"
         bob = client.get("/visits", params={"person": "bob", "decision": "unlock"}).text
-        assert "44 matching" in bob and set(re.findall(r'data-id="visit-(\d+)"', bob)) <= {str(i) for i in range(0, 130, 3)}
-        day = time.strftime("%Y-%m-%d", time.localtime(1_700_000_000))
-        assert "130 matching" in client.get("/visits", params={"from": day, "to": day}).text \
-            or "0 matching" not in client.get("/visits", params={"from": day}).text
+        assert "44 matching" in bob
+        assert set(re.findall(r'data-id="visit-(\d+)"', bob)) <= {str(i) for i in range(0, 130, 3)}
+        day, next_day = (time.strftime("%Y-%m-%d", time.localtime(t)) for t in (1_700_000_060, 1_700_086_460))
+        assert "130 matching" in client.get("/visits", params={"from": day, "to": day}).text
+        assert "0 matching" in client.get("/visits", params={"from": next_day}).text
         assert client.get("/visits", params={"from": "2023-13-45"}).status_code == 400
         assert client.get("/visits", params={"before": "x.y"}).status_code == 400
         fragment = client.get("/visits", headers={"hx-request": "true"}).text

@@ -182,7 +182,6 @@ def test_this_is_x_lets_x_in_at_the_next_walk_up_and_this_was_not_x_denies_that_
     page = signed_in(browser, site, "alice")
     page.reload()
     page.wait_for_selector("text=This is…")
-    shot(page, "web-visits")
     page.click("text=This is…")
     page.fill("input[name=name]", "elton")
     page.check("input[name=confirm]")
@@ -214,6 +213,8 @@ def test_this_is_x_lets_x_in_at_the_next_walk_up_and_this_was_not_x_denies_that_
     assert not any(d["decision"] == "unlock" for d in later), later
     page.goto(site.url + "/visits?decision=console")
     assert "web_not_x elton by alice" in page.inner_text("#visits")
+    page.goto(site.url + "/visits")
+    shot(page, "web-visits")
     page.goto(site.url + "/status")
     page.wait_for_selector("text=reporting")
     shot(page, "web-status")

@@ -408,6 +408,8 @@ def run_demo(out: Path, models: Path, threshold: float, stranger_dir: Path | Non
     say(f"audit log: {audit_file}  (facedoor audit --path {audit_file})")
     say(f"contact sheet: {sheet}")
     say(f"took {time.monotonic() - t0:.0f} s")
+    say(f"web console on this demo's data: {(w := f'facedoor --models {cfg.models} --store {cfg.store} web')} passwd "
+        f"--state-dir {cfg.state_dir} --role admin YOU && {w} serve --state-dir {cfg.state_dir}; open http://127.0.0.1:8080/")
     results = {
         "ok": right == len(outcomes), "threshold": threshold, "outcomes": [asdict(o) for o in outcomes],
         "decisions": [{**s.payload, "video_s": round(s.video_s, 2), "delivered": s.delivered} for s in seen],
