@@ -108,9 +108,11 @@ def sign_in(base: str) -> tuple[httpx.Client, str]:
 def first_byte_ms(client: httpx.Client, url: str) -> float:
     t0 = time.perf_counter()
     with client.stream("GET", url) as response:
-        next(response.iter_raw())
+        chunks = response.iter_raw()
+        next(chunks)
         elapsed = (time.perf_counter() - t0) * 1000
-        response.read()
+        for _ in chunks:
+            pass
     if response.status_code != 200:
         sys.exit(f"{url}: HTTP {response.status_code}")
     return elapsed

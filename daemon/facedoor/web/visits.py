@@ -124,6 +124,8 @@ class VisitIndex:
         self._db.execute("PRAGMA synchronous = OFF")  # a lost index is rebuilt from the audit log
         self._db.executescript(_SCHEMA)
         self._lock = threading.Lock()
+        self._generation = 0  # bumped whenever rows come or go: the cached counts and lists are stale
+        self._cache: dict[Any, tuple[int, Any]] = {}
 
     def close(self) -> None:
         self._db.close()
@@ -145,6 +147,7 @@ class VisitIndex:
                         if inode in known and (bytes(heads[inode]) != head or st.st_size < known[inode]):
                             self._forget(inode)  # the inode now holds another file
                             known.pop(inode)
+                            self._generation += 1
                         present.add(inode)
                         offset = known.get(inode, 0)
                         if inode not in known:
@@ -153,9 +156,23 @@ class VisitIndex:
                             added += self._read(fh, inode, offset)
                 except FileNotFoundError:
                     continue  # rotated away between listing and opening: the next refresh sees it
-            for inode in set(known) - present:
+            gone = set(known) - present
+            for inode in gone:
                 self._forget(inode)
+            if added or gone:
+                self._generation += 1
             return added
+
+    def _cached(self, key: Any, compute: Any) -> Any:
+        """COMPUTE()'s result, reused until the index changes (counts and lists walk many rows)."""
+        hit = self._cache.get(key)
+        if hit is not None and hit[0] == self._generation:
+            return hit[1]
+        if len(self._cache) > 256:
+            self._cache.clear()
+        value = compute()
+        self._cache[key] = (self._generation, value)
+        return value
 
     def _forget(self, inode: int) -> None:
         self._db.execute("BEGIN")
@@ -174,7 +191,7 @@ class VisitIndex:
                 lines.pop()
                 if not lines:
                     return added
-            rows = list(_rows(lines, inode))
+            rows = list(_parse(lines, inode))
             offset += sum(len(line) for line in lines)
             self._db.execute("BEGIN")
             self._db.executemany("INSERT INTO visits (inode, id, ts_ms, decision, reason, identity, event, entry)"
@@ -185,6 +202,11 @@ class VisitIndex:
             fh.seek(offset)
 
     # -- queries ---------------------------------------------------------------------------------
+    def _rows(self, sql: str, params: Any = ()) -> list[Any]:
+        """All rows of SQL, one statement at a time on the one connection (pages are served from threads)."""
+        with self._lock:
+            return self._db.execute(sql, params).fetchall()
+
     def page(self, filters: Filters, before: tuple[int, int] | None = None,
              size: int = PAGE) -> tuple[list[Visit], tuple[int, int] | None]:
         """Up to SIZE visits matching FILTERS, newest first, older than BEFORE (ts_ms, seq); and the
@@ -193,42 +215,45 @@ class VisitIndex:
         if before is not None:
             where += " AND (ts_ms < ? OR (ts_ms = ? AND seq < ?))"
             params += [before[0], before[0], before[1]]
-        rows = self._db.execute(f"SELECT seq, ts_ms, entry FROM visits WHERE {where}"
-                                " ORDER BY ts_ms DESC, seq DESC LIMIT ?", [*params, size + 1]).fetchall()
+        rows = self._rows(f"SELECT seq, ts_ms, entry FROM visits WHERE {where}"
+                                " ORDER BY ts_ms DESC, seq DESC LIMIT ?", [*params, size + 1])
         visits = [Visit(seq, json.loads(entry)) for seq, _, entry in rows[:size]]
         more = (rows[size - 1][1], rows[size - 1][0]) if len(rows) > size else None
         return visits, more
 
     def count(self, filters: Filters) -> int:
         where, params = filters.where()
-        return int(self._db.execute(f"SELECT count(*) FROM visits WHERE {where}", params).fetchone()[0])
+        return int(self._cached(("count", where, *params), lambda: self._rows(
+            f"SELECT count(*) FROM visits WHERE {where}", params)[0][0]))
 
     def get(self, seq: int) -> Visit | None:
-        row = self._db.execute("SELECT seq, entry FROM visits WHERE seq = ?", (seq,)).fetchone()
+        row = next(iter(self._rows("SELECT seq, entry FROM visits WHERE seq = ?", (seq,))), None)
         return Visit(row[0], json.loads(row[1])) if row else None
 
     def identities(self) -> list[str]:
-        return [r[0] for r in self._db.execute(
-            "SELECT DISTINCT identity FROM visits WHERE identity IS NOT NULL ORDER BY identity")]
+        """Everyone named in the log (the person filter's choices)."""
+        return list(self._cached("identities", lambda: [r[0] for r in self._rows(
+            "SELECT DISTINCT identity FROM visits WHERE identity IS NOT NULL ORDER BY identity")]))
 
     def reasons(self) -> list[str]:
-        return [f"{d}:{r}" for d, r in self._db.execute(
+        """`decision:reason` pairs in the log (the decision filter's choices)."""
+        return list(self._cached("reasons", lambda: [f"{d}:{r}" for d, r in self._rows(
             "SELECT DISTINCT decision, reason FROM visits WHERE decision IS NOT NULL AND reason IS NOT NULL"
-            " ORDER BY decision, reason")]
+            " ORDER BY decision, reason")]))
 
     def last_decision(self) -> Visit | None:
         visits, _ = self.page(Filters(), size=1)
         return visits[0] if visits else None
 
     def setting(self, key: str) -> str | None:
-        row = self._db.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
+        row = next(iter(self._rows("SELECT value FROM settings WHERE key = ?", (key,))), None)
         return row[0] if row else None
 
     def set_setting(self, key: str, value: str | None) -> None:
         if value is None:
-            self._db.execute("DELETE FROM settings WHERE key = ?", (key,))
+            self._rows("DELETE FROM settings WHERE key = ?", (key,))
         else:
-            self._db.execute("INSERT OR REPLACE INTO settings (key, value) VALUES (?, ?)", (key, value))
+            self._rows("INSERT OR REPLACE INTO settings (key, value) VALUES (?, ?)", (key, value))
 
     def crop_file(self, visit: Visit, index: int) -> Path | None:
         """The INDEX-th crop of VISIT when it is a regular file inside the audit crops directory
@@ -247,7 +272,7 @@ class VisitIndex:
         return resolved
 
 
-def _rows(lines: list[bytes], inode: int) -> Iterator[tuple[Any, ...]]:
+def _parse(lines: list[bytes], inode: int) -> Iterator[tuple[Any, ...]]:
     for raw in lines:
         if not raw.strip():
             continue
