@@ -223,3 +223,41 @@ def test_a_companion_decision_keeps_the_strangers_crops(tmp_path: Path) -> None:
     assert entry["reason"] == "companion" and Path(entry["crop"]).is_file()
     [stranger] = entry["stranger_crops"]
     assert "stranger1" in stranger and Path(stranger).stat().st_mode & 0o777 == 0o600
+
+
+def test_with_crops_the_entry_keeps_the_deciding_faces_embedding_and_without_none(tmp_path: Path) -> None:
+    """The web console's "this was not X" puts this embedding in the cohort; no crops, no face data."""
+    from facedoor.camera import Frame
+    from facedoor.detect import Face
+    from facedoor.events import DecisionEvent
+
+    vector = np.random.default_rng(3).normal(size=128).astype(np.float32)
+    face = Face(box=np.array([10, 10, 50, 50], np.float32), score=0.99, landmarks=np.zeros((5, 2), np.float32),
+                embedding=vector)
+    image = np.zeros((100, 100, 3), np.uint8)
+    for crops in (True, False):
+        path = tmp_path / f"audit-{crops}.jsonl"
+        alog = AuditLog(path, AuditLimits(max_bytes=10_000_000, max_age_s=86400.0, save_crops=crops))
+        alog.on_decision(DecisionEvent(decision(1), True, Frame(image, 1, time.monotonic(), time.time()), face))
+        alog.close()
+        [entry] = read_entries(path)
+        if crops:
+            assert np.array_equal(audit.decode_embedding(entry["embedding"]), vector)
+        else:
+            assert "embedding" not in entry
+    for bad in ("", "AAA=", "!!!!", audit.encode_embedding(np.array([np.nan], np.float32))):
+        with pytest.raises(ValueError):
+            audit.decode_embedding(bad)
+
+
+def test_append_event_writes_one_whole_private_line_beside_the_doors(tmp_path: Path) -> None:
+    path = tmp_path / "state" / "audit.jsonl"
+    alog = make_log(path)
+    alog.record(decision(1))
+    alog.flush()
+    audit.append_event(path, {"event": "web_lockout", "client": "10.0.0.9"})
+    alog.record(decision(2))
+    alog.close()
+    entries = list(read_entries(path))
+    assert [e.get("event") or e["id"] for e in entries] == [entries[0]["id"], "web_lockout", entries[2]["id"]]
+    assert entries[1]["ts"].endswith("Z") and stat.S_IMODE(path.stat().st_mode) == 0o600

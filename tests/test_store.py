@@ -388,3 +388,29 @@ def test_a_cohort_of_another_encoder_makes_the_gallery_refuse(tmp_path: Path) ->
         store.enroll("ana", _emb(2), _shas(2))
     with EmbeddingStore(path, ENC_A, readonly=True) as store, pytest.raises(StoreError, match="facedoor cohort"):
         store.gallery()
+
+
+def test_add_cohort_keeps_the_cohort_and_refuses_a_vector_that_does_not_fit(tmp_path: Path) -> None:
+    """The web console's "this was not X": one face joins the cohort, the rest stays."""
+    with EmbeddingStore(tmp_path / "s.db", ENC_A) as store:
+        store.enroll("alice", _emb(2), _shas(2))
+        store.set_cohort(["lfw-1"], _emb(1, seed=5))
+        assert store.add_cohort("not alice (visit v1)", _emb(1, seed=6)[0]) == 2
+        labels, vectors = store.cohort()
+        assert labels == ["lfw-1", "not alice (visit v1)"] and np.allclose(vectors[1], _emb(1, seed=6)[0])
+        for bad in (np.zeros(64, np.float32), np.full(128, np.nan, np.float32), np.zeros(0, np.float32)):
+            with pytest.raises(StoreError):
+                store.add_cohort("bad", bad)
+        assert len(store.cohort()[0]) == 2
+        assert len(store.gallery(0.7).cohort) == 2
+
+
+def test_templates_lists_a_persons_embeddings_by_kind(tmp_path: Path) -> None:
+    with EmbeddingStore(tmp_path / "s.db", ENC_A) as store:
+        store.enroll("alice", _emb(2), _shas(2))
+        store.add_door_template("alice", _emb(1, seed=9)[0], 3)
+        templates = store.templates("alice")
+        assert [t.kind for t in templates] == ["enrolment", "enrolment", "door"] and all(t.current for t in templates)
+        assert templates[0].image_sha256 == _shas(2)[0]
+        with pytest.raises(StoreError, match="no identity"):
+            store.templates("bob")
