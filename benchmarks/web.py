@@ -41,6 +41,7 @@ from facedoor.demo.broker import PrivateBroker, Subscriber
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from daemon_support import FACEDOOR, Daemon, write_config  # noqa: E402
+from idle import cpu_seconds  # noqa: E402
 
 PASSWORD = "benchmark password"
 PEOPLE = ["jerry", "mindy", "ben", "elton", "madonna", "ana", "omar", "li", "sam", "kim"]
@@ -118,8 +119,12 @@ def first_byte_ms(client: httpx.Client, url: str) -> float:
     return elapsed
 
 
-def timed(client: httpx.Client, urls: list[str], n: int) -> list[float]:
-    return [first_byte_ms(client, urls[i % len(urls)]) for i in range(n)]
+def timed(client: httpx.Client, urls: list[str], n: int, pid: int) -> tuple[list[float], float]:
+    """First-byte times of N requests cycling through URLS, and the console's CPU ms per request
+    (what a busy machine cannot inflate)."""
+    cpu = cpu_seconds(pid)
+    times = [first_byte_ms(client, urls[i % len(urls)]) for i in range(n)]
+    return times, (cpu_seconds(pid) - cpu) * 1000 / n
 
 
 def door_latency(args: argparse.Namespace, work: Path, store: Path, video: Path, base: str | None,
@@ -181,9 +186,9 @@ def main() -> int:
     try:
         base = f"http://127.0.0.1:{port}"
         client, token = sign_in(base)
-        newest = timed(client, ["/visits"], args.requests)
-        rows.append(("Visits, newest page: first byte p50 / p95",
-                     f"{statistics.median(newest):.1f} / {percentile(newest, 95):.1f} ms", "<= 200 ms"))
+        newest, cpu_ms = timed(client, ["/visits"], args.requests, console.pid)
+        rows.append(("Visits, newest page: first byte p50 / p95 (console CPU a request)",
+                     f"{statistics.median(newest):.1f} / {percentile(newest, 95):.1f} ms ({cpu_ms:.1f})", "<= 200 ms"))
         day = time.strftime("%Y-%m-%d", time.localtime(start_ms / 1000 + args.entries * 13))
         page = client.get("/visits").text
         cursor = re.search(r'before=([0-9.]+)', page).group(1)  # type: ignore[union-attr]
@@ -196,13 +201,13 @@ def main() -> int:
             "next page (cursor)": [f"/visits?before={cursor}"],
         }
         for name, urls in filters.items():
-            ms = timed(client, urls, args.requests)
-            rows.append((f"Visits, filtered by {name}: first byte p50 / p95",
-                         f"{statistics.median(ms):.1f} / {percentile(ms, 95):.1f} ms", "<= 200 ms"))
+            ms, cpu_ms = timed(client, urls, args.requests, console.pid)
+            rows.append((f"Visits, filtered by {name}: first byte p50 / p95 (CPU)",
+                         f"{statistics.median(ms):.1f} / {percentile(ms, 95):.1f} ms ({cpu_ms:.1f})", "<= 200 ms"))
         write_entries(state / "audit.jsonl", 1000, int(time.time() * 1000), 2)
         refresh = first_byte_ms(client, "/visits")
         rows.append(("Visits after the door appended 1,000 entries (incremental index)", f"{refresh:.1f} ms", ""))
-        status = timed(client, ["/status"], 10)
+        status, _ = timed(client, ["/status"], 10, console.pid)
         rows.append(("Door status page p50", f"{statistics.median(status):.1f} ms", ""))
 
         photos = sorted((celeb / "train/mindy_kaling").glob("*.jpg"))[:5]
@@ -242,9 +247,9 @@ def main() -> int:
         console.terminate()
         console.wait(15)
     width = max(len(r[0]) for r in rows)
-    print(f"\n{'measure':<{width}}  {'result':<22}  target")
+    print(f"\n{'measure':<{width}}  {'result':<30}  target")
     for name, value, target in rows:
-        print(f"{name:<{width}}  {value:<22}  {target}")
+        print(f"{name:<{width}}  {value:<30}  {target}")
     print(f"\n(load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; work dir {work})")
     return 0
 

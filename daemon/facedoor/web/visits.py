@@ -27,6 +27,7 @@ from facedoor.files import open_private, private_dir
 log = logging.getLogger(__name__)
 
 INDEX_FILE = "web-index.db"
+INDEX_VERSION = 2      # another version's index file is emptied and rebuilt from the audit log
 PAGE = 50
 HEAD_BYTES = 64        # a file's first bytes: tell a reused inode from the file it had before
 BATCH_LINES = 5000
@@ -45,7 +46,7 @@ CREATE TABLE IF NOT EXISTS visits (
     entry      TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS visits_ts ON visits(ts_ms, seq);
-CREATE INDEX IF NOT EXISTS visits_identity ON visits(identity, ts_ms, seq);
+CREATE INDEX IF NOT EXISTS visits_identity ON visits(identity, ts_ms, seq, decision);
 CREATE INDEX IF NOT EXISTS visits_decision ON visits(decision, reason, ts_ms, seq);
 CREATE INDEX IF NOT EXISTS visits_id ON visits(id);
 CREATE INDEX IF NOT EXISTS visits_inode ON visits(inode);
@@ -122,6 +123,9 @@ class VisitIndex:
         self._db = sqlite3.connect(str(index_file), check_same_thread=False, isolation_level=None, timeout=10)
         self._db.execute("PRAGMA journal_mode = WAL")
         self._db.execute("PRAGMA synchronous = OFF")  # a lost index is rebuilt from the audit log
+        if self._db.execute("PRAGMA user_version").fetchone()[0] != INDEX_VERSION:
+            self._db.executescript("DROP TABLE IF EXISTS visits; DROP TABLE IF EXISTS files;")
+            self._db.execute(f"PRAGMA user_version = {INDEX_VERSION}")
         self._db.executescript(_SCHEMA)
         self._lock = threading.Lock()
         self._generation = 0  # bumped whenever rows come or go: the cached counts and lists are stale
