@@ -48,6 +48,7 @@ CREATE TABLE IF NOT EXISTS visits (
 CREATE INDEX IF NOT EXISTS visits_ts ON visits(ts_ms, seq);
 CREATE INDEX IF NOT EXISTS visits_identity ON visits(identity, ts_ms, seq, decision);
 CREATE INDEX IF NOT EXISTS visits_decision ON visits(decision, reason, ts_ms, seq);
+CREATE INDEX IF NOT EXISTS visits_decision_ts ON visits(decision, ts_ms, seq);
 CREATE INDEX IF NOT EXISTS visits_id ON visits(id);
 CREATE INDEX IF NOT EXISTS visits_inode ON visits(inode);
 CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
