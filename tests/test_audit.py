@@ -205,16 +205,17 @@ def test_a_write_cut_short_by_a_full_disk_leaves_no_half_line(tmp_path: Path, mo
 
 
 def test_a_companion_decision_keeps_the_strangers_crops(tmp_path: Path) -> None:
+    from decision_support import decision_event
     from facedoor.camera import Frame
     from facedoor.detect import Face
-    from facedoor.events import DecisionEvent
 
     def face_at(x: int) -> Face:
         return Face(box=np.array([x, 10, x + 40, 50], np.float32), score=0.99, landmarks=np.zeros((5, 2), np.float32))
 
     image = np.random.default_rng(1).integers(0, 256, (100, 200, 3), dtype=np.uint8)
-    event = DecisionEvent({**decision(7, "deny"), "reason": "companion", "ts_ms": int(time.time() * 1000)}, True,
-                          Frame(image, 1, time.monotonic(), time.time()), face_at(10), (face_at(120),))
+    event = decision_event("deny", reason="companion", identity="alice",
+                           frame=Frame(image, 1, time.monotonic(), time.time()), faces=(face_at(10), face_at(120)),
+                           companions=(1,))
     path = tmp_path / "audit.jsonl"
     alog = AuditLog(path, AuditLimits(max_bytes=10_000_000, max_age_s=86400.0, save_crops=True))
     alog.on_decision(event)
@@ -225,20 +226,19 @@ def test_a_companion_decision_keeps_the_strangers_crops(tmp_path: Path) -> None:
     assert "stranger1" in stranger and Path(stranger).stat().st_mode & 0o777 == 0o600
 
 
-def test_with_crops_the_entry_keeps_the_deciding_faces_embedding_and_without_none(tmp_path: Path) -> None:
+def test_with_crops_the_entry_keeps_the_visits_fused_embedding_and_without_none(tmp_path: Path) -> None:
     """The web console's "this was not X" puts this embedding in the cohort; no crops, no face data."""
-    from facedoor.camera import Frame
-    from facedoor.detect import Face
-    from facedoor.events import DecisionEvent
+    from dataclasses import replace
+
+    from decision_support import decision_event
 
     vector = np.random.default_rng(3).normal(size=128).astype(np.float32)
-    face = Face(box=np.array([10, 10, 50, 50], np.float32), score=0.99, landmarks=np.zeros((5, 2), np.float32),
-                embedding=vector)
-    image = np.zeros((100, 100, 3), np.uint8)
     for crops in (True, False):
+        event = decision_event()
+        event.decision = replace(event.decision, embedding=vector)
         path = tmp_path / f"audit-{crops}.jsonl"
         alog = AuditLog(path, AuditLimits(max_bytes=10_000_000, max_age_s=86400.0, save_crops=crops))
-        alog.on_decision(DecisionEvent(decision(1), True, Frame(image, 1, time.monotonic(), time.time()), face))
+        alog.on_decision(event)
         alog.close()
         [entry] = read_entries(path)
         if crops:

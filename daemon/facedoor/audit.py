@@ -108,12 +108,11 @@ class AuditLog:
     def on_decision(self, event: DecisionEvent) -> None:
         """A decision listener: the message, whether it was delivered, the other listeners' notes
         and, with `save_crops`, the face crops cut from the deciding frame (the deciding face, then
-        the unknown faces near the door beside it) and the deciding face's embedding (the web
+        the unknown faces near the door beside it) and the visit's fused embedding (the web
         console's "this was not X" puts it in the look-alike cohort)."""
-        entry = {**event.payload, "delivered": bool(event.delivered), **event.notes}
+        entry = {**event.message.payload(), "delivered": bool(event.delivered), **event.notes}
         if self.limits.save_crops:
-            if event.face is not None and event.face.embedding is not None:
-                entry["embedding"] = encode_embedding(event.face.embedding)
+            entry["embedding"] = encode_embedding(event.decision.embedding)
             self.record(entry, event.crop(), [event.crop(f) for f in event.strangers])
         else:
             self.record(entry)
