@@ -214,6 +214,9 @@ def test_this_is_x_lets_x_in_at_the_next_walk_up_and_this_was_not_x_denies_that_
     page.goto(site.url + "/visits?decision=console")
     assert "web_not_x elton by alice" in page.inner_text("#visits")
     page.goto(site.url + "/visits")
+    page.wait_for_load_state("networkidle")
+    broken = page.evaluate("Array.from(document.images).filter(i => i.complete && i.naturalWidth === 0).length")
+    assert broken == 0 and page.evaluate("document.images.length") > 0  # the crops are served
     shot(page, "web-visits")
     page.goto(site.url + "/status")
     page.wait_for_selector("text=reporting")
