@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from facedoor.cli import EXIT_OK, REPORTING, CliContext, CliError
-from facedoor.config import DEFAULT_CONFIG_PATH, WebConfig
+from facedoor.config import DEFAULT_CONFIG_PATH, STORE_FILE, WebConfig
 
 
 def add_command(commands: argparse._SubParsersAction) -> None:
@@ -43,12 +43,27 @@ def add_command(commands: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_passwd)
 
 
+def _need_extra() -> None:
+    """Refuse in one line when the `[web]` extra (Starlette, uvicorn, argon2...) is not installed."""
+    import importlib.util
+
+    missing = [m for m in ("starlette", "uvicorn", "jinja2", "argon2", "itsdangerous", "multipart")
+               if importlib.util.find_spec(m) is None]
+    if missing:
+        raise CliError(f"the web console needs {', '.join(missing)}: pip install 'facedoor[web]'")
+
+
 def _with_state_dir(ctx: CliContext, state_dir: Path | None) -> None:
+    """--state-dir moves the console's state, and the store with it when the store was the default one there."""
     if state_dir is not None:
-        ctx.config = ctx.config.model_copy(update={"state_dir": state_dir})
+        update: dict[str, Path] = {"state_dir": state_dir}
+        if ctx.config.store == ctx.config.state_dir / STORE_FILE:
+            update["store"] = state_dir / STORE_FILE
+        ctx.config = ctx.config.model_copy(update=update)
 
 
 def _passwd(args: argparse.Namespace, ctx: CliContext) -> int:
+    _need_extra()
     from facedoor.web.users import UsersError, check_name, check_password, set_password, users_path
 
     _with_state_dir(ctx, args.state_dir)
@@ -74,6 +89,7 @@ def _passwd(args: argparse.Namespace, ctx: CliContext) -> int:
 
 
 def _serve(args: argparse.Namespace, ctx: CliContext) -> int:
+    _need_extra()
     import uvicorn
     from pydantic import ValidationError
 
