@@ -240,3 +240,19 @@ def test_a_viewer_cannot_change_anything_and_no_csrf_token_is_refused(browser: A
     admin.goto(site.url + "/people")
     assert admin.query_selector("tr[data-person=mindy]") is not None
     admin.close()
+
+
+def test_removing_a_person_reaches_the_running_door_within_a_second(browser: Any, site: Site) -> None:
+    page = signed_in(browser, site, "alice")
+    page.goto(site.url + "/people")
+    row = page.locator("tr[data-person=elton]")
+    row.locator("input[name=confirm]").check()
+    t_removed = time.time()
+    row.locator("button:has-text('Remove')").click()
+    page.wait_for_selector(".flash.ok")
+    assert "removed elton" in page.inner_text(".flash") and page.query_selector("tr[data-person=elton]") is None
+    after = site.sub.wait_for(lambda m: m["recv"] > t_removed + 1.0 and '"deny"' in m["payload"], 60)
+    assert after is not None, site.daemon.log()[-3000:]
+    late = [json.loads(m["payload"]) for m in site.sub.on("decision") if m["recv"] > t_removed + 1.0]
+    assert late and all(d["identity"] is None and d["reason"] == "unknown" for d in late), late
+    page.close()
