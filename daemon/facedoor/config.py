@@ -200,11 +200,16 @@ class LoggingConfig(_Section):
 
 
 class LivenessConfig(_Section):
-    """Presentation-attack gate (MiniFASNet): a track unlocks only when its mean live score reaches `threshold`."""
+    """Presentation-attack gate (facedoor.liveness): a track unlocks only once its fused verdict is live."""
 
-    enabled: bool = Field(True, description="off (with a log line) anyway when the antispoof models are not exported")
-    threshold: float = Field(0.25, gt=0, lt=1, description="mean live score over a track's frames needed to unlock")
-    min_frames: int = Field(3, ge=1, le=100, description="frames of liveness evidence before a track is judged")
+    enabled: Literal["auto"] | bool = Field(
+        "auto", description="auto: on when the antispoof and landmarks models are exported, else off with a log "
+                            "line; true: the door refuses to start without them (exit 2); false: off")
+    threshold: float | None = Field(
+        None, gt=0, lt=1, description="fused live probability a track needs (default: the rule's own, fitted by "
+                                      "benchmarks/liveness.py); higher turns away more attacks and more members")
+    min_frames: int | None = Field(
+        None, ge=8, le=300, description="frames of evidence before a track can be judged (default: the rule's, 8)")
 
 
 class IdleConfig(_Section):

@@ -28,7 +28,7 @@ from facedoor.camera import Camera, CameraState, Frame, describe
 from facedoor.config import FacedoorConfig
 from facedoor.events import DecisionEvent, DecisionListener
 from facedoor.formatting import distance, finite, iso_utc
-from facedoor.liveness import LivenessModel, TrackLiveness, load_liveness
+from facedoor.liveness import LivenessModel, TrackLiveness, configured_rule, load_liveness
 from facedoor.logs import setup_logging
 from facedoor.match import Gallery
 from facedoor.models import Manifest
@@ -69,6 +69,7 @@ class DoorService:
         self.tracker = Tracker(cfg.tracking)
         self.gate = IdleGate.from_config(cfg.idle)
         self.liveness = liveness  # None: the gate is off (said at start)
+        self.liveness_rule = configured_rule(cfg.liveness.threshold, cfg.liveness.min_frames)
         self.threshold = cfg.recognition.threshold
         self.gallery: Gallery | None = load_gallery()   # None after a failed reload: nobody matches
         self._stop = threading.Event()
@@ -105,7 +106,7 @@ class DoorService:
         self.notifier.ready(f"watching {describe(self.camera.source)}; {enrolled} enrolled")
         log.info("facedoor running", extra={"fields": {
             "event": "ready", "door": self.cfg.door_id, "source": describe(self.camera.source),
-            "enrolled": enrolled, "threshold": self.threshold}})
+            "enrolled": enrolled, "threshold": self.threshold, "liveness": self.liveness_state}})
         while not self._stop.is_set():
             frame = self.camera.get(timeout=0.2)
             now = time.monotonic()
@@ -163,15 +164,19 @@ class DoorService:
         for decision, face, strangers in decisions:
             self.publish_decision(decision, frame, face, strangers)
 
+    @property
+    def liveness_state(self) -> str:
+        """The gate's state for every decision and health message: "on" when it runs, else "off"."""
+        return "off" if self.liveness is None else "on"
+
     def check_liveness(self, frame: Frame, faces: list[Face], tracks: list[Track]) -> None:
-        """Score each face that matches a member on the liveness gate; the evidence stays with its track."""
+        """Observe each face that matches a member with the liveness gate; the evidence stays with its track."""
         if self.liveness is None:
             return
         for face, track in zip(faces, tracks):
             if track.last.nearest is not None and self.policy.matched(track, self.gallery):
-                evidence = track.state.setdefault(
-                    "liveness", TrackLiveness(self.cfg.liveness.threshold, self.cfg.liveness.min_frames))
-                evidence.add(self.liveness.score(frame.image, face.box))
+                evidence = track.state.setdefault("liveness", TrackLiveness(self.liveness_rule))
+                evidence.add(self.liveness.observe(frame.image, face))
 
     def decide(self, faces: list[Face], encoded: list[Face],
                tracks: list[Track]) -> list[tuple[Decision, Face, tuple[Face, ...]]]:
@@ -191,9 +196,10 @@ class DoorService:
         decisions = []
         for face, track in near:
             evidence: TrackLiveness | None = track.state.get("liveness")
-            verdict = None if self.liveness is None else (evidence.state.verdict if evidence else "undecided")
+            state = evidence.state if evidence else None
+            verdict = None if self.liveness is None else (state.verdict if state else "undecided")
             decision = self.policy.decide(
-                track, self.gallery, liveness=verdict, live_score=evidence.state.score if evidence else None,
+                track, self.gallery, liveness=verdict, live_score=state.score if state else None,
                 unknown_near=len(strangers.keys() - {track.id}) + missed)
             if decision is not None:
                 decisions.append((decision, face, tuple(f for i, f in strangers.items() if i != track.id)))
@@ -221,6 +227,7 @@ class DoorService:
             "faces": decision.faces,
             "unknown_near": decision.unknown_near,
             "live_score": finite(decision.live_score, 3),
+            "liveness": self.liveness_state,
             "ts": iso_utc(frame.t_wall),
             "ts_ms": int(frame.t_wall * 1000),
             "ttl_s": ttl,
@@ -327,6 +334,7 @@ class DoorService:
             "dropped_decisions": self.link.dropped_decisions,
             "purged_messages": self.link.purged,
             "enrolled": len(self.gallery.identities) if self.gallery is not None else 0,
+            "liveness": self.liveness_state,
             "store_error": self.store_error,
             "latency_ms_median": finite(lat[len(lat) // 2], 1) if lat else None,
             **{k: v for k, v in self.counts.items()},
@@ -365,6 +373,7 @@ def build_service(cfg: FacedoorConfig, pipeline: FacePipeline, *, source: int | 
     from facedoor.store import EmbeddingStore
     from facedoor.unlock import UnlockAction
 
+    liveness = load_liveness(Manifest.load(cfg.models), cfg.liveness.enabled)  # first: a gate asked for, or no door
     key = load_key(cfg.mqtt.signing_key_file) if cfg.mqtt.signing_key_file is not None else None
     watcher = StoreWatcher(cfg.store)  # before the first load, so no commit in between is missed
 
@@ -382,7 +391,6 @@ def build_service(cfg: FacedoorConfig, pipeline: FacePipeline, *, source: int | 
     if audit is not None:
         listeners.append(audit)
     camera = Camera(cfg.camera, source, loop)
-    liveness = load_liveness(Manifest.load(cfg.models), cfg.liveness.enabled)
     return DoorService(cfg, pipeline, load_gallery, camera, link, notifier or Notifier(), listeners,
                        store_watcher=watcher, signing_key=key, liveness=liveness)
 
