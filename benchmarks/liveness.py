@@ -50,6 +50,7 @@ from facedoor.liveness import (
     FusionRule,
     LivenessModel,
     TrackLiveness,
+    judge,
     track_features,
 )
 from facedoor.models import Manifest
@@ -59,6 +60,7 @@ SHARED = REPO.parent / "shared"
 RESULTS = REPO / "benchmarks/results"
 FPS = 30.0
 BLINK_DIP = 1 / 3
+BPCER_PART = 0.02  # live training visits each part may turn away when its threshold is chosen
 CACHE_VERSION = 3
 
 
@@ -177,10 +179,9 @@ def evidence(visit: Visit) -> list[FrameEvidence]:
     return acc.frames
 
 
-def prefix_features(frames: list[FrameEvidence], rule: FusionRule) -> list[np.ndarray]:
-    """Feature vectors of the track as the door would judge it at several points of the visit."""
-    points = sorted({min(len(frames), n) for n in (rule.min_frames, 15, 25, 35, len(frames))})
-    return [track_features(frames[:n]) for n in points if n >= rule.min_frames]
+def prefix_features(frames: list[FrameEvidence], rule: FusionRule) -> np.ndarray:
+    """(prefixes, features) of the track as the door judges it after each of its frames from min_frames on."""
+    return np.array([track_features(frames[:n]) for n in range(rule.min_frames, len(frames) + 1)])
 
 
 def fit(xs: np.ndarray, ys: np.ndarray, c: float = 1.0) -> tuple[tuple[float, ...], float]:
@@ -201,36 +202,57 @@ def fit(xs: np.ndarray, ys: np.ndarray, c: float = 1.0) -> tuple[tuple[float, ..
 
 
 def run_visit(frames: list[FrameEvidence], rule: FusionRule) -> int | None:
-    """Index of the frame at which the door's verdict first turns live, None if never."""
-    for n in range(1, len(frames) + 1):
-        if judge_prefix(frames[:n], rule) == "live":
+    """Index of the frame at which the door's verdict (`judge`) first turns live, None if never."""
+    for n in range(rule.min_frames, len(frames) + 1):
+        if judge(frames[:n], rule)[0] == "live":
             return n - 1
     return None
 
 
-def judge_prefix(frames: list[FrameEvidence], rule: FusionRule) -> str:
-    from facedoor.liveness import judge
+def peaks(series: list[np.ndarray]) -> np.ndarray:
+    """Each visit's highest value of a per-frame series (the door acts on the first frame that passes)."""
+    return np.sort([float(v.max()) for v in series if len(v)])
 
-    return judge(frames, rule)[0]
+
+def threshold_between(live: np.ndarray, attack: np.ndarray, budget: float) -> float:
+    """Midway (in log-odds) between the peak probability that all but BUDGET of the live visits reach and the
+    one that all but BUDGET of the attack visits stay under; the live one when the two overlap."""
+    live_q = float(live[int(np.floor(budget * len(live)))]) if len(live) else 0.5
+    attack_q = float(attack[min(int(np.ceil((1 - budget) * len(attack))), len(attack) - 1)]) if len(attack) else 0.0
+    if attack_q >= live_q:
+        return live_q
+    lo, hi = (min(max(p, 1e-4), 1 - 1e-4) for p in (attack_q, live_q))
+    mid = (np.log(lo / (1 - lo)) + np.log(hi / (1 - hi))) / 2
+    return float(1 / (1 + np.exp(-mid)))
 
 
-def fit_rule(train: list[tuple[Visit, list[FrameEvidence]]], base: FusionRule) -> FusionRule:
-    """The rule fitted on TRAIN visits: logistic weights, then the lowest threshold in [0.5, 0.99] whose
-    training per-visit APCER is at most 2 % (the highest tried when none is)."""
+def fit_rule(train: list[tuple[Visit, list[FrameEvidence], np.ndarray]], base: FusionRule) -> FusionRule:
+    """The rule fitted on TRAIN visits only: the motion part's logistic weights on live against print and
+    still visits (a replay of a live video moves like a head: motion cannot learn it), then each part's
+    threshold midway between the live and the attack visits' peaks (`threshold_between`): texture
+    against prints and replays, motion against prints and stills."""
     xs, ys = [], []
-    for visit, frames in train:
-        for x in prefix_features(frames, base):
-            xs.append(x)
-            ys.append(1.0 if visit.live else 0.0)
-    weights, bias = fit(np.array(xs), np.array(ys))
+    for visit, _, feats in train:
+        if visit.attack != "replay" and len(feats):
+            xs.append(feats[:, 1:])
+            ys.append(np.full(len(feats), 1.0 if visit.live else 0.0))
+    weights, bias = fit(np.concatenate(xs), np.concatenate(ys))
     rule = replace(base, weights=weights, bias=bias)
-    attacks = [frames for visit, frames in train if not visit.live]
-    for threshold in np.arange(0.5, 0.995, 0.02):
-        rule = replace(rule, threshold=float(threshold))
-        accepted = sum(run_visit(frames, rule) is not None for frames in attacks)
-        if accepted <= 0.02 * len(attacks):
-            break
-    return rule
+
+    def passive(frames: list[FrameEvidence]) -> np.ndarray:
+        return np.array([np.mean([f.passive for f in frames[:n]]) for n in range(rule.min_frames, len(frames) + 1)])
+
+    def motion(feats: np.ndarray) -> np.ndarray:
+        return np.array([rule.motion_probability(x) for x in feats])
+
+    live = [(frames, feats) for visit, frames, feats in train if visit.live]
+    attacks = [(visit, frames, feats) for visit, frames, feats in train if not visit.live]
+    passive_t = threshold_between(peaks([passive(f) for f, _ in live]),  # an injected still is a live face's texture
+                                  peaks([passive(f) for v, f, _ in attacks if not v.attack.startswith("still")]),
+                                  BPCER_PART)
+    motion_t = threshold_between(peaks([motion(x) for _, x in live]),
+                                 peaks([motion(x) for v, _, x in attacks if v.attack != "replay"]), BPCER_PART)
+    return replace(rule, passive_threshold=passive_t, motion_threshold=motion_t)
 
 
 def blinked(frames: list[FrameEvidence]) -> bool:
@@ -279,7 +301,7 @@ def main() -> int:
     parser.add_argument("--data", type=Path, default=SHARED / "data/antispoof")
     parser.add_argument("--video-step", type=int, default=2)
     parser.add_argument("--visit-s", type=float, default=3.0)
-    parser.add_argument("--nuaa-visit", type=int, default=8)
+    parser.add_argument("--nuaa-visit", type=int, default=10)
     parser.add_argument("--noisy-stills", type=int, default=12)
     parser.add_argument("--fit-all", action="store_true", help="print the rule fitted on every source")
     parser.add_argument("--no-timing", action="store_true")
@@ -287,21 +309,23 @@ def main() -> int:
     if not args.data.is_dir():
         print(f"no data at {args.data}", file=sys.stderr)
         return 2
-    all_visits = [(v, evidence(v)) for v in visits(collect(args), args)]
-    sources = sorted({v.source for v, _ in all_visits})
-    counts = ", ".join(f"{s} {sum(v.source == s for v, _ in all_visits)}" for s in sources)
+    base = DEFAULT_RULE
+    all_visits = [(v, f, prefix_features(f, base)) for v in visits(collect(args), args) for f in [evidence(v)]]
+    sources = sorted({v.source for v, _, _ in all_visits})
+    counts = ", ".join(f"{s} {sum(v.source == s for v, _, _ in all_visits)}" for s in sources)
     print(f"visits: {len(all_visits)} ({counts})")
     print("\nfeature medians per kind (" + ", ".join(FEATURES) + ")")
     for attack in ("live", "print", "replay", "still", "still+noise"):
-        feats = [track_features(f) for v, f in all_visits if v.attack == attack]
+        feats = [track_features(f) for v, f, _ in all_visits if v.attack == attack]
         if feats:
             print(f"  {attack:12s} " + "  ".join(f"{m:8.4f}" for m in np.median(feats, axis=0)))
     print("\nleave one source out (rule fitted on the other sources; per visit)")
-    print(f"{'held out':12s} {'APCER':>16s} {'BPCER':>16s} {'unlock s med/p95':>17s} {'no blink':>14s}  threshold")
+    print(f"{'held out':12s} {'APCER':>16s} {'BPCER':>16s} {'unlock s med/p95':>17s} {'no blink':>14s}  "
+          "thresholds texture / motion")
     for held in sources:
-        train = [(v, f) for v, f in all_visits if v.source != held]
-        test = [(v, f) for v, f in all_visits if v.source == held]
-        rule = fit_rule(train, DEFAULT_RULE)
+        train = [t for t in all_visits if t[0].source != held]
+        test = [(v, f) for v, f, _ in all_visits if v.source == held]
+        rule = fit_rule(train, base)
         attacks = [(v, f) for v, f in test if not v.live]
         lives = [(v, f) for v, f in test if v.live]
         accepted = sum(run_visit(f, rule) is not None for _, f in attacks)
@@ -311,14 +335,16 @@ def main() -> int:
         no_blink = sum(not blinked(f) for _, f in lives)
         kinds = ",".join(sorted({v.attack for v, _ in attacks}))
         print(f"{held:12s} {pct(accepted, len(attacks)):>16s} {pct(sum(i is None for i in unlock), len(lives)):>16s} "
-              f"{t:>17s} {pct(no_blink, len(lives)):>14s}  {rule.threshold:.2f}  ({kinds})")
-    stills = [f for v, f in all_visits if v.source == "still"]
+              f"{t:>17s} {pct(no_blink, len(lives)):>14s}  {rule.passive_threshold:.2f} / "
+              f"{rule.motion_threshold:.2f}  ({kinds})")
+    stills = [f for v, f, _ in all_visits if v.source == "still"]
     print(f"\nstill photos injected as the stream: {sum(run_visit(f, DEFAULT_RULE) is not None for f in stills)} "
           f"of {len(stills)} unlock with the shipped rule")
     if args.fit_all:
         rule = fit_rule(all_visits, DEFAULT_RULE)
         print(f"\nfitted on every source: weights={tuple(round(w, 4) for w in rule.weights)} "
-              f"bias={rule.bias:.4f} threshold={rule.threshold:.2f}")
+              f"bias={rule.bias:.4f} passive_threshold={rule.passive_threshold:.3f} "
+              f"motion_threshold={rule.motion_threshold:.3f}")
     if not args.no_timing:
         print("\ngate time per face, one core (median ms)")
         for name, ms in time_per_face(args):

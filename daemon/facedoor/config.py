@@ -206,10 +206,10 @@ class LivenessConfig(_Section):
         "auto", description="auto: on when the antispoof and landmarks models are exported, else off with a log "
                             "line; true: the door refuses to start without them (exit 2); false: off")
     threshold: float | None = Field(
-        None, gt=0, lt=1, description="fused live probability a track needs (default: the rule's own, fitted by "
-                                      "benchmarks/liveness.py); higher turns away more attacks and more members")
+        None, gt=0, lt=1, description="mean MiniFASNet live score a track needs, the texture part of the rule "
+                                      "(default: the rule's own, chosen by benchmarks/liveness.py)")
     min_frames: int | None = Field(
-        None, ge=8, le=300, description="frames of evidence before a track can be judged (default: the rule's, 8)")
+        None, ge=10, le=300, description="frames of evidence before a track can be judged (default: the rule's, 10)")
 
 
 class IdleConfig(_Section):

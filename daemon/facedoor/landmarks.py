@@ -182,6 +182,16 @@ def homography_residual(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.sqrt(np.mean(np.sum((mapped[:, :2] / w - b) ** 2, axis=1))))
 
 
+def global_motion(a: np.ndarray, b: np.ndarray) -> float:
+    """How far points A (N, 2) moved as a whole to B: the centroid's shift (pixels) plus the scale
+    change as a fraction of the spread times it. The landmark model's jitter on a still image moves
+    single points far more than their centroid; a face that really moves shifts them together."""
+    ca, cb = a.mean(axis=0), b.mean(axis=0)
+    spread_a = float(np.sqrt(np.mean(np.sum((a - ca) ** 2, axis=1))))
+    spread_b = float(np.sqrt(np.mean(np.sum((b - cb) ** 2, axis=1))))
+    return float(np.linalg.norm(cb - ca)) + abs(spread_b - spread_a)
+
+
 def rotation_deg(a: np.ndarray, b: np.ndarray) -> float:
     """Angle (degrees) of the rotation that best maps 3-D points A onto B (Kabsch, after centring and scaling)."""
     a = a - a.mean(axis=0)

@@ -29,7 +29,15 @@ from typing import Any, Literal
 import numpy as np
 
 from facedoor.landmarks import MODELS as LANDMARK_MODELS
-from facedoor.landmarks import FaceMesh, Mesh, eye_aspect_ratio, homography_residual, iris_offset, rotation_deg
+from facedoor.landmarks import (
+    FaceMesh,
+    Mesh,
+    eye_aspect_ratio,
+    global_motion,
+    homography_residual,
+    iris_offset,
+    rotation_deg,
+)
 from facedoor.models import Manifest, ModelError
 
 log = logging.getLogger(__name__)
@@ -204,39 +212,52 @@ def gate_status(models: Path, enabled: bool | str = "auto") -> str:
 
 # --- per track: evidence and verdict --------------------------------------------------------------
 
-FEATURES = ("passive", "blink", "gaze", "nonplanar", "pose")
-LAG = 6  # frames between the two views compared for planarity and head rotation
+FEATURES = ("passive", "blink", "gaze", "nonplanar", "pose", "motion")
+MOTION_FEATURES = FEATURES[1:]
+LAG = 6  # frames between the two views compared for planarity, head rotation and motion
+SMOOTH = 3  # frames averaged at each end of the motion measurement
 
 
 @dataclass(frozen=True)
 class FusionRule:
-    """The per-track rule: logistic weights over `FEATURES`, its threshold, and the hard planar rule.
+    """The per-track rule, a noisy AND of two parts and two hard rules (all fitted or chosen by
+    `benchmarks/liveness.py` on its training sources; see README "Photos and screens"):
 
-    `planar_floor`: a track whose largest non-planar residual (mesh points vs one homography, in
-    eye distances) stays below it moves as one plane or not at all, and is never live.
-    Fitted by `benchmarks/liveness.py` on its training sources; see README "Photos and screens"."""
+    - texture: the track's mean MiniFASNet live score reaches `passive_threshold`;
+    - motion: a logistic rule over `MOTION_FEATURES` (`weights`, `bias`) reaches `motion_threshold`:
+      the face blinks, looks around, turns as a head (its points leave one homography);
+    - never live while the points fit one plane (non-planar residual below `planar_floor` eye
+      distances) or stand still (global motion below `static_floor`).
+
+    Motion cannot stop a replay of a live video (the replayed face blinks and turns), and texture
+    does not carry to new media: each part vetoes, neither is enough alone."""
 
     weights: tuple[float, ...]
     bias: float
-    threshold: float = 0.5
+    motion_threshold: float
+    passive_threshold: float
     planar_floor: float = 0.004
-    min_frames: int = LAG + 2
+    static_floor: float = 0.05
+    min_frames: int = LAG + SMOOTH + 1
     patience_frames: int = 45
 
-    def probability(self, features: np.ndarray) -> float:
-        """The rule's live probability for one track's feature vector."""
-        z = float(np.dot(self.weights, features) + self.bias)
+    def motion_probability(self, features: np.ndarray) -> float:
+        """The motion part's live probability for one track's feature vector (`FEATURES` order)."""
+        z = float(np.dot(self.weights, features[1:]) + self.bias)
         return float(1.0 / (1.0 + np.exp(-np.clip(z, -30.0, 30.0))))
 
 
-DEFAULT_RULE = FusionRule(weights=(0.5, 4.0, 10.0, 200.0, 0.1), bias=-2.0)
+# `benchmarks/liveness.py --fit-all` on every source (NUAA, both replay-video people, injected stills);
+# its leave-one-source-out table in the README says how such a rule does on a source it never saw.
+DEFAULT_RULE = FusionRule(weights=(-1.6446, 75.6557, 104.3509, 0.4186, -0.6653), bias=-3.8864,
+                          motion_threshold=0.513, passive_threshold=0.308)
 
 
 def configured_rule(threshold: float | None = None, min_frames: int | None = None) -> FusionRule:
-    """DEFAULT_RULE with the operator's `liveness.threshold` / `liveness.min_frames`, where set."""
+    """DEFAULT_RULE with the operator's `liveness.threshold` (the texture part's) / `liveness.min_frames`."""
     rule = DEFAULT_RULE
     if threshold is not None:
-        rule = replace(rule, threshold=threshold)
+        rule = replace(rule, passive_threshold=threshold)
     if min_frames is not None:
         rule = replace(rule, min_frames=min_frames, patience_frames=max(rule.patience_frames, min_frames))
     return rule
@@ -251,6 +272,7 @@ class FrameEvidence:
     gaze: np.ndarray | None = None  # (2, 2) iris offsets in eye widths
     nonplanar: float | None = None  # homography residual against the frame LAG before, in eye distances
     rotation: float | None = None  # head rotation (degrees) against the frame LAG before
+    motion: float | None = None  # the face's shift and scale change against the frame LAG before (eye distances)
 
 
 def _logit(p: float) -> float:
@@ -258,40 +280,47 @@ def _logit(p: float) -> float:
     return float(np.log(p / (1 - p)))
 
 
+def _p90(values: Sequence[float | None]) -> float:
+    present = [v for v in values if v is not None]
+    return float(np.percentile(present, 90)) if present else 0.0
+
+
 def track_features(frames: Sequence[FrameEvidence]) -> np.ndarray:
     """The feature vector (`FEATURES` order) of a track's frames: pure, for the judge and the benchmark.
 
     passive: logit of the mean passive score; blink: 1 - min / median of the eye aspect ratio (a
-    blink dips it by half); gaze: the spread of the iris offsets (eye widths); nonplanar: the 90th
-    percentile of the homography residuals (eye distances); pose: the largest head rotation (degrees)."""
+    blink dips it by half); gaze: the spread of the iris offsets (eye widths); nonplanar, pose and
+    motion: the 90th percentiles of the homography residuals (eye distances), head rotations
+    (degrees) and global motions (`global_motion`) between frames LAG apart."""
     passive = _logit(float(np.mean([f.passive for f in frames]))) if frames else 0.0
     ears = np.array([f.ear for f in frames if f.ear is not None])
     blink = float(1 - ears.min() / max(float(np.median(ears)), 1e-6)) if len(ears) >= 3 else 0.0
     gazes = [f.gaze for f in frames if f.gaze is not None]
     gaze = float(np.mean(np.std(np.stack(gazes), axis=0))) if len(gazes) >= 3 else 0.0
-    residuals = [f.nonplanar for f in frames if f.nonplanar is not None]
-    nonplanar = float(np.percentile(residuals, 90)) if residuals else 0.0
-    rotations = [f.rotation for f in frames if f.rotation is not None]
-    pose = float(max(rotations)) if rotations else 0.0
-    return np.array([passive, blink, gaze, nonplanar, pose])
+    return np.array([passive, blink, gaze, _p90([f.nonplanar for f in frames]), _p90([f.rotation for f in frames]),
+                     _p90([f.motion for f in frames])])
 
 
 def judge(frames: Sequence[FrameEvidence], rule: FusionRule) -> tuple[Verdict, float | None]:
-    """A track's verdict and live probability from its frames: pure (no models, no clock).
+    """A track's verdict and live score (the lower of the texture and motion parts) from its frames:
+    pure (no models, no clock).
 
-    Undecided before `min_frames`; never live while the points fit one plane (or stand still);
-    live when the rule's probability reaches its threshold; spoof when it has not after
-    `patience_frames` (until then undecided: a member who has not moved yet is not turned away)."""
+    Undecided before `min_frames`; never live while the points fit one plane or stand still; live
+    when both parts reach their thresholds; spoof when they have not after `patience_frames` (until
+    then undecided: a member who has not moved yet is not turned away)."""
     if not frames:
         return "undecided", None
     features = track_features(frames)
-    probability = rule.probability(features)
+    passive = float(np.mean([f.passive for f in frames]))
+    motion = rule.motion_probability(features)
+    score = min(passive, motion)
     if len(frames) < rule.min_frames:
-        return "undecided", probability
-    planar = features[FEATURES.index("nonplanar")] < rule.planar_floor
-    if probability >= rule.threshold and not planar:
-        return "live", probability
-    return ("spoof" if len(frames) >= rule.patience_frames else "undecided"), probability
+        return "undecided", score
+    flat = features[FEATURES.index("nonplanar")] < rule.planar_floor
+    still = features[FEATURES.index("motion")] < rule.static_floor
+    if passive >= rule.passive_threshold and motion >= rule.motion_threshold and not flat and not still:
+        return "live", score
+    return ("spoof" if len(frames) >= rule.patience_frames else "undecided"), score
 
 
 @dataclass(frozen=True)
@@ -299,7 +328,7 @@ class LivenessState:
     """A track's liveness verdict and the evidence behind it (for the decision, logs and audit)."""
 
     verdict: Verdict
-    score: float | None  # the fused live probability, None before any frame
+    score: float | None  # the lower of the texture and motion parts (0-1), None before any frame
     frames: int
 
 
@@ -327,18 +356,23 @@ class TrackLiveness:
     def evidence(self, cues: Cues) -> FrameEvidence:
         """CUES reduced to a FrameEvidence, comparing its mesh with the one LAG frames before."""
         self.recent.append(cues.mesh)
-        del self.recent[:-(LAG + 1)]
+        del self.recent[:-(LAG + SMOOTH)]
         mesh = cues.mesh
         if mesh is None:
             return FrameEvidence(cues.passive)
-        before = self.recent[0] if len(self.recent) > LAG else None
-        nonplanar = rotation = None
+        before = self.recent[-1 - LAG] if len(self.recent) > LAG else None
+        nonplanar = rotation = motion = None
         if before is not None:
             scale = max(mesh.eye_distance, 1.0)
             nonplanar = homography_residual(before.points[:, :2], mesh.points[:, :2]) / scale
             rotation = rotation_deg(before.points, mesh.points)
+            if len(self.recent) == LAG + SMOOTH and all(m is not None for m in self.recent):
+                # SMOOTH frames averaged at each end: the landmark model's jitter cancels, real motion stays
+                now = np.mean([m.points[:, :2] for m in self.recent[-SMOOTH:] if m is not None], axis=0)
+                then = np.mean([m.points[:, :2] for m in self.recent[:SMOOTH] if m is not None], axis=0)
+                motion = global_motion(then, now) / scale
         gaze = iris_offset(mesh.points, mesh.irises) if mesh.irises is not None else None
-        return FrameEvidence(cues.passive, eye_aspect_ratio(mesh.points), gaze, nonplanar, rotation)
+        return FrameEvidence(cues.passive, eye_aspect_ratio(mesh.points), gaze, nonplanar, rotation, motion)
 
     @property
     def state(self) -> LivenessState:
