@@ -374,3 +374,18 @@ def test_the_daemon_refuses_to_start_when_the_gate_is_asked_for_without_its_mode
     last = proc.stderr.strip().splitlines()[-1]
     assert "liveness.enabled is true" in last and "antispoof_v2" in last, proc.stderr[-2000:]
     assert time.monotonic() - started < 120
+
+
+def test_facedoor_list_says_whether_the_gate_runs(gate_models: Path, real_models: Path, tmp_path: Path,
+                                                  capsys) -> None:
+    from facedoor.cli import main
+
+    store = tmp_path / "door.db"
+    for models, enabled, expected in ((gate_models, "auto", "liveness: on"),
+                                      (real_models, "auto", "liveness: off (antispoof_v2"),
+                                      (real_models, "true", "liveness: the door refuses to start"),
+                                      (gate_models, "false", "liveness: off (liveness.enabled is false)")):
+        config = tmp_path / "facedoor.yaml"
+        config.write_text(f"models: {models}\nstore: {store}\nliveness:\n  enabled: {enabled}\n")
+        main(["--config", str(config), "list"])
+        assert capsys.readouterr().err.splitlines()[0].startswith(expected)
