@@ -9,9 +9,10 @@ Per frame, `LivenessModel.observe(image, face)` runs the models and returns `Cue
 Per track, `TrackLiveness.add(cues)` keeps the evidence of the last `window` frames; its `state`
 comes from pure functions: `track_features` (passive logit, blink depth from the eye aspect ratio,
 iris movement, non-planar motion: the homography residual of the 468 mesh points between frames
-`LAG` apart, and the head rotation between them) and `judge` (a logistic rule, `FusionRule`,
-fitted by `benchmarks/liveness.py`, plus one hard rule: a track whose points fit one plane or do
-not move is never live, whatever the rest says).
+`LAG` apart, the head rotation and the face's global motion between them) and `judge` (a noisy
+AND, `FusionRule`: the texture part and a logistic motion part must both pass, fitted by
+`benchmarks/liveness.py`, plus two hard rules: a track whose points fit one plane or stand still
+is never live, whatever the rest says). `facedoor.judge` keeps one TrackLiveness per member track.
 
 The models come from the hash-checked manifest (antispoof: `facedoor-export --only antispoof
 --antispoof-dir DIR`; landmarks: `--only landmarks`). `liveness.enabled` is auto (on when all are
