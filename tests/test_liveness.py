@@ -22,7 +22,6 @@ from facedoor.liveness import (
     DEFAULT_RULE,
     FEATURES,
     INPUT_SIZE,
-    BoxCalibration,
     Cues,
     FrameEvidence,
     LivenessModel,
@@ -66,12 +65,6 @@ def test_crop_box_stays_inside_the_image_for_any_box():
         for scale in (2.7, 4.0):
             left, top, right, bottom = crop_box(box, scale, w, h)
             assert 0 <= left < right <= w and 0 <= top < bottom <= h
-
-
-def test_calibration_scales_then_shifts_the_box():
-    assert BoxCalibration().apply((100, 100, 200, 200)).tolist() == [100, 100, 200, 200]
-    # 1.2: 120x120 around (150, 150); shift 0.1 of the new height moves it down 12
-    assert np.allclose(BoxCalibration(1.2, 0.1).apply((100, 100, 200, 200)), [90, 102, 210, 222])
 
 
 def test_crop_input_is_nchw_bgr_0_255():

@@ -53,27 +53,6 @@ Verdict = Literal["live", "spoof", "undecided"]
 Box = Sequence[float] | np.ndarray  # x1, y1, x2, y2 in image pixels
 
 
-@dataclass(frozen=True)
-class BoxCalibration:
-    """How a detector box becomes the box MiniFASNet was trained on: scale around the centre, then shift.
-
-    `scale` multiplies width and height; `shift_y` moves the centre down by that fraction of the
-    (scaled) box height. The identity is right for both MTCNN and YuNet boxes: on the NUAA
-    calibration people no scale or shift tried cut the log-loss by 10 % (`benchmarks/liveness.py`).
-    """
-
-    scale: float = 1.0
-    shift_y: float = 0.0
-
-    def apply(self, box: Box) -> np.ndarray:
-        """The calibrated (x1, y1, x2, y2) float box."""
-        x1, y1, x2, y2 = (float(v) for v in box[:4])
-        cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
-        w, h = (x2 - x1) * self.scale, (y2 - y1) * self.scale
-        cy += self.shift_y * h
-        return np.array([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dtype=np.float64)
-
-
 def crop_box(box: Box, scale: float, width: int, height: int) -> tuple[int, int, int, int]:
     """The (x1, y1, x2, y2) integer region of a WIDTH x HEIGHT image that a model of crop SCALE sees.
 
@@ -126,10 +105,8 @@ class Cues:
 class LivenessModel:
     """The gate's models: both MiniFASNet sessions and the face mesh; `observe` runs them on one face."""
 
-    def __init__(self, sessions: Sequence[tuple[str, Any, float]], calibration: BoxCalibration | None = None,
-                 mesh: FaceMesh | None = None):
+    def __init__(self, sessions: Sequence[tuple[str, Any, float]], mesh: FaceMesh | None = None):
         self.sessions = [(name, session, scale, session.get_inputs()[0].name) for name, session, scale in sessions]
-        self.calibration = calibration or BoxCalibration()
         self.mesh = mesh
 
     @classmethod
@@ -147,10 +124,9 @@ class LivenessModel:
 
     def probabilities(self, image_bgr: np.ndarray, box: Box) -> np.ndarray:
         """(models, 3) softmax of each model for the face at detector BOX."""
-        calibrated = self.calibration.apply(box)
         probs = []
         for _, session, scale, input_name in self.sessions:
-            logits = session.run(None, {input_name: crop_input(image_bgr, calibrated, scale)})[0]
+            logits = session.run(None, {input_name: crop_input(image_bgr, box, scale)})[0]
             probs.append(_softmax(np.asarray(logits, dtype=np.float64).reshape(-1)))
         return np.stack(probs)
 
