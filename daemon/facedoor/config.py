@@ -255,11 +255,19 @@ class LoggingConfig(_Section):
 
 
 class LivenessConfig(_Section):
-    """Presentation-attack gate (MiniFASNet): a track unlocks only when its mean live score reaches `threshold`."""
+    """Presentation-attack gate (facedoor.liveness): a track of a member unlocks only once its texture
+    (MiniFASNet) and its motion (MediaPipe face mesh: blinks, gaze, a head's non-planar turn) both say
+    live, and never while its landmarks fit one plane or stand still. Every decision and health
+    message says `liveness: on|off`. Models: facedoor-export --only antispoof,landmarks."""
 
-    enabled: bool = Field(True, description="off (with a log line) anyway when the antispoof models are not exported")
-    threshold: float = Field(0.25, gt=0, lt=1, description="mean live score over a track's frames needed to unlock")
-    min_frames: int = Field(3, ge=1, le=100, description="frames of liveness evidence before a track is judged")
+    enabled: Literal["auto"] | bool = Field(
+        "auto", description="auto: on when the antispoof and landmarks models are exported, else off with a log "
+                            "line; true: the door refuses to start without them (exit 2); false: off")
+    threshold: float | None = Field(
+        None, gt=0, lt=1, description="mean MiniFASNet live score a track needs, the texture part of the rule "
+                                      "(default: the rule's own, chosen by benchmarks/liveness.py)")
+    min_frames: int | None = Field(
+        None, ge=10, le=300, description="frames of evidence before a track can be judged (default: the rule's, 10)")
 
 
 class IdleConfig(_Section):

@@ -121,7 +121,7 @@ class DoorService:
         self.notifier.ready(f"watching {describe(self.camera.source)}; {enrolled} enrolled")
         log.info("facedoor running", extra={"fields": {
             "event": "ready", "door": self.cfg.door_id, "source": describe(self.camera.source),
-            "enrolled": enrolled, "threshold": self.rules.threshold}})
+            "enrolled": enrolled, "threshold": self.rules.threshold, "liveness": self.liveness_state}})
         while not self._stop.is_set():
             frame = self.camera.get(timeout=0.2)
             now = time.monotonic()
@@ -175,12 +175,17 @@ class DoorService:
         for decision in judgement.decisions:
             self.publish_decision(decision, frame, faces)
 
+    @property
+    def liveness_state(self) -> str:
+        """The gate's state for every health message (decisions carry it from the judge): "on" or "off"."""
+        return "off" if self.liveness is None else "on"
+
     def sightings(self, frame: Frame, faces: list[Face]) -> FrameSightings:
         """The judge's view of FRAME's FACES; the liveness gate scores a face only when the judge asks."""
         seen = [Seen(f.box, float(f.score), sharpness(frame.image, f) if f.embedding is not None else 0.0,
                      f.embedding) for f in faces]
         model = self.liveness
-        live = (lambda i: model.score(frame.image, faces[i].box)) if model is not None else None
+        live = (lambda i: model.observe(frame.image, faces[i])) if model is not None else None
         return FrameSightings(frame.t_mono, seen, live)
 
     def reset_evidence(self) -> None:
@@ -280,6 +285,7 @@ class DoorService:
             "dropped_decisions": self.link.dropped_decisions,
             "purged_messages": self.link.purged,
             "enrolled": len(self.gallery.identities) if self.gallery is not None else 0,
+            "liveness": self.liveness_state,
             "store_error": self.store_error,
             "latency_ms_median": finite(lat[len(lat) // 2], 1) if lat else None,
             **{k: v for k, v in self.counts.items()},
@@ -320,6 +326,7 @@ def build_service(cfg: FacedoorConfig, pipeline: FacePipeline, *, source: int | 
     from facedoor.store import EmbeddingStore
     from facedoor.unlock import UnlockAction
 
+    liveness = load_liveness(Manifest.load(cfg.models), cfg.liveness.enabled)  # first: a gate asked for, or no door
     key = load_key(cfg.mqtt.signing_key_file) if cfg.mqtt.signing_key_file is not None else None
     watcher = StoreWatcher(cfg.store)  # before the first load, so no commit in between is missed
 
@@ -339,7 +346,6 @@ def build_service(cfg: FacedoorConfig, pipeline: FacePipeline, *, source: int | 
     if audit is not None:
         listeners.append(audit)
     camera = Camera(cfg.camera, source, loop)
-    liveness = load_liveness(Manifest.load(cfg.models), cfg.liveness.enabled)
     return DoorService(cfg, pipeline, load_gallery, camera, link, notifier or Notifier(), listeners,
                        store_watcher=watcher, signing_key=key, liveness=liveness)
 

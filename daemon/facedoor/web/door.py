@@ -25,8 +25,6 @@ from facedoor.config import FacedoorConfig
 
 log = logging.getLogger(__name__)
 
-# The liveness gate's models (facedoor.liveness.MODEL_SCALES; not imported here: it loads OpenCV).
-LIVENESS_MODELS = ("antispoof_v2", "antispoof_v1se")
 DISK_CACHE_S = 30.0
 
 
@@ -162,7 +160,9 @@ def _size(path: Path) -> int:
 
 
 def models_info(cfg: FacedoorConfig) -> dict[str, Any]:
-    """The encoder and detector of the manifest (name, SHA-256 prefix) and whether the liveness gate is on."""
+    """The encoder and detector of the manifest (name, SHA-256 prefix) and whether the liveness gate
+    is on as configured (the door's health report, when it comes, says what it runs)."""
+    from facedoor.liveness import REQUIRED_MODELS
     from facedoor.models import Manifest, ModelError
 
     try:
@@ -171,9 +171,14 @@ def models_info(cfg: FacedoorConfig) -> dict[str, Any]:
         return {"error": str(exc), "liveness": "off (no models)"}
     encoder = manifest.entries.get(cfg.recognition.encoder)
     detector = manifest.entries.get("mtcnn_pnet" if cfg.recognition.detector == "mtcnn" else "yunet")
-    have_gate = all(name in manifest.entries for name in LIVENESS_MODELS)
-    liveness = "on" if cfg.liveness.enabled and have_gate else \
-        ("off (liveness.enabled: false)" if not cfg.liveness.enabled else "off (antispoof models not exported)")
+    have_gate = all(name in manifest.entries for name in REQUIRED_MODELS)
+    if cfg.liveness.enabled is False:
+        liveness = "off (liveness.enabled: false)"
+    elif have_gate:
+        liveness = "on"
+    else:
+        liveness = "off (its models are not exported)" if cfg.liveness.enabled == "auto" else \
+            "required but its models are not exported: the door refuses to start"
     return {
         "encoder": f"{cfg.recognition.encoder} {encoder.sha256[:12]}" if encoder else "missing",
         "detector": f"{cfg.recognition.detector} {detector.sha256[:12]}" if detector else cfg.recognition.detector,
