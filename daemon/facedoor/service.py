@@ -42,6 +42,7 @@ from facedoor.store import StoreWatcher
 from facedoor.track import Sighting, Track, Tracker
 
 if TYPE_CHECKING:
+    from facedoor.fleet_sync import RosterSync
     from facedoor.pipeline import Face, FacePipeline
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ class DoorService:
     def __init__(self, cfg: FacedoorConfig, pipeline: FacePipeline, load_gallery: Callable[[], Gallery],
                  camera: Camera, link: MqttLink, notifier: Notifier, listeners: Sequence[DecisionListener] = (),
                  store_watcher: StoreWatcher | None = None, signing_key: bytes | None = None,
-                 liveness: LivenessModel | None = None):
+                 liveness: LivenessModel | None = None, roster: RosterSync | None = None):
         self.cfg = cfg
         self.pipeline = pipeline
         self.load_gallery = load_gallery
@@ -69,6 +70,8 @@ class DoorService:
         self.tracker = Tracker(cfg.tracking)
         self.gate = IdleGate.from_config(cfg.idle)
         self.liveness = liveness  # None: the gate is off (said at start)
+        self.roster = roster  # a site roster (facedoor.fleet_sync): no decision while it is unknown
+        self._roster_generation = roster.generation if roster is not None else 0
         self.threshold = cfg.recognition.threshold
         self.gallery: Gallery | None = load_gallery()   # None after a failed reload: nobody matches
         self._stop = threading.Event()
@@ -79,7 +82,8 @@ class DoorService:
         self._started = time.monotonic()
         self._processed: list[float] = []          # monotonic times of recently processed frames
         self._latencies_ms: list[float] = []
-        self.counts = {"frames": 0, "errors": 0, "skipped_offline": 0, "skipped_idle": 0, "unlock": 0, "deny": 0}
+        self.counts = {"frames": 0, "errors": 0, "skipped_offline": 0, "skipped_idle": 0, "skipped_roster": 0,
+                       "unlock": 0, "deny": 0}
         self.store_error: str | None = None
         link.add_on_connect(self._health_due.set)
 
@@ -142,6 +146,10 @@ class DoorService:
             self.counts["skipped_offline"] += 1
             self.reset_evidence()  # decide nothing that cannot be delivered now
             return
+        if self.roster_blocked(frame.t_mono) is not None:
+            self.counts["skipped_roster"] += 1
+            self.reset_evidence()  # decide nothing on an unknown roster
+            return
         try:
             if not self.gate.should_detect(frame.image, frame.t_mono):
                 self.counts["skipped_idle"] += 1  # a still, empty scene: the detector runs at a low rate
@@ -162,6 +170,16 @@ class DoorService:
         self._processed.append(time.monotonic())
         for decision, face, strangers in decisions:
             self.publish_decision(decision, frame, face, strangers)
+
+    def roster_blocked(self, now: float) -> str | None:
+        """Why the site roster forbids deciding now (facedoor.fleet_sync), or None: it is unknown on
+        this connection, too old, or applied to the store but not yet to the loaded gallery."""
+        if self.roster is None:
+            return None
+        if self.roster.generation != self._roster_generation:
+            self._reload.set()  # the run loop reloads before the next frame
+            return "the gallery is behind the applied roster"
+        return self.roster.blocked(now)
 
     def check_liveness(self, frame: Frame, faces: list[Face], tracks: list[Track]) -> None:
         """Score each face that matches a member on the liveness gate; the evidence stays with its track."""
@@ -266,12 +284,16 @@ class DoorService:
             return False
         log.info("door template added for %s (fused distance %.3f)", decision.identity, decision.distance,
                  extra={"fields": {"event": "door_template", "identity": decision.identity}})
+        if self.roster is not None:
+            self.roster.publish_local([decision.identity])
         return True
 
     # --- housekeeping ------------------------------------------------------------------------
     def reload_gallery(self) -> None:
         """Re-read the store (SIGHUP, or another process changed it); on failure nobody matches
         (fail closed) until a reload works. The evidence so far is forgotten either way."""
+        if self.roster is not None:
+            self._roster_generation = self.roster.generation  # read before loading: the load includes it
         try:
             self.gallery = self.load_gallery()
             self.store_error = None
@@ -329,6 +351,7 @@ class DoorService:
             "enrolled": len(self.gallery.identities) if self.gallery is not None else 0,
             "store_error": self.store_error,
             "latency_ms_median": finite(lat[len(lat) // 2], 1) if lat else None,
+            "roster": self.roster.health(now) if self.roster is not None else None,
             **{k: v for k, v in self.counts.items()},
         }
 
@@ -351,6 +374,8 @@ class DoorService:
         self.link.stop()
         if self.store_watcher is not None:
             self.store_watcher.close()
+        if self.roster is not None:
+            self.roster.close()
         log.info("facedoor stopped", extra={"fields": {"event": "stopped", **self.counts}})
 
 
@@ -366,13 +391,18 @@ def build_service(cfg: FacedoorConfig, pipeline: FacePipeline, *, source: int | 
     from facedoor.unlock import UnlockAction
 
     key = load_key(cfg.mqtt.signing_key_file) if cfg.mqtt.signing_key_file is not None else None
+    link = MqttLink(cfg)
+    roster = None
+    if cfg.fleet is not None:  # the site key is checked (exit 2) and a new door's empty store created here
+        from facedoor.fleet_sync import RosterSync
+
+        roster = RosterSync(cfg, link, pipeline.encoder_sha256)
     watcher = StoreWatcher(cfg.store)  # before the first load, so no commit in between is missed
 
     def load_gallery() -> Gallery:
         with EmbeddingStore(cfg.store, pipeline.encoder_sha256, create=False, readonly=True) as store:
             return store.gallery(cfg.recognition.threshold)
 
-    link = MqttLink(cfg)
     HomeAssistantDiscovery(cfg, link).attach()
     listeners: list[DecisionListener] = []
     if cfg.unlock_action is not None:
@@ -383,8 +413,10 @@ def build_service(cfg: FacedoorConfig, pipeline: FacePipeline, *, source: int | 
         listeners.append(audit)
     camera = Camera(cfg.camera, source, loop)
     liveness = load_liveness(Manifest.load(cfg.models), cfg.liveness.enabled)
+    if roster is not None:
+        roster.start()
     return DoorService(cfg, pipeline, load_gallery, camera, link, notifier or Notifier(), listeners,
-                       store_watcher=watcher, signing_key=key, liveness=liveness)
+                       store_watcher=watcher, signing_key=key, liveness=liveness, roster=roster)
 
 
 def run_daemon(cfg: FacedoorConfig, source: int | str | None = None, loop: bool | None = None) -> int:
