@@ -80,8 +80,8 @@ class RosterSync:
     # -- wiring -------------------------------------------------------------------------------
     def start(self) -> None:
         """Subscribe (renewed on every reconnect) and start applying; call before `link.start()`."""
+        self.link.subscribe(self.topics.manifest, self._on_manifest)  # first: it arrives before the entries
         self.link.subscribe(self.topics.entries, self._on_entry)
-        self.link.subscribe(self.topics.manifest, self._on_manifest)
         self.link.add_on_connect(self._on_connect)
         self._thread.start()
 
