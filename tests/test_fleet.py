@@ -5,6 +5,7 @@ roster; the offline-revocation test runs the real daemon on a walk-up video of t
 """
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import threading
@@ -337,7 +338,7 @@ def test_a_door_offline_during_a_revocation_never_lets_that_person_in(door, tmp_
     proxy = CuttableLink(mosquitto.port)
     front = site_config(tmp_path, "front", door.models, proxy.port, key, policy={"cooldown_s": 0.5})
     shutil.copy(door.store, load_config(front).store)
-    sub = Subscriber(mosquitto.host, mosquitto.port, "facedoor/front/decision")
+    sub = Subscriber(mosquitto.host, mosquitto.port, "facedoor/front/decision", "facedoor/front/health")
     daemon = Daemon(front, str(video), "--loop")
     try:
         assert sub.wait_for(lambda m: '"unlock"' in m["payload"], 90), daemon.log()[-3000:]
@@ -349,6 +350,13 @@ def test_a_door_offline_during_a_revocation_never_lets_that_person_in(door, tmp_
         back = time.time()
         assert sub.wait_for(lambda m: m["recv"] > back and '"deny"' in m["payload"], 60), daemon.log()[-3000:]
         assert daemon.events("roster_ready") and len(daemon.events("mqtt_up")) >= 2
+        wait_until(lambda: any(json.loads(m["payload"])["roster"]["ready"] for m in sub.on("health")
+                               if m["recv"] > back + 1.0), 20, "a health report after the reconnect")
+        reports = [(m["recv"], json.loads(m["payload"])) for m in sub.on("health")]
+        before = max(h["skipped_roster"] for t, h in reports if t < cut_at)
+        after = reports[-1][1]
+        assert after["skipped_roster"] > before, after  # after the reconnect the roster gate held frames back
+        assert after["roster"]["ready"] and not after["roster"]["drift"], after
     finally:
         daemon.kill()
         sub.stop()

@@ -361,7 +361,9 @@ def publish_changes(cfg: FacedoorConfig, store: EmbeddingStore, names: Sequence[
         return None
     keys, topics = SiteKeys.load(cfg.fleet), Topics(cfg)
     with _Bus(cfg, cfg.fleet.publish_timeout_s) as bus:
-        retained = bus.read([topics.manifest, topics.entries])
+        filters = [topics.entries] if everything else \
+            [topics.entry(keys.person_key(n)) for n in names] + ([topics.entry(COHORT_KEY)] if cohort else [])
+        retained = bus.read([topics.manifest, *filters])
         manifest = _verified(keys, retained.pop(topics.manifest, None), "manifest", MANIFEST_KEY)
         listed = manifest_entries(manifest) if manifest is not None else {}
         on_broker = {s.key: s.rank for t, p in retained.items()
