@@ -12,7 +12,9 @@ people who are not members, one per person, of the same encoder; it is replaced 
 store of an older schema (1: before door templates, 2: before the cohort) is read as it is and
 upgraded the first time it is opened for writing. A new store (and its -wal/-shm, which
 SQLite gives the store's mode) is 0600 in a 0700 directory. A running reader sees another
-process's commits through `StoreWatcher`.
+process's commits through `StoreWatcher`. A door of a site (facedoor.fleet) also keeps the
+`roster` ledger, created on first use: the version of each roster entry the store holds, written
+in the same transaction as the change it records (`apply_roster`).
 """
 from __future__ import annotations
 
