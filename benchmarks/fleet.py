@@ -307,7 +307,7 @@ def main() -> int:
                 site.stop()
                 b.stop()
                 a.stop()
-        size, publish_s, from_start, from_connect = full_roster(work, key, models, args.people)
+        full = full_roster(work, key, models, args.people) if args.people else None
     print()
     print(f"machine: {machine()}")
     print()
@@ -318,15 +318,17 @@ def main() -> int:
         print(f"| {setup} | {r['doors']} | {r['cmd_p50']:.2f} s / {r['cmd_p99']:.2f} s | "
               f"{r['pub_p50']:.2f} s / {r['pub_p99']:.2f} s | {r['change_bytes']:,} B | "
               f"{r['rss_mb']:.0f} MB / {r['pss_mb']:.0f} MB |")
-    first = results[0][1]
+    first = results[0][1] if results else {}
     if "catch_up" in first:
         cu = first["catch_up"]
         assert isinstance(cu, tuple)
         print(f"\ncatch-up after {args.offline_changes} changes offline ({first['doors']} doors): "
               f"{cu[0]:.2f} s from start, {cu[1]:.2f} s from connect to current (deciding nothing before)")
-    print(f"full roster of {args.people} people (3 photos each): {size / 1e6:.2f} MB retained "
-          f"({size / args.people:.0f} B per person), published in {publish_s:.2f} s; a new door applied it "
-          f"{from_start:.2f} s from its start, {from_connect:.2f} s from its connect")
+    if full is not None:
+        size, publish_s, from_start, from_connect = full
+        print(f"full roster of {args.people} people (3 photos each): {size / 1e6:.2f} MB retained "
+              f"({size / args.people:.0f} B per person), published in {publish_s:.2f} s; a new door applied it "
+              f"{from_start:.2f} s from its start, {from_connect:.2f} s from its connect")
     print(f"(`facedoor remove` itself took a median {statistics.median(float(r['cmd_s']) for _, r in results):.2f} s "
           "wall, Python start-up included)")
     return 0
