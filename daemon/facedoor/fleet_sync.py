@@ -67,6 +67,8 @@ class RosterSync:
         self._lock = threading.Lock()
         self._queue: queue.Queue[Any] = queue.Queue()
         self._synced = False          # this connection's manifest arrived and is fully applied
+        self._epoch = -1              # link.connects of the connection being synced
+        self._synced_epoch = -2       # ... and of the one that was synced (the link counts before it says so)
         self._confirmed: float | None = None
         self._reason = "waiting for the site roster manifest"
         self._manifest: Sealed | None = None
@@ -98,7 +100,7 @@ class RosterSync:
         connection, not fully applied, or, cut off from the broker, older than max_roster_age_s."""
         with self._lock:
             if self.link.connected:
-                if self._synced:
+                if self._synced and self._synced_epoch == self.link.connects:
                     self._confirmed = now
                     return None
                 return self._reason
@@ -144,6 +146,7 @@ class RosterSync:
     def _on_connect(self) -> None:
         with self._lock:
             self._synced = False  # at once: nothing is decided on this connection before its manifest
+            self._epoch = self.link.connects
             self._reason = "reconnected: waiting for the site roster manifest"
         self._queue.put(_CONNECT)
 
@@ -289,7 +292,7 @@ class RosterSync:
             else:
                 was = self._synced
                 self._applied = max(self._applied, current.rank)
-                self._synced = True
+                self._synced, self._synced_epoch = True, self._epoch
                 if not was:
                     log.info("roster current: manifest v%d, %d entries", current.version, len(listed),
                              extra={"fields": {"event": "roster_ready", "manifest_version": current.version,
