@@ -75,7 +75,7 @@ def records(mosquitto, key: Path) -> DoorRecords:
     return DoorRecords(mosquitto.host, mosquitto.port, SiteKeys.derive(SITE, key.read_bytes().strip()))
 
 
-def current(recs: DoorRecords, doors: tuple[str, ...], version: int, timeout: float = 30) -> None:
+def current(recs: DoorRecords, doors: tuple[str, ...], version: int, timeout: float = 90) -> None:
     recs.wait(lambda latest: all(d in latest and latest[d].version >= version and latest[d].meta["ready"]
                                  for d in doors), timeout)
 
