@@ -161,10 +161,11 @@ def test_forged_and_replayed_entries_are_refused(tmp_path: Path, site, mosquitto
     topics = Topics(load_config(office))
     keys = SiteKeys.derive(SITE, key.read_bytes().strip())
     enrol(office, "alice")
-    recorder = Subscriber(mosquitto.host, mosquitto.port, topics.entries)
+    recorder = Subscriber(mosquitto.host, mosquitto.port, topics.entries, topics.manifest)
     alice_topic = topics.entry(keys.person_key("alice"))
     enrolled = recorder.wait_for(lambda m: m["topic"] == alice_topic, 10)
-    assert enrolled is not None
+    old_manifest = recorder.wait_for(lambda m: m["topic"] == topics.manifest, 10)
+    assert enrolled is not None and old_manifest is not None
     recs = records(mosquitto, key)
     agent = Agent(front)
     try:
@@ -197,6 +198,13 @@ def test_forged_and_replayed_entries_are_refused(tmp_path: Path, site, mosquitto
             assert people(fresh) == []
             assert cli(office, "fleet", "publish").returncode == 0  # the tombstone is retained again
             current(recs, ("front", "fresh"), 3)
+            assert people(fresh) == [] and people(front) == []
+            # replay of the old manifest (it listed alice enrolled): refused, the doors stay current
+            refused = recs.latest()["front"].meta["refused"].get("backwards", 0)
+            replayer.client.publish(topics.manifest, old_manifest["raw"], qos=1, retain=True).wait_for_publish(5)
+            latest = recs.wait(lambda r: all(r[d].meta["refused"].get("backwards", 0) > refused
+                                             for d in ("front",)), 60)
+            assert latest["front"].meta["ready"] and latest["fresh"].meta["ready"]
             assert people(fresh) == [] and people(front) == []
         finally:
             newcomer.stop()

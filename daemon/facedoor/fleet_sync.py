@@ -262,12 +262,12 @@ class RosterSync:
             if reconnected:
                 self._manifest = None
             if manifest is not None:
-                if manifest.rank < self._applied:
-                    self._synced = False
-                    self._reason = (f"the site manifest v{manifest.version} ({manifest.origin}) is older than the "
-                                    f"v{self._applied[0]} this door applied (a stale re-publish or a replay): "
-                                    "run `facedoor fleet publish` from an up-to-date door")
+                if manifest.rank < self._applied:  # refused; a door current on this connection stays so
                     self.refused["backwards"] = self.refused.get("backwards", 0) + 1
+                    if self._manifest is None:
+                        self._reason = (f"the site manifest v{manifest.version} ({manifest.origin}) is older than "
+                                        f"the v{self._applied[0]} this door applied (a stale re-publish or a "
+                                        "replay): run `facedoor fleet publish` from an up-to-date door")
                 else:
                     self._manifest = manifest
         current = self._manifest
