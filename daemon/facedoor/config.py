@@ -322,6 +322,20 @@ class WebConfig(_Section):
         return self
 
 
+class FleetConfig(_Section):
+    """Several doors, one membership (facedoor.fleet): the site roster over the MQTT broker."""
+
+    site: str = Field(..., pattern=r"^[A-Za-z0-9_-]{1,64}$",
+                      description="site name: every door of the site shares its roster (topic <prefix>/site/<site>/)")
+    key_file: Path = Field(..., description="site key (>= 32 bytes, owner-only, the same file at every door): "
+                           "seals and authenticates every roster entry (AES-GCM, HKDF-derived keys)")
+    max_roster_age_s: float = Field(
+        4 * 3600.0, gt=0, le=7 * 86400, description="cut off from the broker, a door keeps deciding on its last "
+        "confirmed roster this long, then denies everyone (a revocation it missed is honoured at most this late)")
+    publish_timeout_s: float = Field(
+        5.0, gt=0, le=60, description="how long a publisher (enroll, remove, cohort) waits for the broker")
+
+
 class FacedoorConfig(_Section):
     door_id: str = Field("front", pattern=r"^[A-Za-z0-9_-]{1,64}$", description="name of this door: part of "
                          "every MQTT topic (<mqtt.topic_prefix>/<door_id>/...); letters, digits, '_' and '-'")
@@ -345,6 +359,7 @@ class FacedoorConfig(_Section):
     logging: LoggingConfig = LoggingConfig()
     liveness: LivenessConfig = LivenessConfig()
     web: WebConfig = WebConfig()
+    fleet: FleetConfig | None = Field(None, description="site roster shared by several doors (off when absent)")
 
     @model_validator(mode="before")
     @classmethod

@@ -165,19 +165,37 @@ class Actions:
         try:
             with EmbeddingStore(self.cfg.store, self.encoder_sha256, create=False) as store:
                 size = store.add_cohort(label, vector)
+                self.audit({"event": "web_not_x", "identity": identity, "visit": visit["id"], "cohort": size,
+                            "user": user})
+                self._publish(store, [], cohort=True)
         except StoreError as exc:
             raise ActionError(str(exc)) from None
-        self.audit({"event": "web_not_x", "identity": identity, "visit": visit["id"], "cohort": size, "user": user})
         return size
 
     def remove(self, name: str, user: str) -> int:
         try:
             with EmbeddingStore(self.cfg.store, self.encoder_sha256, create=False) as store:
                 removed = store.remove(name)
+                self.audit({"event": "web_remove", "identity": name, "embeddings": removed, "user": user})
+                self._publish(store, [name])
         except StoreError as exc:
             raise ActionError(str(exc)) from None
-        self.audit({"event": "web_remove", "identity": name, "embeddings": removed, "user": user})
         return removed
+
+    def _publish(self, store: EmbeddingStore, names: list[str], *, cohort: bool = False) -> None:
+        """With a site roster (`fleet:`), publish the change to the other doors, as the command line
+        does; a broker that does not take it is said, with what to run (the store has the change)."""
+        if self.cfg.fleet is None:
+            return
+        from facedoor.config import ConfigError
+        from facedoor.fleet import FleetError, publish_changes
+
+        try:
+            publish_changes(self.cfg, store, names, cohort=cohort)
+        except (FleetError, ConfigError) as exc:
+            raise ActionError(f"stored at this door, but NOT published to site {self.cfg.fleet.site}: {exc}; "
+                              "the other doors do not know yet: run `facedoor fleet publish` when the broker "
+                              "is back") from None
 
     # -- retention ------------------------------------------------------------------------------
     def prune_crops(self, days: float, now: float | None = None) -> int:
