@@ -14,7 +14,8 @@ from daemon_support import Subscriber
 from facedoor.camera import Frame
 from facedoor.config import FacedoorConfig, parse_config
 from facedoor.events import DecisionEvent
-from facedoor.mqtt import MqttLink
+from facedoor.mqtt import Delivery, MqttLink
+from facedoor.signing import ReplayCache, check_message
 from facedoor.unlock import UnlockAction, unlock_payload
 
 ACTION_TOPIC = "zigbee2mqtt/front_door/set"
@@ -67,9 +68,61 @@ def states(sub: Subscriber) -> list[str]:
     return [json.loads(m["payload"])["state"] for m in sub.on(ACTION_TOPIC)]
 
 
+KEY = b"facedoor-example-key-0123456789abcdef"
+
+
 def test_unlock_payload_gains_expiry_only_when_it_can_carry_fields() -> None:
     assert json.loads(unlock_payload(UNLOCK, 123)) == {"state": "UNLOCK", "expires_at_ms": 123}
     assert unlock_payload("ON", 123) == "ON" and unlock_payload('"ON"', 123) == '"ON"'
+    assert unlock_payload("ON", 123, KEY) == "ON"  # Tasmota cannot carry a signature: it relies on the ACL
+
+
+def test_signed_relay_command_verifies_once_and_a_forgery_does_not() -> None:
+    """With signing on, the relay command is a signed message a device can check like a decision."""
+    now_ms = int(time.time() * 1000)
+    raw = unlock_payload(UNLOCK, now_ms + 5000, KEY)
+    body = json.loads(raw)
+    assert set(body) == {"state", "expires_at_ms", "id", "sig"} and body["state"] == "UNLOCK"
+    uuid.UUID(body["id"])
+    assert json.loads(unlock_payload(UNLOCK, now_ms + 5000, KEY))["id"] != body["id"]  # one id per command
+    seen = ReplayCache()
+    assert check_message(raw.encode(), KEY, now_ms, seen).ok
+    assert check_message(raw.encode(), KEY, now_ms, seen).reason == "replay"
+    forged = json.dumps({"state": "UNLOCK", "expires_at_ms": now_ms + 5000, "id": str(uuid.uuid4())})
+    assert check_message(forged.encode(), KEY, now_ms, seen).reason == "unsigned"
+    tampered = json.dumps({**body, "expires_at_ms": now_ms + 60_000})
+    assert check_message(tampered.encode(), KEY, now_ms, seen).reason == "bad-signature"
+
+
+def test_a_relay_topic_the_broker_refuses_is_not_driven_nor_reported_sent(tmp_path, caplog) -> None:
+    """The ACL forgets the relay topic: Mosquitto answers PUBACK 0x87 and the relay gets nothing.
+    The action must not count it sent, must not log "unlock action sent", and says why."""
+    from secure_broker import secure_broker
+
+    with secure_broker(tmp_path / "broker", relay_topic=ACTION_TOPIC, deny=(ACTION_TOPIC,)) as broker:
+        cfg = parse_config({"door_id": "front", "mqtt": {
+            "host": broker.host, "port": broker.port, "username": "door", "tls": {"ca": str(broker.ca)},
+            "password_file": str(broker.password_files["door"]), "ack_timeout_s": 0.5},
+            "unlock_action": {"topic": ACTION_TOPIC, "payload": UNLOCK, "lock_payload": LOCK}})
+        link = MqttLink(cfg)
+        assert cfg.unlock_action is not None
+        action = UnlockAction(cfg.unlock_action, link, cfg.decision_ttl_s, KEY)
+        link.start()
+        sub = Subscriber(broker.host, broker.port, ACTION_TOPIC, tls_ca=broker.ca, username="consumer",
+                         password=broker.passwords["consumer"])
+        try:
+            assert link.wait_connected(10)
+            sent = event()
+            action.on_decision(sent)
+            assert sent.notes == {"unlock_action": False, "unlock_action_delivery": "refused"}
+            assert action.sent_unlocks == 0 and action.chased == 0
+            assert link.refused == {ACTION_TOPIC: "Not authorized"} and link.condition == "refused"
+            assert sub.wait_for(lambda m: True, 1.0) is None
+        finally:
+            sub.stop()
+            action.close()
+            link.stop()
+    assert not [r for r in caplog.records if r.getMessage().startswith("unlock action sent")]
 
 
 def test_unlock_action_once_per_acknowledged_unlock_never_retained(mosquitto, tmp_path, door) -> None:
@@ -141,7 +194,8 @@ def test_stall_seen_without_traffic_and_reported(mosquitto, tmp_path, door) -> N
         while link.connected and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not link.connected and link.state == "stalled"  # the probe found it, nobody at the door
-        assert link.deliver("facedoor/front/decision", "{}", time.monotonic(), 5.0, "test decision") is False
+        assert link.deliver("facedoor/front/decision", "{}", time.monotonic(), 5.0, "test decision") \
+            is Delivery.DISCONNECTED
     finally:
         mosquitto.resume()
     assert link.wait_connected(10) and link.stalls >= 1

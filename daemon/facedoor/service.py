@@ -33,7 +33,7 @@ from facedoor.logs import setup_logging
 from facedoor.match import Gallery
 from facedoor.models import Manifest
 from facedoor.motion import IdleGate
-from facedoor.mqtt import MqttLink
+from facedoor.mqtt import Delivery, MqttLink
 from facedoor.pipeline import sharpness
 from facedoor.policy import Decision, TrackPolicy
 from facedoor.sdnotify import Notifier, watchdog_interval_s
@@ -42,6 +42,7 @@ from facedoor.store import StoreWatcher
 from facedoor.track import Sighting, Track, Tracker
 
 if TYPE_CHECKING:
+    from facedoor.audit import AuditLog
     from facedoor.pipeline import Face, FacePipeline
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ class DoorService:
     def __init__(self, cfg: FacedoorConfig, pipeline: FacePipeline, load_gallery: Callable[[], Gallery],
                  camera: Camera, link: MqttLink, notifier: Notifier, listeners: Sequence[DecisionListener] = (),
                  store_watcher: StoreWatcher | None = None, signing_key: bytes | None = None,
-                 liveness: LivenessModel | None = None):
+                 liveness: LivenessModel | None = None, audit: AuditLog | None = None):
         self.cfg = cfg
         self.pipeline = pipeline
         self.load_gallery = load_gallery
@@ -69,6 +70,7 @@ class DoorService:
         self.tracker = Tracker(cfg.tracking)
         self.gate = IdleGate.from_config(cfg.idle)
         self.liveness = liveness  # None: the gate is off (said at start)
+        self.audit = audit  # also among the listeners; with audit.required an unlock is written before it is sent
         self.threshold = cfg.recognition.threshold
         self.gallery: Gallery | None = load_gallery()   # None after a failed reload: nobody matches
         self._stop = threading.Event()
@@ -229,19 +231,20 @@ class DoorService:
         }
         if self.signing_key is not None:
             payload = sign(payload, self.signing_key)
-        delivered = self.link.deliver(self.link.decision_topic, json.dumps(payload), frame.t_mono, ttl,
-                                      f"decision {payload['id']} ({decision.decision})")
+        delivery = self.deliver(payload, frame)
+        delivered = bool(delivery)
         if delivered:
             self.counts[decision.decision] += 1
             self._latencies_ms.append(latency_ms)
-        else:
-            self.policy.retract(decision)
+        elif delivery not in (Delivery.REFUSED, Delivery.UNAUDITED):
+            self.policy.retract(decision)  # a refusal or a failing audit is not retried every frame
         log.info("decision %s %s", decision.decision, decision.identity or decision.reason, extra={"fields": {
             "event": "decision", "id": payload["id"], "decision": decision.decision, "reason": decision.reason,
             "identity": decision.identity, "distance": payload["distance"], "threshold": decision.threshold,
             "frames": f"{decision.frames}/{decision.window}", "faces": decision.faces,
-            "latency_ms": payload["latency_ms"], "delivered": delivered}})
+            "latency_ms": payload["latency_ms"], "delivered": delivered, "delivery": delivery.value}})
         event = DecisionEvent(payload, delivered, frame, face, strangers)
+        event.notes["delivery"] = delivery.value
         if delivered and decision.template:
             event.notes["door_template"] = self.add_door_template(decision)
         for listener in self.listeners:
@@ -250,6 +253,16 @@ class DoorService:
             except Exception:
                 log.exception("decision listener %s failed for decision %s", type(listener).__name__, payload["id"])
         return delivered
+
+    def deliver(self, payload: dict[str, Any], frame: Frame) -> Delivery:
+        """Publish PAYLOAD on the decision topic. With `audit.required`, an unlock is first written to
+        the audit log (synchronously); if that fails it is not sent (UNAUDITED): audit, then act."""
+        if payload["decision"] == "unlock" and self.audit is not None and self.cfg.audit.required \
+                and not self.audit.write_ahead(payload):
+            return self.link.drop(f"decision {payload['id']} (unlock)", Delivery.UNAUDITED,
+                                      "audit.required and its audit entry could not be written")
+        return self.link.deliver(self.link.decision_topic, json.dumps(payload), frame.t_mono, self.cfg.decision_ttl_s,
+                                 f"decision {payload['id']} ({payload['decision']})")
 
     def add_door_template(self, decision: Decision) -> bool:
         """Store a confident visit's fused embedding as a door template of its person (opt-in,
@@ -320,7 +333,9 @@ class DoorService:
             "last_frame_age_s": finite(self.camera.last_frame_age(), 3),
             "camera_reopens": self.camera.reopens,
             "camera_failures": self.camera.failures,
-            "broker": self.link.state,
+            "broker": self.link.condition,
+            "refused": dict(self.link.refused),  # topic -> reason: the broker refuses what the door sends there
+            "audit": self.audit.state if self.audit is not None else "off",
             "broker_reconnects": self.link.reconnects,
             "broker_stalls": self.link.stalls,
             "last_broker_outage_s": finite(self.link.last_outage_s, 1),
@@ -376,7 +391,7 @@ def build_service(cfg: FacedoorConfig, pipeline: FacePipeline, *, source: int | 
     HomeAssistantDiscovery(cfg, link).attach()
     listeners: list[DecisionListener] = []
     if cfg.unlock_action is not None:
-        listeners.append(UnlockAction(cfg.unlock_action, link, cfg.decision_ttl_s))
+        listeners.append(UnlockAction(cfg.unlock_action, link, cfg.decision_ttl_s, key))
     listeners.extend(extra_listeners)
     audit = AuditLog.from_config(cfg)
     if audit is not None:
@@ -384,7 +399,7 @@ def build_service(cfg: FacedoorConfig, pipeline: FacePipeline, *, source: int | 
     camera = Camera(cfg.camera, source, loop)
     liveness = load_liveness(Manifest.load(cfg.models), cfg.liveness.enabled)
     return DoorService(cfg, pipeline, load_gallery, camera, link, notifier or Notifier(), listeners,
-                       store_watcher=watcher, signing_key=key, liveness=liveness)
+                       store_watcher=watcher, signing_key=key, liveness=liveness, audit=audit)
 
 
 def run_daemon(cfg: FacedoorConfig, source: int | str | None = None, loop: bool | None = None) -> int:
