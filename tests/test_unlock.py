@@ -251,3 +251,92 @@ def test_unlock_examples_are_valid_configs(name) -> None:
     cfg = load_config(Path(__file__).resolve().parents[1] / "config" / f"unlock-{name}.yaml")
     action = cfg.unlock_action
     assert action is not None and action.payload and action.lock_payload and action.relock_after_s
+
+
+ESPHOME_HARNESS = r"""
+#include <iostream>
+#include <sstream>
+#include "facedoor_verify.h"
+// One command per line: key state id expires_ms sig fields now_ms (tab-separated) -> "ok" or why not.
+int main() {
+  std::string line;
+  while (std::getline(std::cin, line)) {
+    std::istringstream in(line);
+    std::string key, state, id, expires, sig, fields, now;
+    std::getline(in, key, '\t'); std::getline(in, state, '\t'); std::getline(in, id, '\t');
+    std::getline(in, expires, '\t'); std::getline(in, sig, '\t'); std::getline(in, fields, '\t');
+    std::getline(in, now, '\t');
+    const char *why = facedoor::check_unlock(key, state, id, std::stod(expires), sig, std::stoul(fields),
+                                             std::stod(now));
+    std::cout << (why ? why : "ok") << std::endl;
+  }
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def esphome_verifier(tmp_path_factory) -> Path:
+    """config/esphome/facedoor_verify.h (what the ESPHome example's lambda calls) built for this
+    machine against the same mbedtls API the ESP32 has, behind a line-per-command harness."""
+    import shutil
+    import subprocess
+
+    header = Path(__file__).resolve().parents[1] / "config" / "esphome" / "facedoor_verify.h"
+    gxx = shutil.which("g++")
+    if gxx is None or not Path("/usr/include/mbedtls/md.h").exists():
+        pytest.skip("needs g++ and mbedtls headers (Debian: apt-get install g++ libmbedtls-dev)")
+    work = tmp_path_factory.mktemp("esphome")
+    (work / "main.cpp").write_text(ESPHOME_HARNESS)
+    binary = work / "verify"
+    build = subprocess.run([gxx, "-std=c++17", "-Wall", "-Werror", "-I", str(header.parent), str(work / "main.cpp"),
+                            "-o", str(binary), "-lmbedcrypto"], capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr
+    return binary
+
+
+def test_the_esphome_example_opens_only_for_an_authentic_fresh_first_seen_unlock(esphome_verifier: Path) -> None:
+    import subprocess
+
+    key = KEY.decode()
+    now_ms = int(time.time() * 1000)
+
+    def line(payload: str | dict, now: int = now_ms, device_key: str = key) -> str:
+        body = json.loads(payload) if isinstance(payload, str) else payload
+        return "\t".join([device_key, str(body.get("state", "")), str(body.get("id", "")),
+                          str(body.get("expires_at_ms", 0)), str(body.get("sig", "")), str(len(body)), str(now)])
+
+    genuine = unlock_payload(UNLOCK, now_ms + 5000, KEY)  # exactly what the door publishes
+    body = json.loads(genuine)
+    far = unlock_payload(UNLOCK, now_ms + 3_600_000, KEY)  # a door clock an hour fast
+    cases = [
+        (line(genuine), "ok"),
+        (line(genuine), "replay"),
+        (line({**body, "expires_at_ms": now_ms + 9000}), "bad signature"),  # stretched
+        (line({"state": "UNLOCK", "expires_at_ms": now_ms + 5000, "id": str(uuid.uuid4()), "sig": "0" * 64}),
+         "bad signature"),  # forged
+        (line(unlock_payload(UNLOCK, now_ms + 5000)), "unexpected fields"),  # unsigned: no id, no sig
+        (line(unlock_payload(UNLOCK, now_ms + 5000, KEY), device_key="another-key-0123456789abcdef0123"),
+         "bad signature"),
+        (line(unlock_payload(UNLOCK, now_ms - 1, KEY)), "expired"),
+        (line(far), "too far ahead"),
+        (line(unlock_payload(UNLOCK, now_ms + 5000, KEY), now=0), "no valid time"),
+        (line(unlock_payload(UNLOCK, now_ms + 5000, KEY)), "ok"),  # a new command, a new id
+    ]
+    run = subprocess.run([str(esphome_verifier)], input="\n".join(c for c, _ in cases) + "\n",
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == [want for _, want in cases]
+
+
+def test_the_esphome_verifier_fails_closed_when_its_replay_memory_is_full(esphome_verifier: Path) -> None:
+    import subprocess
+
+    now_ms = int(time.time() * 1000)
+    commands = [json.loads(unlock_payload(UNLOCK, now_ms + 60_000, KEY)) for _ in range(17)]
+    lines = ["\t".join([KEY.decode(), c["state"], c["id"], str(c["expires_at_ms"]), c["sig"], "4", str(now_ms)])
+             for c in commands]
+    later = "\t".join([KEY.decode(), commands[16]["state"], commands[16]["id"], str(commands[16]["expires_at_ms"]),
+                       commands[16]["sig"], "4", str(now_ms + 59_000)])
+    run = subprocess.run([str(esphome_verifier)], input="\n".join([*lines, later]) + "\n", capture_output=True,
+                         text=True, timeout=60)
+    assert run.stdout.splitlines() == ["ok"] * 16 + ["replay cache full", "replay cache full"]
