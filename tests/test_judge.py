@@ -155,6 +155,16 @@ def test_an_unencoded_face_near_the_door_is_a_companion_and_a_far_one_is_only_co
     assert (d.decision, d.unknown_near, d.faces) == ("unlock", 0, 2)
 
 
+def test_a_tailgater_a_step_behind_is_a_companion_by_default() -> None:
+    """A stranger at 0.4 of the member's face size (2.5x the distance: one step behind) is near the
+    door with the default near_ratio; one at 0.3 (3.3x) is not, and both are counted in `faces`."""
+    stranger = unit(0, 0, 1)
+    (d,) = [d for d in run([[seen(a, 0), seen(stranger, 300, 48)] for a in alice_frames(3)]) if d.identity]
+    assert (d.decision, d.reason, d.unknown_near, d.faces) == ("deny", "companion", 1, 2)
+    (d,) = [d for d in run([[seen(a, 0), seen(stranger, 300, 36)] for a in alice_frames(3)]) if d.identity]
+    assert (d.decision, d.unknown_near, d.faces) == ("unlock", 0, 2)
+
+
 def test_a_strangers_track_the_detector_missed_this_frame_still_counts() -> None:
     stranger = unit(0, 0, 1)
     frames = [[seen(stranger, 300)] for _ in range(3)] + [[seen(a, 0)] for a in alice_frames(3)]
