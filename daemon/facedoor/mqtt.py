@@ -276,21 +276,20 @@ class MqttLink:
         info = self._send(topic, payload, False, expiry, track=False)  # its PUBACK is read here
         if info is None:
             return self.drop(what, Delivery.DISCONNECTED,
-                                 f"broker {self.cfg.mqtt.host}:{self.cfg.mqtt.port} unreachable")
+                             f"broker {self.cfg.mqtt.host}:{self.cfg.mqtt.port} unreachable")
         try:
             info.wait_for_publish(max(0.0, min(self.ack_timeout_s, ttl_s - (time.monotonic() - captured_mono))))
         except (RuntimeError, ValueError):
             pass
         if not info.is_published():
             self.drop(what, Delivery.UNACKNOWLEDGED, f"no PUBACK within {self.ack_timeout_s:g}s; a broker that "
-                          "resumes may still deliver it, past its expires_at_ms (consumers refuse it); nothing "
-                          "follows it")
+                      "resumes may still deliver it, past its expires_at_ms (consumers refuse it); nothing follows it")
             self._declare_stall(f"{what} not acknowledged")
             return Delivery.UNACKNOWLEDGED
         reason = self._settle(info.mid, topic)
         if reason is None or is_refusal(reason):
-            return self.drop(what, Delivery.REFUSED, f"the broker refused it on {topic} ({reason}); check the "
-                                 "broker's ACL for this door's user")
+            return self.drop(what, Delivery.REFUSED,
+                             f"the broker refused it on {topic} ({reason}); check its ACL for this door's user")
         return Delivery.DELIVERED
 
     def _send(self, topic: str, payload: str | bytes, retain: bool, expiry_s: float | None,
@@ -345,8 +344,9 @@ class MqttLink:
         while not self._stop.wait(period):
             now = time.monotonic()
             with self._lock:
-                settled = [(info.mid, topic) for info, _, topic in self._unacked if info.is_published()]
-                self._unacked = [entry for entry in self._unacked if not entry[0].is_published()]
+                done = [entry[0].is_published() for entry in self._unacked]  # one look per message
+                settled = [(info.mid, topic) for (info, _, topic), d in zip(self._unacked, done) if d]
+                self._unacked = [entry for entry, d in zip(self._unacked, done) if not d]
                 oldest = self._unacked[0][1] if self._unacked else None
             for mid, topic in settled:
                 self._settle(mid, topic)
