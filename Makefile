@@ -3,10 +3,12 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 MODELS ?= models
+# Home Assistant Core for tests/test_homeassistant_live.py (its own venv: it needs Python 3.13 or 3.12).
+HASS_VENV ?= .hass-venv
 # Photos of people the demo does not enrol (LFW from ../shared when it is there).
 STRANGERS ?= $(wildcard ../shared/data/faces/lfw10)
 
-.PHONY: venv mosquitto models demo lint test bench clean
+.PHONY: venv hass-venv mosquitto models demo lint test bench clean
 
 venv: $(VENV)/.installed
 
@@ -15,6 +17,12 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[export,stylize,bench,test]'
 	touch $@
+
+# Home Assistant from PyPI, pinned by its own constraints; no venv (the live tests skip) without Python 3.13/3.12.
+hass-venv: $(HASS_VENV)/.installed
+
+$(HASS_VENV)/.installed: tests/hass/install.sh
+	sh tests/hass/install.sh $(HASS_VENV)
 
 # Debian's Mosquitto broker (tests, demo) and systemd-analyze (unit test, package `systemd`).
 mosquitto:
@@ -32,11 +40,11 @@ lint: venv
 	$(BIN)/ruff check daemon export stylize tests benchmarks
 	$(BIN)/mypy
 
-test: venv mosquitto lint
+test: venv hass-venv mosquitto lint
 	$(BIN)/pytest
 
 bench: venv
 	@for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 clean:
-	rm -rf $(VENV) $(MODELS) .pytest_cache
+	rm -rf $(VENV) $(HASS_VENV) $(MODELS) .pytest_cache

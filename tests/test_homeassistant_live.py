@@ -1,0 +1,228 @@
+"""The door against a real Home Assistant Core (from PyPI, `make hass-venv`), a real Mosquitto and
+the real daemon: discovery creates the device and its entities, a decision fires the event with the
+identity, the shipped automation opens a test lock for a fresh unlock only, and after HA restarts
+(birth message) the door re-announces itself and the entities come back. HA's log must hold no
+warning or error about the door's entities, templates or the automation.
+
+The tests share one HA, one broker and one daemon (module scope) and run in file order.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+import yaml
+
+from daemon_support import Daemon, MjpegCamera, Subscriber, write_config
+from facedoor.demo.broker import PrivateBroker
+from facedoor.demo.walkup import Visitor, render
+from facedoor.signing import sign
+from hass.server import AUTOMATION, HassError, HomeAssistant, installed
+
+pytestmark = [pytest.mark.hass, pytest.mark.slow]
+
+PERSON = "mindy_kaling"
+DISCOVERY = "homeassistant/device/front/config"
+DECISION = "facedoor/front/decision"
+EVENT = "event.facedoor_front_decision"
+IDENTITY = "sensor.facedoor_front_last_identity"
+FPS = "sensor.facedoor_front_processing_rate"
+LIVENESS = "sensor.facedoor_front_liveness"
+ENTITIES = (EVENT, IDENTITY, FPS, LIVENESS)
+LOCK = "lock.front_door"
+UNLOCKS = "counter.front_door_unlocks"
+# What HA may log at WARNING or above about anything the door ships (discovery, templates, automation).
+OURS = ("facedoor", "mqtt", "template", "automation", "event", "sensor", "lock")
+
+
+@dataclass
+class Live:
+    broker: PrivateBroker
+    ha: HomeAssistant
+    camera: MjpegCamera
+    daemon: Daemon
+    key: bytes
+    walkup: list[bytes]
+    blank: list[bytes]
+    automation_id: str
+
+
+def jpegs(frames: Iterator[np.ndarray]) -> list[bytes]:
+    return [cv2.imencode(".jpg", f, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes() for f in frames]
+
+
+@pytest.fixture(scope="module")
+def live(real_models: Path, celebrity_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
+    """HA onboarded with MQTT, a broker, and the daemon watching an MJPEG camera that shows no one yet."""
+    version = installed()
+    if version is None:
+        pytest.skip("no Home Assistant venv (.hass-venv): `make hass-venv` builds it; it needs Python 3.13 "
+                    "(Home Assistant 2025.4) or 3.12 (2024.12), and found neither")
+    from facedoor.cli import main as facedoor
+
+    work = tmp_path_factory.mktemp("hass-live")
+    broker = PrivateBroker(work / "mosquitto")
+    assert broker.start(), "mosquitto not installed: `make test` installs Debian's mosquitto"
+    ha = HomeAssistant(work / "ha")
+    key_file = work / "signing.key"
+    key_file.write_text(base64.b64encode(os.urandom(32)).decode())
+    key_file.chmod(0o600)
+    photos = sorted((celebrity_dir / "train" / PERSON).glob("*.jpg"))
+    config = write_config(work / "facedoor.yaml", real_models, work / "store.db", broker.port,
+                          mqtt={"signing_key_file": str(key_file)})
+    assert facedoor(["--config", str(config), "enroll", PERSON, *map(str, photos), "--skip-bad"]) == 0
+    walkup = jpegs(render([Visitor(PERSON, photos[0])], visit_s=4.0, gap_s=1.0))
+    blank = walkup[:1]  # the walk-up starts with the empty scene
+    camera = MjpegCamera([], fps=10.0)
+    camera.jpegs = blank
+    camera.up()
+    daemon = Daemon(config, camera.url)
+    try:
+        ha.start()
+        ha.onboard()
+        ha.add_mqtt(broker.host, broker.port)
+        ha.add_automation()
+        automation_id = yaml.safe_load(AUTOMATION.read_text())["id"]
+        yield Live(broker, ha, camera, daemon, key_file.read_text().strip().encode(), walkup, blank, automation_id)
+    finally:
+        daemon.kill()
+        camera.down()
+        ha.stop()
+        broker.stop()
+        print(f"Home Assistant {version}: log at {ha.log_path}")
+
+
+def our_problems(ha: HomeAssistant) -> list[str]:
+    return [p for p in ha.problems() if any(word in p.lower() for word in OURS)]
+
+
+def traces(live: Live) -> list[dict[str, Any]]:
+    """The shipped automation's run traces (oldest first): one per trigger, with how it ended."""
+    found = live.ha.ws({"type": "trace/list", "domain": "automation", "item_id": live.automation_id})
+    return sorted(found, key=lambda t: t["timestamp"]["start"])
+
+
+def wait_trace(live: Live, seen: int, timeout: float = 30.0) -> dict[str, Any]:
+    """The first trace after the SEEN ones, once the automation has finished evaluating it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = traces(live)
+        if len(found) > seen and found[seen]["state"] == "stopped":
+            return found[seen]
+        time.sleep(0.2)
+    raise HassError(f"the automation did not run for the decision within {timeout:.0f} s: {traces(live)}")
+
+
+def door_decision(key: bytes, expires_in_s: float, identity: str = PERSON) -> dict[str, Any]:
+    """An unlock decision as the door builds it (service.publish_decision) and signs it, expiring
+    EXPIRES_IN_S from now (negative: already expired)."""
+    now = time.time()
+    ttl = 5.0
+    ts = now + expires_in_s - ttl
+    return sign({
+        "id": str(uuid.uuid4()), "door": "front", "decision": "unlock", "reason": "match", "identity": identity,
+        "distance": 0.41, "threshold": 0.7, "frames": 3, "window": 5, "faces": 1, "unknown_near": 0,
+        "live_score": None, "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + "Z",
+        "ts_ms": int(ts * 1000), "ttl_s": ttl, "expires_at_ms": int((ts + ttl) * 1000), "latency_ms": 80.0,
+    }, key)
+
+
+def publish(live: Live, payload: dict[str, Any]) -> None:
+    sub = Subscriber(live.broker.host, live.broker.port)
+    try:
+        sub.client.publish(DECISION, json.dumps(payload), qos=1).wait_for_publish(5)
+    finally:
+        sub.stop()
+
+
+def available(state: dict[str, Any]) -> bool:
+    return state["state"] != "unavailable" and not state["attributes"].get("restored")
+
+
+def test_discovery_creates_the_device_and_its_entities(live: Live) -> None:
+    ha = live.ha
+    for entity in ENTITIES:
+        ha.wait_state(entity, available, timeout=60)
+    device = f"device_id('{EVENT}')"
+    assert ha.render("{{ device_attr(%s, 'name') }}|{{ device_attr(%s, 'manufacturer') }}" % (device, device)) \
+        == "facedoor front|facedoor"
+    assert sorted(json.loads(ha.render("{{ device_entities(%s) | tojson }}" % device))) == sorted(ENTITIES)
+    assert ha.state(EVENT)["attributes"]["event_types"] == ["unlock", "deny", "unknown", "spoof"]
+    fps = ha.wait_state(FPS, lambda s: s["state"] not in ("unknown", "unavailable"), timeout=30)
+    assert float(fps["state"]) >= 0 and fps["attributes"]["unit_of_measurement"] == "fps"
+    assert our_problems(ha) == []
+
+
+def test_a_door_decision_fires_the_event_and_the_automation_opens_the_lock(live: Live) -> None:
+    ha = live.ha
+    assert ha.state(LOCK)["state"] == "locked" and ha.state(UNLOCKS)["state"] == "0"
+    before = len(traces(live))
+    sub = Subscriber(live.broker.host, live.broker.port, DECISION)
+    live.camera.jpegs = live.walkup  # the member walks up to the door
+    try:
+        got = sub.wait_for(lambda m: '"unlock"' in m["payload"], 90)
+        live.camera.jpegs = live.blank  # and is gone: no further decisions
+        assert got is not None, live.daemon.log()[-3000:]
+    finally:
+        sub.stop()
+    unlock = json.loads(got["payload"])
+    event = ha.wait_state(EVENT, lambda s: s["attributes"].get("event_type") == "unlock")
+    assert event["attributes"]["identity"] == PERSON == unlock["identity"]
+    assert event["attributes"]["distance"] == unlock["distance"]
+    identity = ha.wait_state(IDENTITY, lambda s: s["state"] == PERSON)
+    assert identity["attributes"]["decision"] == "unlock"
+    trace = wait_trace(live, before)
+    assert trace["script_execution"] == "finished", trace
+    assert ha.wait_state(LOCK, lambda s: s["state"] == "unlocked")
+    assert ha.state(UNLOCKS)["state"] == "1"
+    assert our_problems(ha) == []
+
+
+@pytest.mark.parametrize("late", ["expired", "far-future"])
+def test_the_automation_refuses_an_unlock_out_of_its_time(late: str, live: Live) -> None:
+    ha = live.ha
+    ha.request("POST", "/api/services/lock/lock", {"entity_id": LOCK})
+    ha.wait_state(LOCK, lambda s: s["state"] == "locked")
+    opened = int(ha.state(UNLOCKS)["state"])
+    expires_in_s = -2.0 if late == "expired" else 3600.0  # a door clock an hour fast
+    before = len(traces(live))
+    publish(live, door_decision(live.key, expires_in_s))
+    trace = wait_trace(live, before)
+    assert trace["script_execution"] == "failed_conditions", trace
+    assert ha.state(LOCK)["state"] == "locked" and int(ha.state(UNLOCKS)["state"]) == opened
+    # the same message within its time opens: only the time was wrong
+    publish(live, door_decision(live.key, 4.0))
+    assert wait_trace(live, before + 1)["script_execution"] == "finished"
+    ha.wait_state(LOCK, lambda s: s["state"] == "unlocked")
+    assert int(ha.state(UNLOCKS)["state"]) == opened + 1
+    assert our_problems(ha) == []
+
+
+def test_after_a_restart_the_door_reannounces_and_its_entities_come_back(live: Live) -> None:
+    ha = live.ha
+    ha.stop()
+    sub = Subscriber(live.broker.host, live.broker.port, DISCOVERY, "homeassistant/status")
+    try:
+        # the retained announcement is gone: only the door's answer to HA's birth message brings them back
+        sub.client.publish(DISCOVERY, b"", qos=1, retain=True).wait_for_publish(5)
+        sub.wait_count(DISCOVERY, 1)
+        ha.start()
+        assert sub.wait_for(lambda m: m["topic"] == "homeassistant/status" and m["payload"] == "online", 60)
+        announced = sub.wait_for(lambda m: m["topic"] == DISCOVERY and m["payload"], 30)
+        assert announced is not None, live.daemon.log()[-3000:]
+    finally:
+        sub.stop()
+    for entity in ENTITIES:
+        ha.wait_state(entity, available, timeout=60)
+    assert ha.wait_state(FPS, lambda s: s["state"] not in ("unknown", "unavailable"), timeout=30)
+    assert our_problems(ha) == []
