@@ -112,26 +112,33 @@ def traces(live: Live) -> list[dict[str, Any]]:
     return sorted(found, key=lambda t: t["timestamp"]["start"])
 
 
-def wait_trace(live: Live, seen: int, timeout: float = 30.0) -> dict[str, Any]:
-    """The first trace after the SEEN ones, once the automation has finished evaluating it."""
+def run_ids(live: Live) -> set[str]:
+    return {t["run_id"] for t in traces(live)}
+
+
+def wait_trace(live: Live, seen: set[str], timeout: float = 30.0) -> dict[str, Any]:
+    """The first trace not in SEEN (run ids), once the automation has finished evaluating it
+    (HA keeps the last 5 traces per automation)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        found = traces(live)
-        if len(found) > seen and found[seen]["state"] == "stopped":
-            return found[seen]
+        new = [t for t in traces(live) if t["run_id"] not in seen]
+        if new and new[0]["state"] == "stopped":
+            return new[0]
         time.sleep(0.2)
     raise HassError(f"the automation did not run for the decision within {timeout:.0f} s: {traces(live)}")
 
 
-def door_decision(key: bytes, expires_in_s: float, identity: str = PERSON) -> dict[str, Any]:
-    """An unlock decision as the door builds it (service.publish_decision) and signs it, expiring
-    EXPIRES_IN_S from now (negative: already expired)."""
+def door_decision(key: bytes, expires_in_s: float, decision: str = "unlock") -> dict[str, Any]:
+    """A decision as the door builds it (service.publish_decision) and signs it, expiring
+    EXPIRES_IN_S from now (negative: already expired): an unlock of PERSON, or a deny of an unknown face."""
     now = time.time()
     ttl = 5.0
     ts = now + expires_in_s - ttl
     return sign({
-        "id": str(uuid.uuid4()), "door": "front", "decision": "unlock", "reason": "match", "identity": identity,
-        "distance": 0.41, "threshold": 0.7, "frames": 3, "window": 5, "faces": 1, "unknown_near": 0,
+        "id": str(uuid.uuid4()), "door": "front", "decision": decision,
+        "reason": "match" if decision == "unlock" else "unknown", "identity": PERSON if decision == "unlock" else None,
+        "distance": 0.41 if decision == "unlock" else 0.93, "threshold": 0.7, "frames": 3, "window": 5, "faces": 1,
+        "unknown_near": 0,
         "live_score": None, "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + "Z",
         "ts_ms": int(ts * 1000), "ttl_s": ttl, "expires_at_ms": int((ts + ttl) * 1000), "latency_ms": 80.0,
     }, key)
@@ -153,20 +160,29 @@ def test_discovery_creates_the_device_and_its_entities(live: Live) -> None:
     ha = live.ha
     for entity in ENTITIES:
         ha.wait_state(entity, available, timeout=60)
-    device = f"device_id('{EVENT}')"
-    assert ha.render("{{ device_attr(%s, 'name') }}|{{ device_attr(%s, 'manufacturer') }}" % (device, device)) \
+    device = "{% set d = device_id('" + EVENT + "') %}"
+    assert ha.render(device + "{{ device_attr(d, 'name') }}|{{ device_attr(d, 'manufacturer') }}") \
         == "facedoor front|facedoor"
-    assert sorted(json.loads(ha.render("{{ device_entities(%s) | tojson }}" % device))) == sorted(ENTITIES)
+    assert sorted(json.loads(ha.render(device + "{{ device_entities(d) | tojson }}"))) == sorted(ENTITIES)
     assert ha.state(EVENT)["attributes"]["event_types"] == ["unlock", "deny", "unknown", "spoof"]
     fps = ha.wait_state(FPS, lambda s: s["state"] not in ("unknown", "unavailable"), timeout=30)
     assert float(fps["state"]) >= 0 and fps["attributes"]["unit_of_measurement"] == "fps"
+    # Liveness shows the health report's `liveness` ("on"/"off"), unknown where the door does not send it
+    sub = Subscriber(live.broker.host, live.broker.port, "facedoor/front/health")
+    try:
+        (health,) = sub.wait_count("facedoor/front/health", 1, timeout=10)[:1]
+    finally:
+        sub.stop()
+    reported = json.loads(health["payload"]).get("liveness", "unknown")
+    liveness = ha.wait_state(LIVENESS, lambda s: s["state"] == reported)
+    assert liveness["attributes"]["options"] == ["on", "off"] and liveness["attributes"]["device_class"] == "enum"
     assert our_problems(ha) == []
 
 
 def test_a_door_decision_fires_the_event_and_the_automation_opens_the_lock(live: Live) -> None:
     ha = live.ha
     assert ha.state(LOCK)["state"] == "locked" and ha.state(UNLOCKS)["state"] == "0"
-    before = len(traces(live))
+    before = run_ids(live)
     sub = Subscriber(live.broker.host, live.broker.port, DECISION)
     live.camera.jpegs = live.walkup  # the member walks up to the door
     try:
@@ -188,21 +204,26 @@ def test_a_door_decision_fires_the_event_and_the_automation_opens_the_lock(live:
     assert our_problems(ha) == []
 
 
-@pytest.mark.parametrize("late", ["expired", "far-future"])
-def test_the_automation_refuses_an_unlock_out_of_its_time(late: str, live: Live) -> None:
+@pytest.mark.parametrize("refused", ["expired", "far-future", "deny"])
+def test_the_automation_refuses_a_late_an_early_and_a_deny_decision(refused: str, live: Live) -> None:
     ha = live.ha
     ha.request("POST", "/api/services/lock/lock", {"entity_id": LOCK})
     ha.wait_state(LOCK, lambda s: s["state"] == "locked")
     opened = int(ha.state(UNLOCKS)["state"])
-    expires_in_s = -2.0 if late == "expired" else 3600.0  # a door clock an hour fast
-    before = len(traces(live))
-    publish(live, door_decision(live.key, expires_in_s))
+    # expired 2 s ago; a door clock an hour fast; a fresh deny of an unknown face
+    expires_in_s = {"expired": -2.0, "far-future": 3600.0, "deny": 4.0}[refused]
+    message = door_decision(live.key, expires_in_s, "deny" if refused == "deny" else "unlock")
+    before = run_ids(live)
+    publish(live, message)
     trace = wait_trace(live, before)
     assert trace["script_execution"] == "failed_conditions", trace
     assert ha.state(LOCK)["state"] == "locked" and int(ha.state(UNLOCKS)["state"]) == opened
-    # the same message within its time opens: only the time was wrong
+    if refused == "deny":  # an unknown face is its own event type, without an identity
+        event = ha.wait_state(EVENT, lambda s: s["attributes"].get("event_type") == "unknown")
+        assert event["attributes"]["identity"] is None and event["attributes"]["distance"] == 0.93
+    # a fresh unlock opens: only the time (or the decision) was wrong
     publish(live, door_decision(live.key, 4.0))
-    assert wait_trace(live, before + 1)["script_execution"] == "finished"
+    assert wait_trace(live, before | {trace["run_id"]})["script_execution"] == "finished"
     ha.wait_state(LOCK, lambda s: s["state"] == "unlocked")
     assert int(ha.state(UNLOCKS)["state"]) == opened + 1
     assert our_problems(ha) == []
