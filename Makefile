@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 MODELS ?= models
-# Home Assistant Core for tests/test_homeassistant_live.py (its own venv: it needs Python 3.13 or 3.12).
-HASS_VENV ?= .hass-venv
+# Home Assistant Core for tests/test_homeassistant_live.py (its own venv: it needs Python 3.13 or 3.12),
+# kept in the user's cache so that fresh clones reuse it.
+HASS_VENV ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/facedoor/hass-venv
 # Photos of people the demo does not enrol (LFW from ../shared when it is there).
 STRANGERS ?= $(wildcard ../shared/data/faces/lfw10)
 
@@ -18,10 +19,9 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e '.[export,stylize,bench,test]'
 	touch $@
 
-# Home Assistant from PyPI, pinned by its own constraints; no venv (the live tests skip) without Python 3.13/3.12.
-hass-venv: $(HASS_VENV)/.installed
-
-$(HASS_VENV)/.installed: tests/hass/install.sh
+# Home Assistant from PyPI, pinned by its own constraints; a no-op when up to date; no venv (the
+# live tests skip) without Python 3.13/3.12.
+hass-venv:
 	sh tests/hass/install.sh $(HASS_VENV)
 
 # Debian's Mosquitto broker (tests, demo) and systemd-analyze (unit test, package `systemd`).
@@ -41,10 +41,10 @@ lint: venv
 	$(BIN)/mypy
 
 test: venv hass-venv mosquitto lint
-	$(BIN)/pytest
+	FACEDOOR_HASS_VENV=$(HASS_VENV) $(BIN)/pytest
 
 bench: venv
 	@for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 clean:
-	rm -rf $(VENV) $(HASS_VENV) $(MODELS) .pytest_cache
+	rm -rf $(VENV) $(MODELS) .pytest_cache

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import yaml
 
-from daemon_support import Daemon, MjpegCamera, Subscriber, write_config
+from daemon_support import Daemon, MjpegCamera, Subscriber, retained, write_config
 from facedoor.demo.broker import PrivateBroker
 from facedoor.demo.walkup import Visitor, render
 from facedoor.signing import sign
@@ -236,10 +236,12 @@ def test_after_a_restart_the_door_reannounces_and_its_entities_come_back(live: L
     try:
         # the retained announcement is gone: only the door's answer to HA's birth message brings them back
         sub.client.publish(DISCOVERY, b"", qos=1, retain=True).wait_for_publish(5)
-        sub.wait_count(DISCOVERY, 1)
+        assert sub.wait_for(lambda m: m["topic"] == DISCOVERY and not m["payload"], 10)
+        assert retained(live.broker.host, live.broker.port, DISCOVERY, timeout=1) is None
         ha.start()
-        assert sub.wait_for(lambda m: m["topic"] == "homeassistant/status" and m["payload"] == "online", 60)
-        announced = sub.wait_for(lambda m: m["topic"] == DISCOVERY and m["payload"], 30)
+        birth = sub.wait_for(lambda m: m["topic"] == "homeassistant/status" and m["payload"] == "online", 60)
+        assert birth is not None
+        announced = sub.wait_for(lambda m: m["topic"] == DISCOVERY and m["payload"] and m["recv"] >= birth["recv"], 30)
         assert announced is not None, live.daemon.log()[-3000:]
     finally:
         sub.stop()

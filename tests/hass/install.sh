@@ -1,5 +1,7 @@
 #!/bin/sh
-# Build VENV (default .hass-venv) with Home Assistant Core from PyPI for tests/test_homeassistant_live.py.
+# Build VENV with Home Assistant Core from PyPI for tests/test_homeassistant_live.py. The default,
+# $XDG_CACHE_HOME/facedoor/hass-venv (~/.cache/...), outlives clones: a fresh checkout (CI) reuses
+# it, and it is rebuilt only when this script or the Python found changes (its .installed key).
 #
 # Home Assistant 2025.4 needs Python 3.13, 2024.12 runs on 3.12 (both have the device-based MQTT
 # discovery the door uses); the first Python found decides. Every package is pinned by Home
@@ -7,7 +9,7 @@
 # integrations the test loads (frontend, mqtt), so HA runs with --skip-pip and never installs at run
 # time. Without a suitable Python this prints why and leaves no venv: the live tests then skip.
 set -eu
-venv=${1:-.hass-venv}
+venv=${1:-${XDG_CACHE_HOME:-$HOME/.cache}/facedoor/hass-venv}
 
 python=""
 version=""
@@ -26,9 +28,15 @@ if [ -z "$python" ]; then
   exit 0
 fi
 
-echo "hass-venv: Home Assistant $version on $python"
+key="$version $python $(cksum < "$0" | cut -d' ' -f1)"
+if [ -f "$venv/.installed" ] && [ "$(cat "$venv/.installed")" = "$key" ]; then
+  echo "hass-venv: Home Assistant $version in $venv is up to date"
+  exit 0
+fi
+echo "hass-venv: installing Home Assistant $version on $python into $venv"
 start=$(date +%s)
 rm -rf "$venv"
+mkdir -p "$(dirname "$venv")"
 "$python" -m venv "$venv"
 "$venv/bin/pip" install -q --upgrade pip
 work=$(mktemp -d)
@@ -43,5 +51,5 @@ if ! ldconfig -p 2>/dev/null | grep -q libturbojpeg && command -v apt-get >/dev/
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libturbojpeg0 >/dev/null 2>&1 \
     || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libturbojpeg0 >/dev/null; }
 fi
-echo "$version" > "$venv/.installed"
+echo "$key" > "$venv/.installed"
 echo "hass-venv: installed in $(( $(date +%s) - start )) s"

@@ -21,7 +21,9 @@ from facedoor.demo.broker import free_port
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-VENV = Path(os.environ.get("FACEDOOR_HASS_VENV") or REPO / ".hass-venv")
+# Where `make hass-venv` (tests/hass/install.sh) puts it; FACEDOOR_HASS_VENV overrides.
+VENV = Path(os.environ.get("FACEDOOR_HASS_VENV")
+            or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "facedoor" / "hass-venv")
 AUTOMATION = REPO / "config" / "homeassistant-automation.yaml"
 # Log lines at WARNING or above: `2026-01-01 12:00:00.123 WARNING (MainThread) [logger] message`.
 PROBLEM = re.compile(r"^\S+ \S+ (WARNING|ERROR|CRITICAL) \((\S+)\) \[([^\]]+)\] (.*)$")
@@ -34,7 +36,7 @@ class HassError(RuntimeError):
 def installed() -> str | None:
     """The Home Assistant version installed in VENV, or None (then the live tests skip)."""
     marker = VENV / ".installed"
-    return marker.read_text().strip() or "?" if marker.is_file() else None
+    return (marker.read_text().split() or ["?"])[0] if marker.is_file() else None
 
 
 class HomeAssistant:
