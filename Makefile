@@ -9,7 +9,7 @@ HASS_VENV ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/facedoor/hass-venv
 # Photos of people the demo does not enrol (LFW from ../shared when it is there).
 STRANGERS ?= $(wildcard ../shared/data/faces/lfw10)
 
-.PHONY: venv hass-venv mosquitto models demo lint test bench clean
+.PHONY: venv hass-venv mosquitto models demo docs lint test bench clean
 
 venv: $(VENV)/.installed
 
@@ -35,6 +35,11 @@ models: venv
 
 demo: venv mosquitto
 	$(BIN)/facedoor --models $(MODELS) demo $(if $(STRANGERS),--strangers $(STRANGERS))
+
+# Generated reference texts (tests fail when they are out of date).
+docs: venv
+	$(BIN)/facedoor config example -o config/facedoor.yaml
+	$(BIN)/facedoor schema decision -o docs/decision.schema.json
 
 lint: venv
 	$(BIN)/ruff check daemon export stylize tests benchmarks
