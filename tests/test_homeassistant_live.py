@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import cv2
 import numpy as np
@@ -26,7 +26,8 @@ import yaml
 from daemon_support import Daemon, MjpegCamera, Subscriber, retained, write_config
 from facedoor.demo.broker import PrivateBroker
 from facedoor.demo.walkup import Visitor, render
-from facedoor.signing import sign
+from facedoor.formatting import iso_utc
+from facedoor.message import DecisionMessage
 from hass.server import AUTOMATION, HassError, HomeAssistant, installed
 
 pytestmark = [pytest.mark.hass, pytest.mark.slow]
@@ -128,20 +129,17 @@ def wait_trace(live: Live, seen: set[str], timeout: float = 30.0) -> dict[str, A
     raise HassError(f"the automation did not run for the decision within {timeout:.0f} s: {traces(live)}")
 
 
-def door_decision(key: bytes, expires_in_s: float, decision: str = "unlock") -> dict[str, Any]:
-    """A decision as the door builds it (service.publish_decision) and signs it, expiring
+def door_decision(key: bytes, expires_in_s: float, decision: Literal["unlock", "deny"] = "unlock") -> dict[str, Any]:
+    """A decision as the door builds it (DecisionMessage, signed as service.message signs it), expiring
     EXPIRES_IN_S from now (negative: already expired): an unlock of PERSON, or a deny of an unknown face."""
-    now = time.time()
     ttl = 5.0
-    ts = now + expires_in_s - ttl
-    return sign({
-        "id": str(uuid.uuid4()), "door": "front", "decision": decision,
-        "reason": "match" if decision == "unlock" else "unknown", "identity": PERSON if decision == "unlock" else None,
-        "distance": 0.41 if decision == "unlock" else 0.93, "threshold": 0.7, "frames": 3, "window": 5, "faces": 1,
-        "unknown_near": 0,
-        "live_score": None, "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + "Z",
-        "ts_ms": int(ts * 1000), "ttl_s": ttl, "expires_at_ms": int((ts + ttl) * 1000), "latency_ms": 80.0,
-    }, key)
+    ts = time.time() + expires_in_s - ttl
+    unlock = decision == "unlock"
+    return DecisionMessage(
+        id=str(uuid.uuid4()), door="front", decision=decision, reason="match" if unlock else "unknown",
+        identity=PERSON if unlock else None, distance=0.41 if unlock else 0.93, threshold=0.7, frames=3, window=5,
+        faces=1, unknown_near=0, live_score=None, liveness="off", ts=iso_utc(ts), ts_ms=int(ts * 1000), ttl_s=ttl,
+        expires_at_ms=int((ts + ttl) * 1000), latency_ms=80.0).signed(key).payload()
 
 
 def publish(live: Live, payload: dict[str, Any]) -> None:
