@@ -13,7 +13,8 @@ venv=${1:-${XDG_CACHE_HOME:-$HOME/.cache}/facedoor/hass-venv}
 
 python=""
 version=""
-for candidate in "python3.13:2025.4.4" "python3.12:2024.12.5"; do
+# HASS_CANDIDATES="python3.12:2024.12.5" tries the fallback alone.
+for candidate in ${HASS_CANDIDATES:-python3.13:2025.4.4 python3.12:2024.12.5}; do
   exe=${candidate%%:*}
   for path in "$(command -v "$exe" 2>/dev/null || true)" "$HOME"/.pyenv/versions/"${exe#python}".*/bin/"$exe"; do
     if [ -x "$path" ] && "$path" -c 'import ssl, sqlite3, venv' 2>/dev/null; then
