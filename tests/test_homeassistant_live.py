@@ -28,9 +28,14 @@ from facedoor.demo.broker import PrivateBroker
 from facedoor.demo.walkup import Visitor, render
 from facedoor.formatting import iso_utc
 from facedoor.message import DecisionMessage
-from hass.server import AUTOMATION, HassError, HomeAssistant, installed
+from hass.server import AUTOMATION, VENV, HassError, HomeAssistant, installed
 
-pytestmark = [pytest.mark.hass, pytest.mark.slow]
+VERSION = installed()
+pytestmark = [
+    pytest.mark.hass, pytest.mark.slow,
+    pytest.mark.skipif(VERSION is None, reason=f"no Home Assistant venv at {VENV}: `make hass-venv` builds it; "
+                       "it needs Python 3.13 (Home Assistant 2025.4) or 3.12 (2024.12), and found neither"),
+]
 
 PERSON = "mindy_kaling"
 DISCOVERY = "homeassistant/device/front/config"
@@ -65,30 +70,27 @@ def jpegs(frames: Iterator[np.ndarray]) -> list[bytes]:
 @pytest.fixture(scope="module")
 def live(real_models: Path, celebrity_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     """HA onboarded with MQTT, a broker, and the daemon watching an MJPEG camera that shows no one yet."""
-    version = installed()
-    if version is None:
-        pytest.skip("no Home Assistant venv (.hass-venv): `make hass-venv` builds it; it needs Python 3.13 "
-                    "(Home Assistant 2025.4) or 3.12 (2024.12), and found neither")
     from facedoor.cli import main as facedoor
 
     work = tmp_path_factory.mktemp("hass-live")
-    broker = PrivateBroker(work / "mosquitto")
-    assert broker.start(), "mosquitto not installed: `make test` installs Debian's mosquitto"
-    ha = HomeAssistant(work / "ha")
     key_file = work / "signing.key"
     key_file.write_text(base64.b64encode(os.urandom(32)).decode())
     key_file.chmod(0o600)
     photos = sorted((celebrity_dir / "train" / PERSON).glob("*.jpg"))
+    walkup = jpegs(render([Visitor(PERSON, photos[0])], visit_s=4.0, gap_s=1.0))
+    blank = walkup[:1]  # the walk-up starts with the empty doorway (walkup.plan)
+    broker = PrivateBroker(work / "mosquitto")
+    assert broker.start(), "mosquitto not installed: `make test` installs Debian's mosquitto"
     config = write_config(work / "facedoor.yaml", real_models, work / "store.db", broker.port,
                           mqtt={"signing_key_file": str(key_file)})
-    assert facedoor(["--config", str(config), "enroll", PERSON, *map(str, photos), "--skip-bad"]) == 0
-    walkup = jpegs(render([Visitor(PERSON, photos[0])], visit_s=4.0, gap_s=1.0))
-    blank = walkup[:1]  # the walk-up starts with the empty scene
+    ha = HomeAssistant(work / "ha")
     camera = MjpegCamera([], fps=10.0)
     camera.jpegs = blank
     camera.up()
-    daemon = Daemon(config, camera.url)
+    daemon = None
     try:
+        assert facedoor(["--config", str(config), "enroll", PERSON, *map(str, photos), "--skip-bad"]) == 0
+        daemon = Daemon(config, camera.url)
         ha.start()
         ha.onboard()
         ha.add_mqtt(broker.host, broker.port)
@@ -96,11 +98,12 @@ def live(real_models: Path, celebrity_dir: Path, tmp_path_factory: pytest.TempPa
         automation_id = yaml.safe_load(AUTOMATION.read_text())["id"]
         yield Live(broker, ha, camera, daemon, key_file.read_text().strip().encode(), walkup, blank, automation_id)
     finally:
-        daemon.kill()
+        if daemon is not None:
+            daemon.kill()
         camera.down()
         ha.stop()
         broker.stop()
-        print(f"Home Assistant {version}: log at {ha.log_path}")
+        print(f"Home Assistant {VERSION}: log at {ha.log_path}")
 
 
 def our_problems(ha: HomeAssistant) -> list[str]:
