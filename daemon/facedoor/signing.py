@@ -61,28 +61,29 @@ class SigningKeyError(ConfigError):
     """The signing key file is missing, unreadable, too short or readable by others."""
 
 
-def load_key(path: str | Path) -> bytes:
-    """The HMAC key from PATH, refused when short or group/world-accessible (it authorises unlocks)."""
+def load_key(path: str | Path, setting: str = "mqtt.signing_key_file") -> bytes:
+    """The key from PATH (the file SETTING names), refused when short or group/world-accessible
+    (it authorises unlocks; the site key of facedoor.fleet is loaded the same way)."""
     path = Path(path)
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError as exc:
-        raise SigningKeyError(f"mqtt.signing_key_file: cannot read {path} ({exc.strerror})") from None
+        raise SigningKeyError(f"{setting}: cannot read {path} ({exc.strerror})") from None
     with os.fdopen(fd, "rb") as fh:
         mode = os.fstat(fh.fileno()).st_mode
         if not stat.S_ISREG(mode):
-            raise SigningKeyError(f"mqtt.signing_key_file: {path} is not a regular file")
+            raise SigningKeyError(f"{setting}: {path} is not a regular file")
         if mode & 0o077:
             raise SigningKeyError(
-                f"mqtt.signing_key_file: {path} has mode {stat.S_IMODE(mode):04o}; it must be readable by its "
+                f"{setting}: {path} has mode {stat.S_IMODE(mode):04o}; it must be readable by its "
                 f"owner only (chmod 600 {path}, owned by the user the door runs as)"
             )
         key = fh.read(MAX_KEY_BYTES + 1).strip()
     if len(key) > MAX_KEY_BYTES:
-        raise SigningKeyError(f"mqtt.signing_key_file: {path} is longer than {MAX_KEY_BYTES} bytes; not a key file")
+        raise SigningKeyError(f"{setting}: {path} is longer than {MAX_KEY_BYTES} bytes; not a key file")
     if len(key) < MIN_KEY_BYTES:
         raise SigningKeyError(
-            f"mqtt.signing_key_file: {path} holds {len(key)} bytes, at least {MIN_KEY_BYTES} are needed "
+            f"{setting}: {path} holds {len(key)} bytes, at least {MIN_KEY_BYTES} are needed "
             "(head -c 32 /dev/urandom | base64 > KEYFILE)"
         )
     return key
