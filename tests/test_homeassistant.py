@@ -67,7 +67,8 @@ def test_discovery_payload_shape(mosquitto, tmp_path, discovery_link) -> None:
     cmps = payload["cmps"]
     assert {c["p"] for c in cmps.values()} == {"event", "sensor"}
     by_uid = {c["unique_id"]: c for c in cmps.values()}
-    assert set(by_uid) == {"facedoor_front_decision", "facedoor_front_last_identity", "facedoor_front_fps"}
+    assert set(by_uid) == {"facedoor_front_decision", "facedoor_front_last_identity", "facedoor_front_fps",
+                           "facedoor_front_liveness"}
     assert set(cmps) == set(by_uid)  # component ids are the stable unique ids
     event = by_uid["facedoor_front_decision"]
     assert event["p"] == "event" and event["event_types"] == list(EVENT_TYPES)
@@ -75,6 +76,9 @@ def test_discovery_payload_shape(mosquitto, tmp_path, discovery_link) -> None:
     assert by_uid["facedoor_front_last_identity"]["state_topic"] == "facedoor/front/decision"
     fps = by_uid["facedoor_front_fps"]
     assert fps["state_topic"] == "facedoor/front/health" and fps["unit_of_measurement"] == "fps"
+    liveness = by_uid["facedoor_front_liveness"]
+    assert liveness["state_topic"] == "facedoor/front/health" and liveness["options"] == ["on", "off"]
+    assert liveness["entity_category"] == "diagnostic"
 
 
 def test_reannounce_on_home_assistant_birth(mosquitto, tmp_path, discovery_link) -> None:

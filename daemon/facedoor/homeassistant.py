@@ -1,4 +1,4 @@
-"""Home Assistant MQTT discovery: the door appears in HA as one device with three entities.
+"""Home Assistant MQTT discovery: the door appears in HA as one device with four entities.
 
 Device-based discovery (one retained message on `<prefix>/device/<door_id>/config`, entities
 under `cmps`):
@@ -7,7 +7,9 @@ under `cmps`):
   the camera; rate-limited like every deny) from the decision topic, with the
   identity and distance as event attributes;
 - `sensor` "Last identity": who was last recognised (`unknown` for an unknown face);
-- `sensor` "Processing rate": frames per second from the health topic (diagnostic).
+- `sensor` "Processing rate": frames per second from the health topic (diagnostic);
+- `sensor` "Liveness": whether the liveness gate is `on` or `off`, from the health topic
+  (diagnostic; unknown while the door does not report it).
 
 All share the door's `status` topic for availability, so HA greys them out when the unit is
 offline (Last Will). Published on every connect and again when HA's birth message
@@ -39,6 +41,8 @@ EVENT_TEMPLATE = (
 )
 IDENTITY_TEMPLATE = "{{ value_json.identity if value_json.identity else 'unknown' }}"
 FPS_TEMPLATE = "{{ value_json.fps | float(0) | round(1) }}"
+# "None" is HA's MQTT sensor payload for "unknown": a health message without the field is not an error.
+LIVENESS_TEMPLATE = "{{ value_json.liveness if value_json.liveness in ('on', 'off') else 'None' }}"
 
 
 def discovery_topic(config: FacedoorConfig) -> str:
@@ -103,6 +107,17 @@ def discovery_payload(config: FacedoorConfig) -> dict[str, Any]:
                 "state_class": "measurement",
                 "entity_category": "diagnostic",
                 "suggested_display_precision": 1,
+            },
+            f"{base}_liveness": {
+                "p": "sensor",
+                "unique_id": f"{base}_liveness",
+                "name": "Liveness",
+                "icon": "mdi:face-recognition",
+                "state_topic": health_topic,
+                "value_template": LIVENESS_TEMPLATE,
+                "device_class": "enum",
+                "options": ["on", "off"],
+                "entity_category": "diagnostic",
             },
         },
     }
