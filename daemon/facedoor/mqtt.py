@@ -41,6 +41,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from facedoor.config import FacedoorConfig
 
@@ -56,7 +57,7 @@ class MqttHooks(Protocol):
     @property
     def connected(self) -> bool: ...
     def add_on_connect(self, callback: Callable[[], object]) -> None: ...
-    def subscribe(self, topic: str, handler: Handler, qos: int = 1) -> None: ...
+    def subscribe(self, topic: str, handler: Handler, qos: int = 1, *, retained: bool = True) -> None: ...
     def publish(self, topic: str, payload: str | bytes, retain: bool = False,
                 expiry_s: float | None = None) -> bool: ...
     def deliver(self, topic: str, payload: str | bytes, captured_mono: float, ttl_s: float,
@@ -135,7 +136,7 @@ class MqttLink:
         self._lock = threading.Lock()
         self._connected = threading.Event()
         self._on_connect_hooks: list[Callable[[], object]] = []
-        self._subscriptions: dict[str, tuple[Handler, int]] = {}
+        self._subscriptions: dict[str, tuple[Handler, SubscribeOptions]] = {}
         self._unacked: list[tuple[mqtt.MQTTMessageInfo, float]] = []  # our QoS 1 publishes and send times
         self._stop = threading.Event()
         self._monitor = threading.Thread(target=self._watch_acks, name="facedoor-mqtt-acks", daemon=True)
@@ -197,12 +198,15 @@ class MqttLink:
         if self.connected:
             callback()
 
-    def subscribe(self, topic: str, handler: Handler, qos: int = 1) -> None:
-        """Route messages on TOPIC to HANDLER(topic, payload); renewed on every reconnect."""
+    def subscribe(self, topic: str, handler: Handler, qos: int = 1, *, retained: bool = True) -> None:
+        """Route messages on TOPIC to HANDLER(topic, payload); renewed on every reconnect. RETAINED
+        False: retained messages (of unknown age) are neither asked for nor handed to HANDLER."""
+        options = SubscribeOptions(qos=qos, retainHandling=SubscribeOptions.RETAIN_SEND_ON_SUBSCRIBE if retained
+                                   else SubscribeOptions.RETAIN_DO_NOT_SEND)
         with self._lock:
-            self._subscriptions[topic] = (handler, qos)
+            self._subscriptions[topic] = (handler, options)
         if self.connected:
-            self._client.subscribe(topic, qos)
+            self._client.subscribe(topic, options=options)
 
     def publish(self, topic: str, payload: str | bytes, retain: bool = False,
                 expiry_s: float | None = None) -> bool:
@@ -328,8 +332,8 @@ class MqttLink:
             self._unacked.clear()
             subs = list(self._subscriptions.items())
         client.publish(self.status_topic, "online", qos=1, retain=True)
-        for topic, (_, qos) in subs:
-            client.subscribe(topic, qos)
+        for topic, (_, options) in subs:
+            client.subscribe(topic, options=options)
         self.state = "up"
         self.last_ack = time.monotonic()  # the CONNACK just now
         self._connected.set()
@@ -365,8 +369,9 @@ class MqttLink:
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         with self._lock:
-            handlers = [h for topic, (h, _) in self._subscriptions.items()
-                        if mqtt.topic_matches_sub(topic, message.topic)]
+            handlers = [h for topic, (h, options) in self._subscriptions.items()
+                        if mqtt.topic_matches_sub(topic, message.topic)
+                        and not (message.retain and options.retainHandling == SubscribeOptions.RETAIN_DO_NOT_SEND)]
         for handler in handlers:
             try:
                 handler(message.topic, bytes(message.payload))

@@ -17,7 +17,10 @@ monotonic clock), so tests replay any timeline exactly. Rules:
   with reason "lookalike", and the track decides nothing more) AND, with the liveness gate
   on, the track's liveness verdict is "live" (undecided: wait; "spoof": a rate-limited deny with
   reason "spoof", never an unlock) AND no unknown face is near the door (`companions: deny`:
-  a deny with reason "companion"; `allow`: only counted). The decision carries the fused
+  a deny with reason "companion"; `allow`: only counted) AND the member's second factor, if
+  `second_factor` asks for one, is there (`facedoor.factors.check_second_factor`: "wait"
+  decides nothing; "missing" is a rate-limited deny with reason "second_factor" saying which
+  factor; the face still unlocks when the factor comes while it is in view). The decision carries the fused
   embedding and says whether it may become a door template (`door_templates` > 0 and the fused
   distance below `door_template_below`);
 - unknown when the fused embedding matches nobody; fused match and per-frame majority that
@@ -31,16 +34,18 @@ from typing import Literal
 import numpy as np
 
 from facedoor.config import PolicyConfig
+from facedoor.factors import FactorCheck, FactorEvidence, check_second_factor
 from facedoor.match import Gallery
 from facedoor.track import Track
 
 
 @dataclass(frozen=True)
 class Decision:
-    """An event to publish: an unlock for an identity, or a deny (unknown face, look-alike, spoof, companion)."""
+    """An event to publish: an unlock for an identity, or a deny (unknown face, look-alike, spoof, companion,
+    second factor missing)."""
 
     decision: Literal["unlock", "deny"]
-    reason: Literal["match", "unknown", "lookalike", "spoof", "companion"]
+    reason: Literal["match", "unknown", "lookalike", "spoof", "companion", "second_factor"]
     identity: str | None       # the matched person (also for a look-alike, spoof or companion deny)
     distance: float | None     # of the track's fused embedding to the nearest enrolled one
     threshold: float
@@ -53,6 +58,7 @@ class Decision:
     template: bool = False     # a confident unlock whose embedding may be stored as a door template
     unknown_near: int = 0      # unknown faces near the door beside the deciding one
     live_score: float | None = None  # the track's mean liveness score (None: gate off)
+    second_factor: FactorCheck | None = None  # unlock: the factor that did it; second_factor deny: what was missing
 
 
 class TrackPolicy:
@@ -92,11 +98,13 @@ class TrackPolicy:
         return gallery.cohort_distance(fused) <= distance + self.cfg.cohort_margin
 
     def decide(self, track: Track, gallery: Gallery | None, *, liveness: str | None = None,
-               live_score: float | None = None, unknown_near: int = 0) -> Decision | None:
+               live_score: float | None = None, unknown_near: int = 0,
+               factors: FactorEvidence | None = None) -> Decision | None:
         """The decision TRACK supports now against GALLERY (None: nobody matches), if any.
 
-        LIVENESS is the track's verdict ("live", "spoof", "undecided"; None: gate off) and
-        UNKNOWN_NEAR the unknown faces near the door beside this one."""
+        LIVENESS is the track's verdict ("live", "spoof", "undecided"; None: gate off),
+        UNKNOWN_NEAR the unknown faces near the door beside this one and FACTORS what the door
+        heard of second factors (None: nothing)."""
         fused = track.embedding
         if track.good < self.cfg.min_good_frames or fused is None or track.state.get("lookalike"):
             return None
@@ -104,13 +112,13 @@ class TrackPolicy:
         distance = nearest.distance if nearest is not None else float("inf")
         t = track.t_last
 
-        def deny(reason: Literal["unknown", "lookalike", "spoof", "companion"], identity: str | None,
-                 frames: int) -> Decision | None:
+        def deny(reason: Literal["unknown", "lookalike", "spoof", "companion", "second_factor"],
+                 identity: str | None, frames: int, factor: FactorCheck | None = None) -> Decision | None:
             if t < self._next_deny.get(reason, float("-inf")):
                 return None
             self._next_deny[reason] = t + self.cfg.unknown_interval_s
             return Decision("deny", reason, identity, distance, self.threshold, frames, track.frames, track.faces,
-                            t, track.id, fused, False, unknown_near, live_score)
+                            t, track.id, fused, False, unknown_near, live_score, factor)
 
         if nearest is None or nearest.identity is None or not distance < self.threshold:
             return deny("unknown", None, track.good)
@@ -126,7 +134,12 @@ class TrackPolicy:
             return None
         if unknown_near and self.cfg.companions == "deny":
             return deny("companion", name, votes)
+        factor = check_second_factor(name, t, track.t_first, factors, self.cfg.second_factor)
+        if factor.state == "wait":
+            return None
+        if factor.state == "missing":
+            return deny("second_factor", name, votes, factor)
         self._cooldown_until[name] = t + self.cfg.cooldown_s
         template = self.cfg.door_templates > 0 and distance < self.cfg.door_template_below
         return Decision("unlock", "match", name, distance, self.threshold, votes, track.frames, track.faces, t,
-                        track.id, fused, template, unknown_near, live_score)
+                        track.id, fused, template, unknown_near, live_score, factor)

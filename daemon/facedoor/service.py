@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from facedoor.camera import Camera, CameraState, Frame, describe
 from facedoor.config import FacedoorConfig
 from facedoor.events import DecisionEvent, DecisionListener
+from facedoor.factors import FactorListener
 from facedoor.formatting import distance, finite, iso_utc
 from facedoor.liveness import LivenessModel, TrackLiveness, load_liveness
 from facedoor.logs import setup_logging
@@ -55,7 +56,7 @@ class DoorService:
     def __init__(self, cfg: FacedoorConfig, pipeline: FacePipeline, load_gallery: Callable[[], Gallery],
                  camera: Camera, link: MqttLink, notifier: Notifier, listeners: Sequence[DecisionListener] = (),
                  store_watcher: StoreWatcher | None = None, signing_key: bytes | None = None,
-                 liveness: LivenessModel | None = None):
+                 liveness: LivenessModel | None = None, factors: FactorListener | None = None):
         self.cfg = cfg
         self.pipeline = pipeline
         self.load_gallery = load_gallery
@@ -69,6 +70,7 @@ class DoorService:
         self.tracker = Tracker(cfg.tracking)
         self.gate = IdleGate.from_config(cfg.idle)
         self.liveness = liveness  # None: the gate is off (said at start)
+        self.factors = factors    # None: no second factor configured
         self.threshold = cfg.recognition.threshold
         self.gallery: Gallery | None = load_gallery()   # None after a failed reload: nobody matches
         self._stop = threading.Event()
@@ -189,12 +191,13 @@ class DoorService:
         missed = sum(1 for t in self.tracker.tracks if t.id not in seen and t.last.size >= near_size
                      and t.good >= self.cfg.policy.min_good_frames and self.policy.matched(t, self.gallery) is None)
         decisions = []
+        heard = self.factors.snapshot() if self.factors is not None else None  # one snapshot per frame
         for face, track in near:
             evidence: TrackLiveness | None = track.state.get("liveness")
             verdict = None if self.liveness is None else (evidence.state.verdict if evidence else "undecided")
             decision = self.policy.decide(
                 track, self.gallery, liveness=verdict, live_score=evidence.state.score if evidence else None,
-                unknown_near=len(strangers.keys() - {track.id}) + missed)
+                unknown_near=len(strangers.keys() - {track.id}) + missed, factors=heard)
             if decision is not None:
                 decisions.append((decision, face, tuple(f for i, f in strangers.items() if i != track.id)))
         return decisions
@@ -208,6 +211,7 @@ class DoorService:
         """Deliver DECISION (acknowledged within its TTL, or dropped), log it, tell the listeners."""
         latency_ms = (time.monotonic() - frame.t_mono) * 1000
         ttl = self.cfg.decision_ttl_s
+        factor = decision.second_factor
         payload = {
             "id": str(uuid.uuid4()),
             "door": self.cfg.door_id,
@@ -221,6 +225,8 @@ class DoorService:
             "faces": decision.faces,
             "unknown_near": decision.unknown_near,
             "live_score": finite(decision.live_score, 3),
+            "factor": factor.factor if factor is not None else None,
+            "factor_detail": factor.detail if factor is not None and factor.detail else None,
             "ts": iso_utc(frame.t_wall),
             "ts_ms": int(frame.t_wall * 1000),
             "ttl_s": ttl,
@@ -234,11 +240,15 @@ class DoorService:
         if delivered:
             self.counts[decision.decision] += 1
             self._latencies_ms.append(latency_ms)
+            if decision.decision == "unlock" and factor is not None and factor.pin_t is not None \
+                    and self.factors is not None and decision.identity is not None:
+                self.factors.spend(decision.identity, factor.pin_t)  # one PIN entry, one unlock
         else:
             self.policy.retract(decision)
         log.info("decision %s %s", decision.decision, decision.identity or decision.reason, extra={"fields": {
             "event": "decision", "id": payload["id"], "decision": decision.decision, "reason": decision.reason,
             "identity": decision.identity, "distance": payload["distance"], "threshold": decision.threshold,
+            "factor": payload["factor"], "factor_detail": payload["factor_detail"],
             "frames": f"{decision.frames}/{decision.window}", "faces": decision.faces,
             "latency_ms": payload["latency_ms"], "delivered": delivered}})
         event = DecisionEvent(payload, delivered, frame, face, strangers)
@@ -329,6 +339,7 @@ class DoorService:
             "enrolled": len(self.gallery.identities) if self.gallery is not None else 0,
             "store_error": self.store_error,
             "latency_ms_median": finite(lat[len(lat) // 2], 1) if lat else None,
+            **({"second_factor": dict(self.factors.counts)} if self.factors is not None else {}),
             **{k: v for k, v in self.counts.items()},
         }
 
@@ -349,6 +360,8 @@ class DoorService:
                 log.exception("decision listener %s failed to close", type(listener).__name__)
         self.camera.stop()
         self.link.stop()
+        if self.factors is not None:
+            self.factors.close()
         if self.store_watcher is not None:
             self.store_watcher.close()
         log.info("facedoor stopped", extra={"fields": {"event": "stopped", **self.counts}})
@@ -366,6 +379,7 @@ def build_service(cfg: FacedoorConfig, pipeline: FacePipeline, *, source: int | 
     from facedoor.unlock import UnlockAction
 
     key = load_key(cfg.mqtt.signing_key_file) if cfg.mqtt.signing_key_file is not None else None
+    factors = FactorListener.from_config(cfg.policy.second_factor)  # a PIN file it cannot use: ConfigError
     watcher = StoreWatcher(cfg.store)  # before the first load, so no commit in between is missed
 
     def load_gallery() -> Gallery:
@@ -383,8 +397,10 @@ def build_service(cfg: FacedoorConfig, pipeline: FacePipeline, *, source: int | 
         listeners.append(audit)
     camera = Camera(cfg.camera, source, loop)
     liveness = load_liveness(Manifest.load(cfg.models), cfg.liveness.enabled)
+    if factors is not None:
+        factors.attach(link)
     return DoorService(cfg, pipeline, load_gallery, camera, link, notifier or Notifier(), listeners,
-                       store_watcher=watcher, signing_key=key, liveness=liveness)
+                       store_watcher=watcher, signing_key=key, liveness=liveness, factors=factors)
 
 
 def run_daemon(cfg: FacedoorConfig, source: int | str | None = None, loop: bool | None = None) -> int:

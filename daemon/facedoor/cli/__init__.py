@@ -47,6 +47,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "facedoor.cli.run",
     "facedoor.cli.demo",
     "facedoor.cli.signing",
+    "facedoor.cli.factors",
 )
 
 EXIT_OK, EXIT_NO_MATCH, EXIT_ERROR, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
