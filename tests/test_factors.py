@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import queue
+import stat
 import threading
 import time
 from collections.abc import Iterator
@@ -185,6 +186,24 @@ def test_pin_file_is_owner_only_and_every_fault_names_file_line_and_key(tmp_path
     assert "1234" not in str(err.value).split("line 2")[1]  # a plaintext PIN is never echoed
     with pytest.raises(ConfigError, match="holds no PIN"):
         load_pin_file(write_pins(tmp_path / "empty", []))
+
+
+def test_pin_hash_command_appends_owner_only_and_never_twice(tmp_path: Path, monkeypatch, capsys) -> None:
+    import io
+
+    from facedoor.cli import main
+
+    pins = tmp_path / "pins"
+    monkeypatch.setattr("sys.stdin", io.StringIO("004711\n"))
+    assert main(["pin-hash", "alice", "--file", str(pins)]) == 0
+    assert stat.S_IMODE(pins.stat().st_mode) == 0o600 and "004711" not in pins.read_text()
+    assert load_pin_file(pins)["alice"].matches("004711")
+    monkeypatch.setattr("sys.stdin", io.StringIO("1234\n"))
+    assert main(["pin-hash", "alice", "--file", str(pins)]) == 2
+    monkeypatch.setattr("sys.stdin", io.StringIO("12\n"))
+    assert main(["pin-hash", "bob"]) == 2
+    assert "4-12 digits" in capsys.readouterr().err
+    assert len(load_pin_file(pins)) == 1
 
 
 # -- payloads ------------------------------------------------------------------------------------
