@@ -5,7 +5,9 @@ stream: with a second factor configured, no unlock without it."""
 from __future__ import annotations
 
 import json
+import os
 import queue
+import socket
 import stat
 import threading
 import time
@@ -17,7 +19,8 @@ import pytest
 
 import test_daemon
 from daemon_support import Daemon, MjpegCamera, Subscriber, write_config
-from facedoor.config import ConfigError, PolicyConfig, SecondFactorConfig, parse_config
+from facedoor.config import ConfigError, FacedoorConfig, PolicyConfig, SecondFactorConfig, parse_config
+from facedoor.demo.broker import PrivateBroker
 from facedoor.factors import (
     FactorEvidence,
     FactorListener,
@@ -475,3 +478,187 @@ def test_daemon_with_a_pin_factor_refuses_to_start_without_a_usable_pin_file(doo
             daemon.kill()
         last = daemon.log().strip().splitlines()[-1]
         assert "policy.second_factor.pin.file" in last and why in last, last
+
+
+# -- the README's broker ACL lines, in a real Mosquitto ------------------------------------------
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+ACL_USERS = ("espresense", "homeassistant", "keypad-front", "facedoor-front", "intruder")
+
+
+@pytest.fixture
+def acl_broker(tmp_path: Path) -> Iterator[tuple[PrivateBroker, dict[str, str]]]:
+    """Mosquitto with passwords and the ACL block of README's security model, verbatim; `intruder`
+    is any other user of the broker (no ACL lines: it may do nothing)."""
+    import secrets
+    import shutil
+    import subprocess
+
+    passwd_tool = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
+    if not Path(passwd_tool).exists():
+        pytest.skip("mosquitto_passwd not installed")
+    text = README.read_text()
+    acl = text.split("Mosquitto ACL lines", 1)[1].split("```", 2)[1].strip() + "\n"
+    assert "user facedoor-front" in acl
+    work = tmp_path / "acl-broker"
+    work.mkdir()
+    passwords = {user: secrets.token_urlsafe(12) for user in ACL_USERS}
+    for i, (user, password) in enumerate(passwords.items()):
+        subprocess.run([passwd_tool, *(["-c"] if i == 0 else []), "-b", str(work / "passwd"), user, password],
+                       check=True, capture_output=True)
+    (work / "acl").write_text(acl)
+    broker = PrivateBroker(work)
+    run_as = "root" if os.geteuid() == 0 else os.environ.get("USER", "nobody")  # as root: stay root, read our files
+    conf = (f"user {run_as}\nlistener {broker.port} 127.0.0.1\nallow_anonymous false\npersistence false\n"
+            f"password_file {work / 'passwd'}\nacl_file {work / 'acl'}\nlog_dest stderr\nlog_type error\n")
+    (work / "passwd").chmod(0o600)
+    (work / "acl").chmod(0o600)
+    broker.binary = broker.binary or pytest.skip("mosquitto not installed")
+    proc = subprocess.Popen([broker.binary, "-c", str(_write(work / "mosquitto.conf", conf))],
+                            stdout=subprocess.DEVNULL, stderr=open(work / "mosquitto.log", "wb"))
+    broker.proc = proc
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection((broker.host, broker.port), timeout=0.2).close()
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, (work / "mosquitto.log").read_text()
+                time.sleep(0.05)
+        yield broker, passwords
+    finally:
+        broker.stop()
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def door_on(broker: PrivateBroker, passwords: dict[str, str], tmp_path: Path, pins: Path,
+            topics: dict[str, str]) -> FacedoorConfig:
+    secret = _write(tmp_path / "door.password", passwords["facedoor-front"])
+    secret.chmod(0o600)
+    return parse_config({
+        "mqtt": {"host": broker.host, "port": broker.port, "username": "facedoor-front", "password_file": str(secret),
+                 "client_id": f"facedoor-front-{len(topics)}"},
+        "policy": {"second_factor": {"mode": "presence_or_pin", "presence": {"topics": topics},
+                                     "pin": {"topic": KEYPAD_ACL, "file": str(pins)}}}})
+
+
+KEYPAD_ACL = "home/keypad/front/code"
+
+
+def test_readme_acl_keeps_other_users_off_the_factor_topics(acl_broker, tmp_path: Path) -> None:
+    from facedoor.mqtt import MqttLink
+
+    broker, passwords = acl_broker
+    alice, bob = "espresense/devices/alice-phone/front_door", "homeassistant/device_tracker/bob_phone/state"
+    pins = write_pins(tmp_path / "pins", [f"alice:{hash_pin('1234')}", f"bob:{hash_pin('5678')}"])
+    cfg = door_on(broker, passwords, tmp_path, pins, {"alice": alice, "bob": bob})
+    lst = FactorListener.from_config(cfg.policy.second_factor)
+    assert lst is not None
+    link = MqttLink(cfg)
+    lst.attach(link)
+    link.start()
+    clients = {u: Subscriber(broker.host, broker.port, username=u, password=passwords[u])
+               for u in ("espresense", "homeassistant", "keypad-front")}
+    intruder = Subscriber(broker.host, broker.port, KEYPAD_ACL, username="intruder", password=passwords["intruder"])
+    try:
+        assert link.wait_connected(10)
+        for topic, payload in ((alice, b'{"distance": 0.5}'), (bob, b"home"), (KEYPAD_ACL, b"1234")):
+            intruder.client.publish(topic, payload, qos=1).wait_for_publish(5)  # refused by the broker
+        clients["homeassistant"].client.publish(bob, b"home", qos=1).wait_for_publish(5)
+        clients["keypad-front"].client.publish(KEYPAD_ACL, b"5678", qos=1).wait_for_publish(5)
+        deadline = time.monotonic() + 10
+        while not lst.snapshot().pins and time.monotonic() < deadline:
+            time.sleep(0.02)
+        snap = lst.snapshot()
+        assert set(snap.presence) == {"bob"} and set(snap.pins) == {"bob"}, (snap, lst.counts)
+        assert lst.counts["pin_wrong"] == 0 and lst.refused is None
+        assert [m for m in intruder.messages if m["topic"] == KEYPAD_ACL] == []  # nobody else reads PINs
+    finally:
+        link.stop()
+        lst.close()
+        intruder.stop()
+        for client in clients.values():
+            client.stop()
+
+
+DYNSEC = Path("/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so")
+
+
+@pytest.fixture
+def refusing_broker(tmp_path: Path) -> Iterator[tuple[PrivateBroker, str]]:
+    """Mosquitto with its dynamic-security plugin, which checks subscriptions (the ACL file does not:
+    it grants every SUBSCRIBE and filters on delivery): user `door` may publish under facedoor/ and
+    subscribe to the keypad topic and Home Assistant's birth topic only. Yields the broker and the password."""
+    import base64
+    import hashlib
+    import secrets
+    import subprocess
+
+    if not DYNSEC.exists():
+        pytest.skip(f"mosquitto dynamic-security plugin not installed ({DYNSEC})")
+    work = tmp_path / "dynsec"
+    work.mkdir()
+    password, salt = secrets.token_urlsafe(12), secrets.token_bytes(12)
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, 101)
+    allow = [("publishClientSend", "facedoor/#"), ("publishClientSend", "homeassistant/device/front/config"),
+             ("subscribeLiteral", KEYPAD_ACL), ("subscribeLiteral", "homeassistant/status")]
+    dynsec = {
+        "clients": [{"username": "door", "password": base64.b64encode(digest).decode(),
+                     "salt": base64.b64encode(salt).decode(), "iterations": 101, "roles": [{"rolename": "door"}]}],
+        "roles": [{"rolename": "door", "acls": [{"acltype": t, "topic": topic, "allow": True} for t, topic in allow]}],
+        "defaultACLAccess": {"publishClientSend": False, "publishClientReceive": True, "subscribe": False,
+                             "unsubscribe": True},
+    }
+    _write(work / "dynsec.json", json.dumps(dynsec)).chmod(0o600)
+    broker = PrivateBroker(work)
+    if broker.binary is None:
+        pytest.skip("mosquitto not installed")
+    run_as = "root" if os.geteuid() == 0 else os.environ.get("USER", "nobody")
+    conf = _write(work / "mosquitto.conf", f"user {run_as}\nlistener {broker.port} 127.0.0.1\nallow_anonymous false\n"
+                  f"persistence false\nplugin {DYNSEC}\nplugin_opt_config_file {work / 'dynsec.json'}\n")
+    broker.proc = subprocess.Popen([broker.binary, "-c", str(conf)], stdout=subprocess.DEVNULL,
+                                   stderr=open(work / "mosquitto.log", "wb"))
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection((broker.host, broker.port), timeout=0.2).close()
+                break
+            except OSError:
+                assert broker.proc.poll() is None and time.monotonic() < deadline, (work / "mosquitto.log").read_text()
+                time.sleep(0.05)
+        yield broker, password
+    finally:
+        broker.stop()
+
+
+def test_daemon_stops_when_the_broker_refuses_a_factor_subscription(door: Door, refusing_broker,
+                                                                   tmp_path: Path) -> None:
+    """A door that cannot read its presence topic cannot check the factor: exit 2, one line naming it."""
+    from facedoor.demo.walkup import write_walkup
+
+    broker, password = refusing_broker
+    secret = _write(tmp_path / "door.password", password)
+    secret.chmod(0o600)
+    pins = write_pins(tmp_path / "pins", [f"{door.known.name}:{hash_pin('2468')}"])
+    carol = "espresense/devices/carol-phone/front_door"   # the broker does not let the door read it
+    video = tmp_path / "empty.avi"
+    write_walkup(video, [], gap_s=1.0)
+    config = write_config(tmp_path / "facedoor.yaml", door.models, door.store, broker.port,
+                          mqtt={"username": "door", "password_file": str(secret)},
+                          policy={"second_factor": {"mode": "presence_or_pin",
+                                                    "presence": {"topics": {door.known.name: carol}},
+                                                    "pin": {"topic": KEYPAD_ACL, "file": str(pins)}}})
+    daemon = Daemon(config, str(video), "--loop")
+    try:
+        assert daemon.wait(90) == 2, daemon.log()[-3000:]
+    finally:
+        daemon.kill()
+    refused = daemon.events("second_factor_refused")
+    assert len(refused) == 1 and carol in refused[0]["msg"] and "ACL" in refused[0]["msg"], daemon.log()[-3000:]
+    assert [e["topic"] for e in daemon.events("mqtt_subscribe_refused")] == [carol]

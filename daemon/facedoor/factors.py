@@ -254,6 +254,7 @@ class FactorListener:
         self._locked_until: float | None = None
         self._queue: queue.Queue[tuple[str, float] | None] = queue.Queue(PIN_QUEUE)
         self._worker: threading.Thread | None = None
+        self.refused: str | None = None  # a factor topic the broker refused to let the door read, and why
         self.counts = {"presence": 0, "ignored": 0, "pin_ok": 0, "pin_wrong": 0, "pin_locked": 0}
 
     @classmethod
@@ -267,18 +268,23 @@ class FactorListener:
 
     def attach(self, link: MqttHooks) -> None:
         """Subscribe (renewed on every reconnect) to every presence topic and the keypad topic, retained
-        messages excluded, and start the PIN worker."""
+        messages excluded, and start the PIN worker. A refused subscription sets `refused` (the door stops)."""
         if self.cfg.presence is not None:
             for member, topic in self.cfg.presence.topics.items():
-                link.subscribe(topic, self._presence_handler(member), 1, retained=False)
+                link.subscribe(topic, self._presence_handler(member), 1, retained=False, on_refused=self._refused)
         if self.cfg.pin is not None:
-            link.subscribe(self.cfg.pin.topic, lambda _topic, payload: self.on_keypad(payload), 1, retained=False)
+            link.subscribe(self.cfg.pin.topic, lambda _topic, payload: self.on_keypad(payload), 1, retained=False,
+                           on_refused=self._refused)
             self._worker = threading.Thread(target=self._check_pins, name="facedoor-pins", daemon=True)
             self._worker.start()
         log.info("second factor: %s", self.describe(), extra={"fields": {
             "event": "second_factor", "mode": self.cfg.mode, "members": dict(self.cfg.members),
             "presence_topics": len(self.cfg.presence.topics) if self.cfg.presence else 0,
             "pins": len(self.pins)}})
+
+    def _refused(self, topic: str, reason: str) -> None:
+        self.refused = f"the broker refused the door's subscription to {topic} ({reason}): allow the door to " \
+            "read it in the broker's ACL"
 
     def describe(self) -> str:
         """One line for the log: what the door needs and hears."""

@@ -83,6 +83,7 @@ class DoorService:
         self._latencies_ms: list[float] = []
         self.counts = {"frames": 0, "errors": 0, "skipped_offline": 0, "skipped_idle": 0, "unlock": 0, "deny": 0}
         self.store_error: str | None = None
+        self.exit_code = 0
         link.add_on_connect(self._health_due.set)
 
     # --- wiring ------------------------------------------------------------------------------
@@ -99,7 +100,8 @@ class DoorService:
 
     # --- the loop ----------------------------------------------------------------------------
     def run(self) -> int:
-        """Process frames until stopped or the video ends; 0 on a clean stop."""
+        """Process frames until stopped or the video ends; 0 on a clean stop, 2 when the broker refuses
+        a second factor's subscription (the door cannot check the factor)."""
         watchdog = watchdog_interval_s()
         ping_every = min(1.0, watchdog / 2) if watchdog else None
         last_ping = last_health = last_store_check = 0.0
@@ -119,6 +121,11 @@ class DoorService:
                 self._reload.clear()
                 self.reload_gallery()
             self._track_camera_state()
+            if self.factors is not None and self.factors.refused is not None:
+                log.error("second factor: %s; stopping (exit 2)", self.factors.refused,
+                          extra={"fields": {"event": "second_factor_refused"}})
+                self.exit_code = 2  # a configuration fault: systemd does not restart the door
+                break
             if frame is not None:
                 self.process(frame)
             elif self.camera.ended:
@@ -132,7 +139,7 @@ class DoorService:
                 self._health_due.clear()
                 self.publish_health()
                 last_health = now
-        return 0
+        return self.exit_code
 
     def process(self, frame: Frame) -> None:
         """The per-frame path: idle gate -> detect + encode -> track + fuse -> liveness -> decide -> deliver."""
