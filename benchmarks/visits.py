@@ -4,8 +4,8 @@ Data: `../shared/data/faces/lfw-devtrain` (4,038 people, 9,525 photos). Each dra
 10-person gallery (3 random photos each, stored as `facedoor enroll` stores them and matched as
 the door matches them: one template per person, `facedoor.match.person_templates`) from the
 people with 6 or more photos; everyone not drawn is a stranger. A visit is a short frame
-sequence fed through the product's `Tracker` and `TrackPolicy` (fused tracks) or the old k-of-n
-vote over the same frames:
+sequence fed through the product's judge (`facedoor.judge`, the function the door runs on every
+frame: fused tracks, majority, cohort, companions) or the old k-of-n vote over the same frames:
 
   (a) photos: up to 5 different photos of the person (the person's photos cycled to 5 frames
       when fewer remain: a stranger with one photo stands perfectly still, the worst case for
@@ -15,7 +15,7 @@ vote over the same frames:
       camera path does; pessimistic. Smaller: one photo per person with 6+ photos (never an
       enrolment photo) and a fixed sample of other people as strangers.
 
-Every member visit goes through the product's `Tracker` + `TrackPolicy` and its k-of-n `Policy`
+Every member visit goes through the product's judge and the former k-of-n votes
 (frames 0.1 s apart, boxes centred on the face at its measured size). A stranger visit is
 replayed the same way unless it provably cannot unlock: no fused embedding its tracks reach
 with enough good frames is within the threshold of any gallery row (fusion and splitting do
@@ -46,6 +46,7 @@ import argparse
 import sys
 import time
 from collections import Counter, deque
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,9 +57,9 @@ from tqdm import tqdm
 from facedoor.cli.cohort import PHOTOS_PER_PERSON
 from facedoor.config import PolicyConfig, TrackingConfig, parse_config
 from facedoor.detect import Face
+from facedoor.judge import Decision, FrameSightings, JudgeState, Rules, Seen, judge
 from facedoor.match import Gallery, person_templates
 from facedoor.pipeline import ENROL_MIN_FACE, ENROL_MIN_SHARPNESS, FacePipeline, sharpness
-from facedoor.policy import Decision, TrackPolicy
 from facedoor.track import Sighting, Tracker
 
 REPO = Path(__file__).resolve().parents[1]
@@ -84,6 +85,7 @@ LABEL_FIXES = {
     "John_Gruden_0001.jpg": "Jon_Gruden",          # the coach Jon Gruden, name misspelt (only photo)
 }
 HALF_SEED = 7  # the seeded identity split of --half
+DEFAULTS = parse_config({})  # the product's defaults (quality floor, liveness off: photos carry no liveness)
 
 
 def lfw_people() -> dict[str, list[Path]]:
@@ -282,7 +284,7 @@ class Visit:
     boxes: np.ndarray     # (F, 4)
     nearest: list[str | None] = field(default_factory=list)  # per frame, set per draw
     distance: np.ndarray | None = None                        # per frame, set per draw
-    fused: np.ndarray | None = None  # (K, D) every fused embedding TrackPolicy could decide on
+    fused: np.ndarray | None = None  # (K, D) every fused embedding the judge could decide on
     rows: np.ndarray | None = None   # the LFW photo rows the frames come from
 
 
@@ -291,7 +293,7 @@ def decidable_embeddings(v: Visit, tcfg: TrackingConfig, min_good: int) -> np.nd
 
     Fusion and splitting do not depend on the gallery, and an unlock needs one of these strictly
     below the threshold, so a visit none of them comes near can be skipped exactly."""
-    tracker, out = Tracker(tcfg), []
+    tracker, out = Tracker(tcfg, DEFAULTS.quality), []
     for i in range(len(v.emb)):
         if np.isnan(v.emb[i, 0]):
             tracker.update(i * FRAME_DT, [])
@@ -379,24 +381,35 @@ def run_votes(v: Visit, threshold: float) -> str | None:
     return None
 
 
+def rules(threshold: float, tcfg: TrackingConfig, pcfg: PolicyConfig) -> Rules:
+    """The door's rules at THRESHOLD with these tracking and policy settings (liveness off)."""
+    return Rules(threshold, pcfg, tcfg, DEFAULTS.quality, DEFAULTS.liveness, liveness_on=False)
+
+
+def decisions(frames: Iterable[FrameSightings], gallery: Gallery | None, r: Rules) -> Iterator[Decision]:
+    """The judge, as the door runs it, over FRAMES: every decision in order."""
+    state = JudgeState(r.tracking, r.quality)
+    for frame in frames:
+        yield from judge(frame, state, gallery, r).decisions
+
+
+def first_unlock(frames: list[FrameSightings], gallery: Gallery, r: Rules) -> Decision | None:
+    """The first unlock of the visit FRAMES, if any."""
+    return next((d for d in decisions(frames, gallery, r) if d.decision == "unlock"), None)
+
+
+def visit_frames(v: Visit) -> list[FrameSightings]:
+    """The visit as the judge sees it: one face a frame (none where no face was found)."""
+    return [FrameSightings(i * FRAME_DT, () if np.isnan(v.emb[i, 0]) else
+                           (Seen(v.boxes[i], float(v.quality[i, 1]), float(v.quality[i, 2]), v.emb[i]),))
+            for i in range(len(v.emb))]
+
+
 def run_tracks(v: Visit, gallery: Gallery, thresholds: tuple[float, ...], tcfg: TrackingConfig,
                pcfg: PolicyConfig) -> list[Decision | None]:
-    """The product's Tracker + TrackPolicy over the visit: per threshold, the first unlock (or None)."""
-    tracker = Tracker(tcfg)
-    policies = [TrackPolicy(pcfg, t) for t in thresholds]
-    unlocked: list[Decision | None] = [None] * len(thresholds)
-    for i, who in enumerate(v.nearest):
-        if who is None:
-            tracker.update(i * FRAME_DT, [])
-            continue
-        _, score, sharp = v.quality[i]
-        (track,) = tracker.update(i * FRAME_DT, [Sighting(v.boxes[i], v.emb[i], float(score), float(sharp), who)])
-        for j, policy in enumerate(policies):
-            if unlocked[j] is None:
-                decision = policy.decide(track, gallery)
-                if decision is not None and decision.decision == "unlock":
-                    unlocked[j] = decision
-    return unlocked
+    """The judge over the visit: per threshold, the first unlock (or None)."""
+    frames = visit_frames(v)
+    return [first_unlock(frames, gallery, rules(t, tcfg, pcfg)) for t in thresholds]
 
 
 @dataclass
@@ -686,31 +699,23 @@ def video_benchmark(pipeline: FacePipeline, tcfg: TrackingConfig, pcfg: PolicyCo
     for person, (frames, dt) in halves.items():
         per_visit = max(1, round(visit_s / dt))
         for start in range(0, len(frames) - per_visit + 1, per_visit):
-            tracker, policy, votes = Tracker(tcfg), TrackPolicy(pcfg, t), Votes(t)
-            policy_c = TrackPolicy(pcfg, t)
-            fused: Decision | None = None
-            fused_c: Decision | None = None
+            votes, visit = Votes(t), []
             voted: str | None = None
             seen = 0
             for i, frame in enumerate(frames[start:start + per_visit]):
-                ts = (start + i) * dt
                 faces = pipeline.analyze(frame)
                 seen += bool(faces)
-                sightings = [Sighting(f.box, f.embedding, f.score, sharpness(frame, f),
-                                      gallery.nearest(f.embedding).identity)
-                             for f in faces]
-                for track in tracker.update(ts, sightings):
-                    decision = policy.decide(track, gallery)
-                    if fused is None and decision is not None and decision.decision == "unlock":
-                        fused = decision
-                    decision = policy_c.decide(track, guarded)
-                    if fused_c is None and decision is not None and decision.decision == "unlock":
-                        fused_c = decision
+                visit.append(FrameSightings((start + i) * dt, [
+                    Seen(f.box, float(f.score), sharpness(frame, f) if f.embedding is not None else 0.0, f.embedding)
+                    for f in faces]))
                 big = max(faces, key=lambda f: f.area) if faces else None
                 match = gallery.identify(big.embedding) if big is not None else None
-                unlocked = votes.observe(ts, match.identity if match else None, match.distance if match else None)
+                unlocked = votes.observe(visit[-1].t, match.identity if match else None,
+                                         match.distance if match else None)
                 if voted is None and unlocked is not None:
                     voted = unlocked
+            fused = first_unlock(visit, gallery, rules(t, tcfg, pcfg))
+            fused_c = first_unlock(visit, guarded, rules(t, tcfg, pcfg))
             span = f"+{start * dt:4.1f}-{(start + per_visit) * dt:4.1f}"
             f_txt, c_txt = (f"{d.identity} {d.distance:.3f}" if d else "no unlock" for d in (fused, fused_c))
             print(f"{person:<14} | {span:>11} | {seen:2d}/{per_visit:<2d} | {voted or 'no unlock':>16} | {f_txt:>24} | "

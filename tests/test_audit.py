@@ -205,16 +205,17 @@ def test_a_write_cut_short_by_a_full_disk_leaves_no_half_line(tmp_path: Path, mo
 
 
 def test_a_companion_decision_keeps_the_strangers_crops(tmp_path: Path) -> None:
+    from decision_support import decision_event
     from facedoor.camera import Frame
     from facedoor.detect import Face
-    from facedoor.events import DecisionEvent
 
     def face_at(x: int) -> Face:
         return Face(box=np.array([x, 10, x + 40, 50], np.float32), score=0.99, landmarks=np.zeros((5, 2), np.float32))
 
     image = np.random.default_rng(1).integers(0, 256, (100, 200, 3), dtype=np.uint8)
-    event = DecisionEvent({**decision(7, "deny"), "reason": "companion", "ts_ms": int(time.time() * 1000)}, True,
-                          Frame(image, 1, time.monotonic(), time.time()), face_at(10), (face_at(120),))
+    event = decision_event("deny", reason="companion", identity="alice",
+                           frame=Frame(image, 1, time.monotonic(), time.time()), faces=(face_at(10), face_at(120)),
+                           companions=(1,))
     path = tmp_path / "audit.jsonl"
     alog = AuditLog(path, AuditLimits(max_bytes=10_000_000, max_age_s=86400.0, save_crops=True))
     alog.on_decision(event)

@@ -19,9 +19,10 @@ import pytest
 
 import test_daemon
 from daemon_support import Daemon, MjpegCamera, Subscriber, write_config
-from facedoor.config import ConfigError, FacedoorConfig, PolicyConfig, SecondFactorConfig, parse_config
+from facedoor.config import ConfigError, FacedoorConfig, SecondFactorConfig, parse_config
 from facedoor.demo.broker import PrivateBroker
 from facedoor.factors import (
+    NOT_NEEDED,
     FactorEvidence,
     FactorListener,
     PinHash,
@@ -31,9 +32,9 @@ from facedoor.factors import (
     load_pin_file,
     presence_near,
 )
-from facedoor.policy import TrackPolicy
+from facedoor.judge import Decision, FrameSightings, JudgeState, Rules, judge
 from test_daemon import ENROLLED, Door
-from test_policy import GALLERY, alice_frames, track_of
+from test_judge import DT, GALLERY, alice_frames, seen
 
 door = test_daemon.door  # the module fixture: real models, an enrolled store, walk-up photos
 
@@ -109,18 +110,31 @@ def test_presence_or_pin_takes_either_and_members_override_the_door() -> None:
                                                                "presence 30.0s old; no PIN")
 
 
-def test_track_policy_waits_denies_then_unlocks_when_the_factor_comes() -> None:
-    cfg = PolicyConfig(second_factor=factor_cfg(mode="presence", wait_s=1.0), unknown_interval_s=5.0)
-    policy = TrackPolicy(cfg, 0.7)
-    assert policy.decide(track_of(alice_frames(3), ["alice"] * 3), GALLERY) is None  # 0.2 s in view: wait
-    track = track_of(alice_frames(12), ["alice"] * 12)                               # 1.1 s in view
-    deny = policy.decide(track, GALLERY, factors=FactorEvidence(presence={"bob": 1.0}))
-    assert deny is not None and (deny.decision, deny.reason, deny.identity) == ("deny", "second_factor", "alice")
+def test_the_judge_waits_denies_then_unlocks_when_the_factor_comes() -> None:
+    r = Rules.from_config(parse_config({"policy": {"unknown_interval_s": 5.0, "second_factor": factor_cfg(
+        mode="presence", wait_s=1.0).model_dump(mode="json")}}), liveness_on=False)
+    state = JudgeState(r.tracking, r.quality)
+    faces = [[seen(e)] for e in alice_frames(30)]
+
+    def frame(i: int, heard: FactorEvidence | None) -> list[Decision]:
+        return list(judge(FrameSightings(i * DT, faces[i], None, heard), state, GALLERY, r).decisions)
+
+    assert [d for i in range(10) for d in frame(i, None)] == []   # 0.9 s in view: wait
+    (deny,) = frame(10, FactorEvidence(presence={"bob": 1.0}))      # 1.0 s: bob's phone is not alice's
+    assert (deny.decision, deny.reason, deny.identity) == ("deny", "second_factor", "alice")
     assert deny.second_factor is not None and deny.second_factor.factor == "presence"
-    assert policy.decide(track, GALLERY, factors=FactorEvidence(presence={"alice": -30.0})) is None  # rate-limited
-    unlock = policy.decide(track, GALLERY, factors=FactorEvidence(presence={"alice": 1.0}))
-    assert unlock is not None and (unlock.decision, unlock.identity) == ("unlock", "alice")
+    assert frame(11, FactorEvidence(presence={"alice": -30.0})) == []  # stale, and the deny is rate-limited
+    (unlock,) = frame(12, FactorEvidence(presence={"alice": 1.15}))
+    assert (unlock.decision, unlock.identity) == ("unlock", "alice")
     assert unlock.second_factor is not None and unlock.second_factor.factor == "presence"
+
+
+def test_a_door_without_a_second_factor_unlocks_as_before() -> None:
+    r = Rules.from_config(parse_config({}), liveness_on=False)
+    state = JudgeState(r.tracking, r.quality)
+    decisions = [d for i, e in enumerate(alice_frames(3))
+                 for d in judge(FrameSightings(i * DT, [seen(e)]), state, GALLERY, r).decisions]
+    assert [(d.decision, d.second_factor) for d in decisions] == [("unlock", NOT_NEEDED)]
 
 
 # -- configuration -------------------------------------------------------------------------------

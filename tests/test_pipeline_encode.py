@@ -56,7 +56,7 @@ def _thirty_faces() -> list[Face]:
 
 
 def _pipeline(detector: object, encoder: CountingEncoder, max_faces: int = 3, ratio: float = 0.5) -> FacePipeline:
-    return FacePipeline(detector, Aligner("similarity", encoder.size), encoder, 0.7, 20, max_faces, ratio)
+    return FacePipeline(detector, Aligner("similarity", encoder.size), encoder, 20, max_faces, ratio)
 
 
 def test_thirty_faces_encode_at_most_the_bound_in_one_call() -> None:

@@ -139,12 +139,14 @@ def test_a_decision_older_than_its_ttl_is_never_published(door) -> None:
     for f in frames(3, age_s=6.0):  # frames captured 6 s ago (TTL 5 s)
         service.process(f)
     assert received(sub) == [] and service.link.dropped_decisions == 1
-    assert not service.policy.in_cooldown("alice", time.monotonic())  # undelivered: re-armed
+    assert not service.state.in_cooldown("alice", time.monotonic())  # undelivered: re-armed
 
 
 def test_a_confident_unlock_adds_a_bounded_audited_door_template(mosquitto, tmp_path) -> None:
     """Door templates (opt-in): the visit's fused embedding joins the person's templates in the real
-    store, at most `door_templates` of them, noted for the audit log; `remove` clears them."""
+    store, written by a listener off the frame thread, at most `door_templates` of them, noted for
+    the audit log; `remove` clears them."""
+    from facedoor.door_templates import DoorTemplates
     from facedoor.events import DecisionEvent
     from facedoor.store import EmbeddingStore
 
@@ -174,7 +176,8 @@ def test_a_confident_unlock_adds_a_bounded_audited_door_template(mosquitto, tmp_
     visits = [ALICE + 0.02 * rng.normal(size=DIM).astype(np.float32) for _ in range(3)]
     pipeline = ScriptedPipeline([[face(100, v / np.linalg.norm(v))] for v in visits for _ in range(3)])
     pipeline.encoder_sha256 = encoder  # type: ignore[attr-defined]
-    service = DoorService(cfg, pipeline, gallery, Camera(cfg.camera), link, Notifier(""), [Recorder()])
+    templates = DoorTemplates(store, encoder, cfg.policy.door_templates)
+    service = DoorService(cfg, pipeline, gallery, Camera(cfg.camera), link, Notifier(""), [templates, Recorder()])
     try:
         for i, f in enumerate(frames(9)):
             if i % 3 == 0:
@@ -182,7 +185,8 @@ def test_a_confident_unlock_adds_a_bounded_audited_door_template(mosquitto, tmp_
             service.process(f)
     finally:
         link.stop()
-    assert [e.notes.get("door_template") for e in seen] == [True, True, True]
+        templates.close()  # writes what is queued
+    assert [e.notes.get("door_template") for e in seen] == ["queued"] * 3 and templates.stored == 3
     with EmbeddingStore(store, encoder) as s:
         [alice] = s.identities()
         assert (alice.embeddings, alice.door_templates) == (1, 2)  # bounded: the oldest was replaced
@@ -207,3 +211,38 @@ def test_a_visit_that_looks_as_much_like_a_cohort_face_never_unlocks(door) -> No
     decisions = received(sub)
     assert [(d["decision"], d["reason"], d["identity"]) for d in decisions] == [("deny", "lookalike", "alice")]
     assert decisions[0]["distance"] == pytest.approx(d_alice, abs=1e-3)
+
+
+def test_the_door_and_the_benchmark_reach_the_same_decisions_on_the_same_sightings(door) -> None:
+    """The judge is the one decision function: replaying the sightings the door recorded through
+    benchmarks/visits.py's replay gives the door's own decisions, rule for rule."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    from facedoor.judge import FrameSightings, Rules
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "visits.py"
+    spec = importlib.util.spec_from_file_location("visits_benchmark", path)
+    assert spec is not None and spec.loader is not None
+    visits = sys.modules["visits_benchmark"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(visits)
+    make, sub = door
+    near_bob = BOB + 0.3 * STRANGER
+    script = ([[face(120, near_bob / np.linalg.norm(near_bob))]] * 4  # a match
+              + [[face(120, ALICE), face(100, STRANGER, x=180)]] * 3 + [[face(120, ALICE)]] * 2  # companion
+              + [[face(120, STRANGER), face(30, BOB, x=200)]] * 4)  # unknown, a far face counted
+    service = make(script)
+    recorded: list[FrameSightings] = []
+    door_decisions = []
+    sightings = service.sightings
+    service.sightings = lambda frame, faces: recorded.append(sightings(frame, faces)) or recorded[-1]  # type: ignore
+    service.listeners.append(type("Rec", (), {"on_decision": lambda self, e: door_decisions.append(e.decision),
+                                              "close": lambda self: None})())
+    for f in frames(len(script)):
+        service.process(f)
+    gallery = service.gallery
+    replayed = list(visits.decisions(recorded, gallery, Rules.from_config(service.cfg, liveness_on=False)))
+    key = [(d.decision, d.reason, d.identity, d.t, d.unknown_near, d.faces) for d in door_decisions]
+    assert key == [(d.decision, d.reason, d.identity, d.t, d.unknown_near, d.faces) for d in replayed]
+    assert {d.reason for d in door_decisions} >= {"companion", "match", "unknown"}

@@ -4,12 +4,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from facedoor.config import TrackingConfig
-from facedoor.detect import Face
-from facedoor.match import Gallery
+from facedoor.config import QualityConfig, TrackingConfig
 from facedoor.track import Sighting, Tracker, iou, quality_weight
 
-CFG = TrackingConfig()  # floor: 40 px, sharpness 100, score 0.9; swap beyond 1.1; gap 1 s
+CFG, Q = TrackingConfig(), QualityConfig()  # floor: 40 px, sharpness 100, score 0.9; swap beyond 1.1; gap 1 s
 
 
 def unit(seed: int, dim: int = 128) -> np.ndarray:
@@ -37,7 +35,7 @@ def test_iou() -> None:
 
 
 def test_one_face_moving_is_one_track_with_fused_embedding() -> None:
-    tracker, alice = Tracker(CFG), unit(1)
+    tracker, alice = Tracker(CFG, Q), unit(1)
     tracks = [tracker.update(i / 10, [face(100 + 5 * i, near(alice, 100 + i), "alice")])[0] for i in range(10)]
     assert len({t.id for t in tracks}) == 1
     track = tracks[-1]
@@ -47,7 +45,7 @@ def test_one_face_moving_is_one_track_with_fused_embedding() -> None:
 
 
 def test_two_people_crossing_keep_their_tracks() -> None:
-    tracker, alice, bob = Tracker(CFG), unit(1), unit(2)
+    tracker, alice, bob = Tracker(CFG, Q), unit(1), unit(2)
     ids: dict[str, set[int]] = {"alice": set(), "bob": set()}
     for i in range(21):  # alice walks right, bob left; their boxes overlap mid-way
         xa, xb = 50 + 15 * i, 350 - 15 * i
@@ -62,7 +60,7 @@ def test_two_people_crossing_keep_their_tracks() -> None:
 
 
 def test_a_face_swap_in_the_same_box_splits_the_track() -> None:
-    tracker, alice, mallory = Tracker(CFG), unit(1), unit(3)
+    tracker, alice, mallory = Tracker(CFG, Q), unit(1), unit(3)
     first = [tracker.update(i / 10, [face(100, near(alice, i), "alice")])[0] for i in range(5)]
     second = [tracker.update(0.5 + i / 10, [face(100, near(mallory, 50 + i), "alice")])[0] for i in range(5)]
     assert len({t.id for t in first}) == 1 and len({t.id for t in second}) == 1
@@ -72,7 +70,7 @@ def test_a_face_swap_in_the_same_box_splits_the_track() -> None:
 
 
 def test_a_gap_ends_the_track() -> None:
-    tracker, alice = Tracker(CFG), unit(1)
+    tracker, alice = Tracker(CFG, Q), unit(1)
     before = tracker.update(0.0, [face(100, alice, "alice")])[0]
     tracker.update(0.9, [])
     assert tracker.update(1.0, [face(100, alice, "alice")])[0].id == before.id  # within max_gap_s
@@ -81,7 +79,7 @@ def test_a_gap_ends_the_track() -> None:
 
 
 def test_reset_ends_every_track() -> None:
-    tracker, alice = Tracker(CFG), unit(1)
+    tracker, alice = Tracker(CFG, Q), unit(1)
     before = tracker.update(0.0, [face(100, alice, "alice")])[0]
     tracker.reset()
     assert tracker.tracks == []
@@ -89,7 +87,7 @@ def test_reset_ends_every_track() -> None:
 
 
 def test_fusion_weights_favour_sharp_large_frames() -> None:
-    tracker, alice, other = Tracker(CFG), unit(1), unit(4)
+    tracker, alice, other = Tracker(CFG, Q), unit(1), unit(4)
     # Two good but small, soft frames lean toward OTHER; one large, sharp frame is alice.
     toward = alice * 0.6 + other * 0.4
     toward /= np.linalg.norm(toward)
@@ -97,41 +95,22 @@ def test_fusion_weights_favour_sharp_large_frames() -> None:
     tracker.update(0.1, [face(100, toward, size=90, sharp=120)])
     track = tracker.update(0.2, [face(100, alice, size=112, sharp=600)])[0]
     assert (track.frames, track.good) == (3, 3)
-    assert quality_weight(face(0, alice, size=90, sharp=120), CFG) == pytest.approx(90 / 112 * 120 / 400 * 0.99)
-    assert quality_weight(face(0, alice, size=112, sharp=600), CFG) == pytest.approx(0.99)
+    assert quality_weight(face(0, alice, size=90, sharp=120), Q) == pytest.approx(90 / 112 * 120 / 400 * 0.99)
+    assert quality_weight(face(0, alice, size=112, sharp=600), Q) == pytest.approx(0.99)
     plain_mean = (2 * toward + alice) / np.linalg.norm(2 * toward + alice)
     assert np.linalg.norm(track.embedding - alice) < 0.5 * np.linalg.norm(plain_mean - alice)
 
 
 @pytest.mark.parametrize("low", [{"size": 30}, {"sharp": 60}, {"score": 0.5}])
 def test_frames_below_the_quality_floor_do_not_count(low: dict) -> None:
-    tracker, alice, mallory = Tracker(CFG), unit(1), unit(3)
+    tracker, alice, mallory = Tracker(CFG, Q), unit(1), unit(3)
     tracker.update(0.0, [face(100, alice, "alice", size=40)])
     track = tracker.update(0.1, [face(100, mallory, "mallory", **{"size": 40, **low})])[0]  # no swap, no vote
     assert (track.frames, track.good, track.majority()) == (2, 1, ("alice", 1))
     assert np.allclose(track.embedding, alice, atol=1e-6)
-    assert quality_weight(face(0, alice, **low), CFG) == 0.0
+    assert quality_weight(face(0, alice, **low), Q) == 0.0
 
 
 def test_a_track_of_only_poor_frames_has_no_embedding() -> None:
-    track = Tracker(CFG).update(0.0, [face(100, unit(1), size=30)])[0]
+    track = Tracker(CFG, Q).update(0.0, [face(100, unit(1), size=30)])[0]
     assert track.good == 0 and track.embedding is None and track.majority() == (None, 0)
-
-
-def test_per_track_state_stays_with_the_track() -> None:
-    tracker, alice = Tracker(CFG), unit(1)
-    tracker.update(0.0, [face(100, alice)])[0].state["liveness"] = [0.9]
-    track = tracker.update(0.1, [face(102, alice)])[0]
-    assert track.state == {"liveness": [0.9]}
-    assert tracker.update(5.0, [face(102, alice)])[0].state == {}
-
-
-def test_a_sighting_of_an_encoded_face_votes_for_its_nearest() -> None:
-    alice, bob = unit(1), unit(2)
-    gallery = Gallery(["alice", "bob"], np.stack([alice, bob]), 0.7)
-    f = Face(np.array([0, 0, 50, 60], np.float32), 0.97, np.zeros((5, 2), np.float32), near(bob, 7, 1.5))
-    s = Sighting.of(f, 321.0, gallery)
-    assert (s.nearest, s.size, s.score, s.sharpness) == ("bob", 50.0, pytest.approx(0.97), 321.0)
-    assert Sighting.of(f, 321.0, None).nearest is None
-    with pytest.raises(ValueError, match="no embedding"):
-        Sighting.of(Face(f.box, 0.9, f.landmarks), 100.0, gallery)

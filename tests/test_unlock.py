@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from daemon_support import Subscriber
-from facedoor.camera import Frame
+from decision_support import decision_event
 from facedoor.config import FacedoorConfig, parse_config
 from facedoor.events import DecisionEvent
 from facedoor.mqtt import MqttLink
@@ -34,13 +32,7 @@ def unlock_config(broker, tmp_path: Path, reconnect_s: tuple[float, float] = (0.
 
 def event(decision: str = "unlock", delivered: bool = True, age_s: float = 0.0, ttl_s: float = 5.0) -> DecisionEvent:
     """A decision event on a frame captured AGE_S ago (both clocks), as the service builds it."""
-    t_wall = time.time() - age_s
-    frame = Frame(np.zeros((4, 4, 3), np.uint8), 1, time.monotonic() - age_s, t_wall)
-    payload = {"id": str(uuid.uuid4()), "door": "front", "decision": decision,
-               "reason": "match" if decision == "unlock" else "unknown",
-               "identity": "alice" if decision == "unlock" else None, "ts_ms": int(t_wall * 1000),
-               "ttl_s": ttl_s, "expires_at_ms": int((t_wall + ttl_s) * 1000)}
-    return DecisionEvent(payload, delivered, frame, None)
+    return decision_event(decision, delivered=delivered, age_s=age_s, ttl_s=ttl_s)
 
 
 @pytest.fixture
@@ -83,7 +75,7 @@ def test_unlock_action_once_per_acknowledged_unlock_never_retained(mosquitto, tm
         action.on_decision(dropped)
         (msg,) = sub.wait_count(ACTION_TOPIC, 1)
         body = json.loads(msg["payload"])
-        assert body == {"state": "UNLOCK", "expires_at_ms": sent.payload["expires_at_ms"]} and not msg["retain"]
+        assert body == {"state": "UNLOCK", "expires_at_ms": sent.message.expires_at_ms} and not msg["retain"]
         assert msg["expiry"] is not None and 1 <= msg["expiry"] <= 4  # remaining TTL, rounded down
         assert sent.notes["unlock_action"] is True and dropped.notes["unlock_action"] is False
         # neither the deny nor the not-acknowledged decision drives the relay

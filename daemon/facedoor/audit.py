@@ -108,7 +108,7 @@ class AuditLog:
         """A decision listener: the message, whether it was delivered, the other listeners' notes
         and, with `save_crops`, the face crops cut from the deciding frame (the deciding face, then
         the unknown faces near the door beside it)."""
-        entry = {**event.payload, "delivered": bool(event.delivered), **event.notes}
+        entry = {**event.message.payload(), "delivered": bool(event.delivered), **event.notes}
         if self.limits.save_crops:
             self.record(entry, event.crop(), [event.crop(f) for f in event.strangers])
         else:

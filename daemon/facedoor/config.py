@@ -18,6 +18,7 @@ from facedoor.models import default_models_dir
 
 DEFAULT_CONFIG_PATH = Path("/etc/facedoor/facedoor.yaml")
 DEFAULT_STATE_DIR = Path("/var/lib/facedoor")
+STORE_FILE = "store.db"
 MAX_CONFIG_BYTES = 1_000_000  # a door's config is a few KB; anything larger is a mistake or an attack
 SHOWN_INPUT_CHARS = 80        # an error message quotes at most this much of a bad value
 
@@ -31,34 +32,41 @@ class _Section(BaseModel):
 
 
 class CameraConfig(_Section):
-    source: int | str = Field(0, description="V4L2 index or device path, RTSP/HTTP URL or video file")
-    width: int | None = Field(None, gt=0)
-    height: int | None = Field(None, gt=0)
-    fps: float | None = Field(None, gt=0)
+    """The camera (`facedoor run --source ...` overrides the source)."""
+
+    source: int | str = Field(0, description="V4L2 index (0) or device (/dev/video0), an rtsp:// or http:// "
+                              "stream, or a video file; credentials in URLs are masked in logs")
+    width: int | None = Field(None, gt=0, description="requested capture width of a V4L2 camera (null: its default)")
+    height: int | None = Field(None, gt=0, description="requested capture height (null: the camera's default)")
+    fps: float | None = Field(None, gt=0, description="requested frame rate (null: the camera's default)")
     loop: bool = Field(False, description="restart a video file at its end instead of stopping")
-    stall_timeout_s: float = Field(5.0, gt=0, le=300)
-    reopen_backoff_initial_s: float = Field(0.5, gt=0, le=60)
-    reopen_backoff_max_s: float = Field(10.0, gt=0, le=600)
+    stall_timeout_s: float = Field(5.0, gt=0, le=300, description="no frame for this long = camera down: "
+                                   "reported, nothing decided, reopened")
+    reopen_backoff_initial_s: float = Field(0.5, gt=0, le=60, description="first wait before reopening; doubles")
+    reopen_backoff_max_s: float = Field(10.0, gt=0, le=600, description="longest wait between reopen attempts")
     realtime: bool = Field(
         True, description="pace a video file at its own frame rate, as a live camera would deliver it"
     )
 
 
 class RecognitionConfig(_Section):
+    """The face pipeline: detector, alignment, encoder and the one threshold."""
+
     threshold: float = Field(
-        0.7, gt=0, lt=2.0, description="a match is an L2 distance strictly below this (unit vectors: 2.0 matches all)"
-    )
-    encoder: Literal["facenet", "facenet_int8", "openface"] = "facenet"
-    detector: Literal["mtcnn", "yunet"] = "mtcnn"
+        0.7, gt=0, lt=2.0, description="a face matches a member when the L2 distance between embeddings is "
+        "STRICTLY below this; lower = stricter (embeddings are unit vectors: 2.0 would match everyone)")
+    encoder: Literal["facenet", "facenet_int8", "openface"] = Field(
+        "facenet", description="encoder from the models manifest: facenet (160x160), facenet_int8 (the same "
+        "network quantised to 8 bits, faster: README \"Speed\") or openface (96x96)")
+    detector: Literal["mtcnn", "yunet"] = Field(
+        "mtcnn", description="face detector: mtcnn (exported with the models) or yunet (needs yunet_model)")
     yunet_model: Path | None = Field(None, description="YuNet ONNX file for detector: yunet")
-    align: Literal["similarity", "box"] = "similarity"
-    min_face_size: int = Field(40, ge=12, le=2000, description="smallest face side in pixels")
-    detect_score: float = Field(0.9, gt=0, lt=1)
+    align: Literal["similarity", "box"] = Field(
+        "similarity", description="alignment before encoding: similarity (5-landmark transform) or box (plain crop)")
     threads: int | None = Field(None, ge=1, le=64, description="ONNX Runtime threads (default: all cores)")
-    max_faces: int = Field(3, ge=1, le=32, description="faces encoded per frame: the largest and those near it")
-    encode_ratio: float = Field(
-        0.5, gt=0, le=1, description="encode a face only if its size is at least this fraction of the largest's"
-    )
+    max_faces: int = Field(
+        3, ge=1, le=32, description="faces encoded per frame: the largest and, up to this many in all, the other "
+        "faces near the door (policy.near_ratio); a face near the door left unencoded counts as a stranger")
 
     @model_validator(mode="after")
     def _yunet_needs_model(self) -> RecognitionConfig:
@@ -146,8 +154,9 @@ class SecondFactorConfig(_Section):
     wait_s: float = Field(
         10.0, ge=0, le=600, description="how long a recognised member's face waits for the factor before the door "
         "sends a deny with reason second_factor (the face still unlocks if the factor comes while it is in view)")
-    presence: PresenceFactorConfig | None = None
-    pin: PinFactorConfig | None = None
+    presence: PresenceFactorConfig | None = Field(
+        None, description="the members' phones or tags near the door (needed by mode presence)")
+    pin: PinFactorConfig | None = Field(None, description="a keypad near the door (needed by mode pin)")
 
     @field_validator("members")
     @classmethod
@@ -180,15 +189,26 @@ class SecondFactorConfig(_Section):
 
 
 class PolicyConfig(_Section):
-    cooldown_s: float = Field(10.0, ge=0, le=3600, description="one visit, one unlock: no second unlock this soon")
-    unknown_interval_s: float = Field(5.0, ge=0, le=3600, description="at most one deny of each reason per interval")
-    min_good_frames: int = Field(3, ge=1, le=100, description="good frames a face track needs before a decision")
+    """The door decides per visit, on face tracks (facedoor.judge): a track unlocks when its fused
+    embedding is strictly below the threshold for one member AND most of its good frames were
+    nearest to that member AND (with a cohort) it is no look-alike AND (with the liveness gate) it
+    looks live AND no stranger stands near the door beside it."""
+
+    cooldown_s: float = Field(10.0, ge=0, le=3600, description="one visit, one unlock: that person is not "
+                              "unlocked again for this many seconds")
+    unknown_interval_s: float = Field(5.0, ge=0, le=3600, description="denies (unknown, look-alike, spoof, "
+                                      "companion) are sent at most this often, per reason")
+    min_good_frames: int = Field(3, ge=1, le=100, description="good frames a face track needs before its fused "
+                                 "embedding decides")
     companions: Literal["deny", "allow"] = Field(
-        "deny", description="deny: an unlock needs every face near the door to be a member; allow: only count them")
-    companion_ratio: float = Field(
-        0.5, gt=0, le=1, description="a face at least this fraction of the largest face's size is near the door")
+        "deny", description="deny: an unlock needs every face near the door to be a member, else a deny with "
+        "reason companion (no tailgating stranger); allow: members let companions in, counted in unknown_near")
+    near_ratio: float = Field(
+        0.5, gt=0, le=1, description="a face at least this fraction of the largest face's size is near the door: "
+        "it is encoded, it decides, and a stranger there counts as a companion; smaller faces are only counted")
     door_templates: int = Field(
-        0, ge=0, le=20, description="door templates kept per person after confident unlocks (0: off)")
+        0, ge=0, le=20, description="door templates kept per person (0: off): after an unlock below "
+        "door_template_below the visit's fused embedding is stored for that person, oldest replaced first")
     door_template_below: float = Field(
         0.5, gt=0, le=4.0, description="fused distance an unlock must be below to add one")
     cohort_margin: float = Field(
@@ -199,20 +219,32 @@ class PolicyConfig(_Section):
 
 
 class TrackingConfig(_Section):
+    """Following one face across frames (facedoor.track)."""
+
     iou_min: float = Field(0.3, gt=0, lt=1, description="box overlap (IoU) that continues a face track")
     max_gap_s: float = Field(1.0, gt=0, le=60, description="a track not seen for this long ends")
     swap_distance: float = Field(1.1, gt=0, le=4.0, description="a good frame this far from its track starts a new one")
-    min_face_size: int = Field(40, ge=12, le=2000, description="quality floor: face side in pixels")
-    min_sharpness: float = Field(100.0, ge=0, description="quality floor: variance of the Laplacian of the face")
-    min_detect_score: float = Field(0.9, ge=0, le=1, description="quality floor: detector score")
+
+
+class QualityConfig(_Section):
+    """The one quality floor: the detector keeps no smaller or less certain face, and a face track
+    fuses only frames at or above it, weighted by size x sharpness x score up to the `full_*` values."""
+
+    min_face_size: int = Field(40, ge=12, le=2000, description="smallest face side in pixels that is detected")
+    min_detect_score: float = Field(0.9, gt=0, lt=1, description="the detector's score cut-off")
+    min_sharpness: float = Field(
+        100.0, ge=0, description="variance of the Laplacian of the face below which a frame only keeps its track alive")
     full_face_size: float = Field(112.0, gt=0, description="face side in pixels at which size stops adding weight")
     full_sharpness: float = Field(400.0, gt=0, description="sharpness at which it stops adding weight")
 
 
 class TLSConfig(_Section):
-    ca: Path | None = None
-    cert: Path | None = None
-    key: Path | None = None
+    """TLS to the broker: omit (null) for plain TCP; ca alone authenticates the server, cert + key add a
+    client certificate."""
+
+    ca: Path | None = Field(None, description="CA certificate file, e.g. /etc/facedoor/ca.crt")
+    cert: Path | None = Field(None, description="client certificate file, e.g. /etc/facedoor/client.crt")
+    key: Path | None = Field(None, description="client key file, e.g. /etc/facedoor/client.key")
 
     @model_validator(mode="after")
     def _cert_with_key(self) -> TLSConfig:
@@ -222,30 +254,43 @@ class TLSConfig(_Section):
 
 
 class DiscoveryConfig(_Section):
-    enabled: bool = True
-    prefix: str = Field("homeassistant", min_length=1)
+    """Home Assistant MQTT discovery: the door appears as a device (README "Home Assistant")."""
+
+    enabled: bool = Field(True, description="publish the retained discovery message")
+    prefix: str = Field("homeassistant", min_length=1, description="Home Assistant's discovery prefix")
 
 
 class MQTTConfig(_Section):
-    host: str = Field("127.0.0.1", min_length=1)
-    port: int = Field(1883, ge=1, le=65535)
-    topic_prefix: str = Field("facedoor", min_length=1)
-    client_id: str | None = None
-    username: str | None = None
-    password_file: Path | None = None
-    keepalive_s: int = Field(30, ge=5, le=3600)
-    reconnect_min_s: float = Field(0.5, gt=0, le=60)
-    reconnect_max_s: float = Field(5.0, gt=0, le=300)
-    health_interval_s: float = Field(10.0, gt=0, le=3600)
+    """The broker. Topics: <topic_prefix>/<door_id>/status (retained online/offline, Last Will offline),
+    .../decision (QoS 1, never retained, expires after decision_ttl_s), .../health (periodic JSON)."""
+
+    host: str = Field("127.0.0.1", min_length=1, description="broker host name or address")
+    port: int = Field(1883, ge=1, le=65535, description="broker port")
+    topic_prefix: str = Field("facedoor", min_length=1, description="first level of every topic of this door")
+    client_id: str | None = Field(None, description="MQTT client id (null: facedoor-<door_id>)")
+    username: str | None = Field(None, description="broker user name (null: anonymous)")
+    password_file: Path | None = Field(
+        None, description="file holding the broker password (one line; mode 0640, owner root, group facedoor); "
+        "never logged, e.g. /etc/facedoor/mqtt-password")
+    keepalive_s: int = Field(30, ge=5, le=3600, description="MQTT keepalive")
+    reconnect_min_s: float = Field(0.5, gt=0, le=60, description="first reconnect wait; doubles")
+    reconnect_max_s: float = Field(5.0, gt=0, le=300, description="longest reconnect wait")
+    health_interval_s: float = Field(10.0, gt=0, le=3600, description="seconds between health messages")
     ack_timeout_s: float = Field(
-        1.0, ge=0.1, le=10, description="a QoS 1 message unacknowledged this long means the broker stalled"
+        1.0, ge=0.1, le=10, description="a QoS 1 message unacknowledged this long means the broker stalled "
+        "(paused, TCP still up): an outage, nothing decided; a decision counts as delivered, and the unlock "
+        "action follows it, only once acknowledged within this time"
     )
-    tls: TLSConfig | None = None
+    tls: TLSConfig | None = Field(None, description="TLS to the broker (null: plain TCP)")
     allow_plaintext_password: bool = Field(
         False, description="send the password without TLS to a non-loopback broker (readable on the network)"
     )
-    signing_key_file: Path | None = Field(None, description="HMAC key that signs every decision (facedoor.signing)")
-    discovery: DiscoveryConfig = DiscoveryConfig()
+    signing_key_file: Path | None = Field(
+        None, description="HMAC-SHA256 key signing every decision (at least 32 bytes, mode 0600, owned by the "
+        "door's user; `head -c 32 /dev/urandom | base64`), e.g. /etc/facedoor/signing-key; algorithm: "
+        "facedoor/signing.py")
+    discovery: DiscoveryConfig = Field(DiscoveryConfig(), description="Home Assistant MQTT discovery: the door "
+                                       "appears as a device (README \"Home Assistant\")")
 
     @field_validator("topic_prefix")
     @classmethod
@@ -285,6 +330,9 @@ def _is_loopback(host: str) -> bool:
 
 
 class UnlockActionConfig(_Section):
+    """Optional: drive a lock or relay directly with each acknowledged unlock (QoS 1, never retained,
+    Message Expiry = the remaining TTL; a JSON payload gains expires_at_ms). See config/unlock-*.yaml."""
+
     topic: str = Field(..., min_length=1, description="e.g. zigbee2mqtt/front_door/set")
     payload: str = Field(..., description='sent with an unlock decision, e.g. {"state": "UNLOCK"}')
     lock_payload: str = Field(
@@ -301,16 +349,20 @@ class UnlockActionConfig(_Section):
 
 
 class AuditConfig(_Section):
-    enabled: bool = True
+    """Local audit log of every decision (JSON lines), size- and age-bounded; `facedoor audit` prints it."""
+
+    enabled: bool = Field(True, description="write the audit log")
     path: Path | None = Field(None, description="default: <state_dir>/audit.jsonl")
-    max_bytes: int = Field(50_000_000, ge=10_000)
-    max_age_days: float = Field(90.0, gt=0)
-    save_crops: bool = False
+    max_bytes: int = Field(50_000_000, ge=10_000, description="rotate the log beyond this size")
+    max_age_days: float = Field(90.0, gt=0, description="drop entries (and crops) older than this")
+    save_crops: bool = Field(False, description="also keep the face crops of each decision as JPEG files")
 
 
 class LoggingConfig(_Section):
-    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    format: Literal["text", "json"] = "text"
+    """The door's log on stderr (the journal under systemd)."""
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="DEBUG, INFO, WARNING, ERROR")
+    format: Literal["text", "json"] = Field("text", description="text (key=value) or json (one object per line)")
 
 
 class LivenessConfig(_Section):
@@ -322,6 +374,9 @@ class LivenessConfig(_Section):
 
 
 class IdleConfig(_Section):
+    """Idle gating: while the scene is still and no face is in view the detector runs detect_fps times a
+    second; motion or a face switches to every frame for active_hold_s (facedoor.motion)."""
+
     enabled: bool = Field(True, description="skip the detector on a still, empty scene (see facedoor.motion)")
     detect_fps: float = Field(3.0, gt=0, le=60, description="detector passes per second while idle")
     active_hold_s: float = Field(2.0, ge=0, le=60, description="full rate this long after the last motion or face")
@@ -341,21 +396,35 @@ class IdleConfig(_Section):
 
 
 class FacedoorConfig(_Section):
-    door_id: str = Field("front", pattern=r"^[A-Za-z0-9_-]{1,64}$")
-    state_dir: Path = DEFAULT_STATE_DIR
-    models: Path = Field(default_factory=default_models_dir)
-    store: Path = DEFAULT_STATE_DIR / "store.db"
-    decision_ttl_s: float = Field(5.0, gt=0, le=60)
+    door_id: str = Field("front", pattern=r"^[A-Za-z0-9_-]{1,64}$", description="name of this door: part of "
+                         "every MQTT topic (<mqtt.topic_prefix>/<door_id>/...); letters, digits, '_' and '-'")
+    state_dir: Path = Field(DEFAULT_STATE_DIR, description="where the door keeps its state (systemd's "
+                            "StateDirectory=facedoor); the store and the audit log live here unless set")
+    models: Path = Field(default_factory=default_models_dir, description="models directory written by "
+                         "`facedoor-export --out DIR`; every file's SHA-256 is checked against its manifest")
+    store: Path = Field(DEFAULT_STATE_DIR / STORE_FILE, description=f"the embedding store (SQLite) written by "
+                        f"`facedoor enroll`; default: <state_dir>/{STORE_FILE}")
+    decision_ttl_s: float = Field(5.0, gt=0, le=60, description="seconds a decision stays valid from its frame's "
+                                  "capture: sent as MQTT v5 Message Expiry, never published later")
     camera: CameraConfig = CameraConfig()
     recognition: RecognitionConfig = RecognitionConfig()
     policy: PolicyConfig = PolicyConfig()
     tracking: TrackingConfig = TrackingConfig()
+    quality: QualityConfig = QualityConfig()
     mqtt: MQTTConfig = MQTTConfig()
     unlock_action: UnlockActionConfig | None = None
     audit: AuditConfig = AuditConfig()
     idle: IdleConfig = IdleConfig()
     logging: LoggingConfig = LoggingConfig()
     liveness: LivenessConfig = LivenessConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _derived_paths(cls, data: Any) -> Any:
+        """The store defaults to <state_dir>/store.db: one setting moves all the door's state."""
+        if isinstance(data, dict) and "store" not in data:
+            data = {**data, "store": Path(data.get("state_dir") or DEFAULT_STATE_DIR) / STORE_FILE}
+        return data
 
     def topic(self, leaf: str) -> str:
         """`<topic_prefix>/<door_id>/<leaf>`, e.g. facedoor/front/decision."""

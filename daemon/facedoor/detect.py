@@ -370,8 +370,8 @@ class YuNetDetector:
         return _to_faces(boxes, rows[:, 14], landmarks, min_face_size)
 
 
-def create_detector(recognition: Any, manifest: Manifest, threads: int | None = None) -> Detector:
-    """The detector the `recognition` config section asks for."""
+def create_detector(recognition: Any, min_score: float, manifest: Manifest, threads: int | None = None) -> Detector:
+    """The detector the `recognition` config section asks for; MTCNN keeps faces scoring MIN_SCORE or more."""
     if recognition.detector == "yunet":
         return YuNetDetector(recognition.yunet_model, threads=threads)
-    return MTCNNDetector(manifest, threads, recognition.detect_score)
+    return MTCNNDetector(manifest, threads, min_score)

@@ -1,32 +1,45 @@
 """Decisions as events: what the door decided, handed to every listener in order.
 
 The service builds one `DecisionEvent` per decision, after publishing (or dropping) it, and hands
-it to its listeners (unlock action, audit log, a demo's recorder...). A listener may add facts to
-`notes` for those after it (the unlock action notes whether it drove the relay; the audit log,
-last, writes them down). A listener's failure is logged by the service and never reaches the
-frame loop.
+it to its listeners in order: the judge's retraction of an undelivered decision, the unlock
+action, door templates, a demo's recorder, the audit log. A listener may add facts to `notes` for
+those after it (the unlock action notes whether it drove the relay; the audit log, last, writes
+them down). A listener's failure is logged by the service and never reaches the frame loop.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from facedoor.camera import Frame
     from facedoor.detect import Face
+    from facedoor.judge import Decision
+    from facedoor.message import DecisionMessage
 
 
 @dataclass
 class DecisionEvent:
-    """One decision: the message PAYLOAD, whether the broker acknowledged it, its frame and face."""
+    """One decision: the judge's DECISION, the MESSAGE sent for it, whether the broker acknowledged
+    it, and its frame with the frame's faces (the deciding one and the unknown ones beside it)."""
 
-    payload: Mapping[str, Any]
+    decision: Decision
+    message: DecisionMessage
     delivered: bool
     frame: Frame
-    face: Face | None
-    strangers: tuple[Face, ...] = ()  # unknown faces near the door beside the deciding one
+    faces: Sequence[Face] = ()
     notes: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def face(self) -> Face | None:
+        """The deciding face."""
+        return self.faces[self.decision.face] if self.decision.face < len(self.faces) else None
+
+    @property
+    def strangers(self) -> tuple[Face, ...]:
+        """The faces near the door beside the deciding one that match no member."""
+        return tuple(self.faces[i] for i in self.decision.companions if i < len(self.faces))
 
     def crop(self, face: Face | None = None) -> Any:
         """FACE's box (default: the deciding face's) cut from the frame (a copy), None without one."""

@@ -48,6 +48,7 @@ from facedoor.config import ConfigError, SecondFactorConfig
 from facedoor.files import read_secret
 
 if TYPE_CHECKING:
+    from facedoor.events import DecisionEvent
     from facedoor.mqtt import MqttHooks
 
 log = logging.getLogger(__name__)
@@ -296,6 +297,13 @@ class FactorListener:
         if self.cfg.pin is not None:
             parts.append(f"keypad {self.cfg.pin.topic} ({len(self.pins)} PIN(s))")
         return ", ".join(parts)
+
+    def on_decision(self, event: DecisionEvent) -> None:
+        """A decision listener: one PIN entry, one unlock (the PIN of a delivered unlock is spent)."""
+        check = event.decision.second_factor
+        if event.delivered and event.decision.decision == "unlock" and check is not None \
+                and check.pin_t is not None and event.decision.identity is not None:
+            self.spend(event.decision.identity, check.pin_t)
 
     def close(self) -> None:
         """Stop the PIN worker."""

@@ -59,15 +59,14 @@ class _Mapping:
 class FacePipeline:
     """Detector + aligner + encoder built from the config and the hash-checked model manifest."""
 
-    def __init__(self, detector: Detector, aligner: Aligner, encoder: Encoder, threshold: float, min_face_size: int,
-                 max_faces: int = 3, encode_ratio: float = 0.5):
+    def __init__(self, detector: Detector, aligner: Aligner, encoder: Encoder, min_face_size: int,
+                 max_faces: int = 3, near_ratio: float = 0.5):
         self.detector = detector
         self.aligner = aligner
         self.encoder = encoder
-        self.threshold = float(threshold)
         self.min_face_size = int(min_face_size)
         self.max_faces = int(max_faces)
-        self.encode_ratio = float(encode_ratio)
+        self.near_ratio = float(near_ratio)
 
     @classmethod
     def from_config(cls, cfg: FacedoorConfig) -> FacePipeline:
@@ -77,13 +76,13 @@ class FacePipeline:
         # ONNX Runtime's own default can be a single thread on a VM; use every CPU unless capped.
         threads = rec.threads or os.cpu_count() or 1
         encoder = Encoder(manifest, rec.encoder, threads)
-        detector = create_detector(rec, manifest, threads)
+        detector = create_detector(rec, cfg.quality.min_detect_score, manifest, threads)
         log.info(
             "face pipeline: detector %s, align %s, encoder %s (%s..., %d-D), threshold %.3f",
             detector.name, rec.align, encoder.name, encoder.sha256[:12], encoder.dim, rec.threshold,
         )
-        return cls(detector, Aligner(rec.align, encoder.size), encoder, rec.threshold, rec.min_face_size,
-                   rec.max_faces, rec.encode_ratio)
+        return cls(detector, Aligner(rec.align, encoder.size), encoder, cfg.quality.min_face_size,
+                   rec.max_faces, cfg.policy.near_ratio)
 
     @property
     def encoder_sha256(self) -> str:
@@ -114,11 +113,11 @@ class FacePipeline:
 
     def deciding(self, faces: list[Face]) -> list[Face]:
         """The faces a decision can rest on: the largest and, up to `max_faces`, those of at least
-        `encode_ratio` of its size; smaller ones are bystanders further from the door."""
+        `near_ratio` of its size (near the door); smaller ones are bystanders further away."""
         if not faces:
             return []
         largest = max(faces, key=lambda f: f.area)
-        near = [f for f in faces if f is not largest and f.size >= self.encode_ratio * largest.size]
+        near = [f for f in faces if f is not largest and f.size >= self.near_ratio * largest.size]
         near.sort(key=lambda f: f.area, reverse=True)
         return [largest, *near][: self.max_faces]
 

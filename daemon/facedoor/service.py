@@ -1,6 +1,6 @@
 """`facedoor run`: the door service. The per-frame path reads top to bottom in `DoorService.process`:
 
-    frame -> pipeline.analyze -> tracker (fuse per face) -> liveness -> policy -> deliver -> listeners
+    frame -> idle gate -> pipeline.analyze (detect, encode) -> judge (facedoor.judge) -> deliver -> listeners
 
 Fail closed everywhere: an exception in the frame path is logged and decides nothing; while the
 broker is unreachable or stalled, or the camera is down, nothing is decided (the evidence window
@@ -9,8 +9,9 @@ is reset); a decision is delivered only if the broker acknowledges it within its
 nobody matches, faces are reported unknown, until a reload succeeds); SIGTERM/SIGINT stop cleanly
 (retained `offline`, camera closed, exit 0).
 
-Each decision becomes a `DecisionEvent` handed to the listeners (facedoor.events): the unlock
-action, then the audit log. `build_service` wires the door the same way for `facedoor run` and
+Each decision becomes a `DecisionMessage` (facedoor.message) and a `DecisionEvent` handed to the
+listeners (facedoor.events): the judge's retraction of an undelivered decision, the unlock action,
+door templates, then the audit log. `build_service` wires the door the same way for `facedoor run` and
 the demo.
 """
 from __future__ import annotations
@@ -29,18 +30,18 @@ from facedoor.config import FacedoorConfig
 from facedoor.events import DecisionEvent, DecisionListener
 from facedoor.factors import FactorListener
 from facedoor.formatting import distance, finite, iso_utc
-from facedoor.liveness import LivenessModel, TrackLiveness, load_liveness
+from facedoor.judge import Decision, FrameSightings, JudgeState, Rules, Seen, judge
+from facedoor.liveness import LivenessModel, load_liveness
 from facedoor.logs import setup_logging
 from facedoor.match import Gallery
+from facedoor.message import DecisionMessage
 from facedoor.models import Manifest
 from facedoor.motion import IdleGate
 from facedoor.mqtt import MqttLink
 from facedoor.pipeline import sharpness
-from facedoor.policy import Decision, TrackPolicy
 from facedoor.sdnotify import Notifier, watchdog_interval_s
-from facedoor.signing import load_key, sign
+from facedoor.signing import load_key
 from facedoor.store import StoreWatcher
-from facedoor.track import Sighting, Track, Tracker
 
 if TYPE_CHECKING:
     from facedoor.pipeline import Face, FacePipeline
@@ -48,6 +49,21 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STORE_CHECK_S = 0.25  # a `facedoor remove` takes effect within this (+ one frame), no SIGHUP needed
+
+
+class RetractUndelivered:
+    """A decision listener: a decision the broker did not acknowledge re-arms the judge's cooldown or
+    rate limit, so the member (or the next deny) is not held back by a message nobody received."""
+
+    def __init__(self, state: JudgeState):
+        self.state = state
+
+    def on_decision(self, event: DecisionEvent) -> None:
+        if not event.delivered:
+            self.state.retract(event.decision)
+
+    def close(self) -> None:
+        pass
 
 
 class DoorService:
@@ -66,12 +82,12 @@ class DoorService:
         self.listeners = list(listeners)
         self.store_watcher = store_watcher  # another process enrolled or removed someone: reload at once
         self.signing_key = signing_key
-        self.policy = TrackPolicy(cfg.policy, cfg.recognition.threshold)
-        self.tracker = Tracker(cfg.tracking)
-        self.gate = IdleGate.from_config(cfg.idle)
         self.liveness = liveness  # None: the gate is off (said at start)
         self.factors = factors    # None: no second factor configured
-        self.threshold = cfg.recognition.threshold
+        self.rules = Rules.from_config(cfg, liveness_on=liveness is not None)
+        self.state = JudgeState(cfg.tracking, cfg.quality)
+        self.listeners.insert(0, RetractUndelivered(self.state))  # first: a dropped unlock re-arms at once
+        self.gate = IdleGate.from_config(cfg.idle)
         self.gallery: Gallery | None = load_gallery()   # None after a failed reload: nobody matches
         self._stop = threading.Event()
         self._reload = threading.Event()
@@ -109,7 +125,7 @@ class DoorService:
         self.notifier.ready(f"watching {describe(self.camera.source)}; {enrolled} enrolled")
         log.info("facedoor running", extra={"fields": {
             "event": "ready", "door": self.cfg.door_id, "source": describe(self.camera.source),
-            "enrolled": enrolled, "threshold": self.threshold}})
+            "enrolled": enrolled, "threshold": self.rules.threshold}})
         while not self._stop.is_set():
             frame = self.camera.get(timeout=0.2)
             now = time.monotonic()
@@ -142,7 +158,7 @@ class DoorService:
         return self.exit_code
 
     def process(self, frame: Frame) -> None:
-        """The per-frame path: idle gate -> detect + encode -> track + fuse -> liveness -> decide -> deliver."""
+        """The per-frame path: idle gate -> pipeline (detect, encode) -> judge -> deliver."""
         self.counts["frames"] += 1
         if self._last_frame_t is not None and frame.t_mono - self._last_frame_t > self.cfg.camera.stall_timeout_s:
             self.reset_evidence()  # evidence never spans a camera outage
@@ -157,11 +173,7 @@ class DoorService:
                 return
             faces = self.pipeline.analyze(frame.image)  # largest first; only the faces near the door encoded
             self.gate.observe(frame.t_mono, len(faces))
-            encoded = [f for f in faces if f.embedding is not None]
-            sightings = [Sighting.of(f, sharpness(frame.image, f), self.gallery) for f in encoded]
-            tracks = self.tracker.update(frame.t_mono, sightings)
-            self.check_liveness(frame, encoded, tracks)
-            decisions = self.decide(faces, encoded, tracks)
+            judgement = judge(self.sightings(frame, faces), self.state, self.gallery, self.rules)
         except Exception:
             self.counts["errors"] += 1
             self.reset_evidence()
@@ -169,121 +181,59 @@ class DoorService:
                           extra={"fields": {"event": "frame_error"}})
             return
         self._processed.append(time.monotonic())
-        for decision, face, strangers in decisions:
-            self.publish_decision(decision, frame, face, strangers)
+        for decision in judgement.decisions:
+            self.publish_decision(decision, frame, faces)
 
-    def check_liveness(self, frame: Frame, faces: list[Face], tracks: list[Track]) -> None:
-        """Score each face that matches a member on the liveness gate; the evidence stays with its track."""
-        if self.liveness is None:
-            return
-        for face, track in zip(faces, tracks):
-            if track.last.nearest is not None and self.policy.matched(track, self.gallery):
-                evidence = track.state.setdefault(
-                    "liveness", TrackLiveness(self.cfg.liveness.threshold, self.cfg.liveness.min_frames))
-                evidence.add(self.liveness.score(frame.image, face.box))
-
-    def decide(self, faces: list[Face], encoded: list[Face],
-               tracks: list[Track]) -> list[tuple[Decision, Face, tuple[Face, ...]]]:
-        """The decisions of the faces near the door (at least `companion_ratio` of the largest
-        one's size; faces far behind decide nothing), each told how many of the others near the
-        door match no member: a face near the door left unencoded by the bound counts as one, and
-        so does a stranger's track near the door (`min_good_frames` good frames, matching nobody)
-        that this frame missed but that is still alive (seen within `tracking.max_gap_s`): a
-        stranger the detector loses for a frame never lets the member beside them in."""
-        near_size = self.cfg.policy.companion_ratio * max((f.size for f in faces), default=0.0)
-        near = [(f, t) for f, t in zip(encoded, tracks) if f.size >= near_size]
-        strangers: dict[int, Face] = {t.id: f for f, t in near if self.policy.matched(t, self.gallery) is None}
-        strangers.update({-1 - i: f for i, f in enumerate(faces) if f.size >= near_size and f.embedding is None})
-        seen = {t.id for t in tracks}
-        missed = sum(1 for t in self.tracker.tracks if t.id not in seen and t.last.size >= near_size
-                     and t.good >= self.cfg.policy.min_good_frames and self.policy.matched(t, self.gallery) is None)
-        decisions = []
-        heard = self.factors.snapshot() if self.factors is not None else None  # one snapshot per frame
-        for face, track in near:
-            evidence: TrackLiveness | None = track.state.get("liveness")
-            verdict = None if self.liveness is None else (evidence.state.verdict if evidence else "undecided")
-            decision = self.policy.decide(
-                track, self.gallery, liveness=verdict, live_score=evidence.state.score if evidence else None,
-                unknown_near=len(strangers.keys() - {track.id}) + missed, factors=heard)
-            if decision is not None:
-                decisions.append((decision, face, tuple(f for i, f in strangers.items() if i != track.id)))
-        return decisions
+    def sightings(self, frame: Frame, faces: list[Face]) -> FrameSightings:
+        """The judge's view of FRAME's FACES; the liveness gate scores a face only when the judge asks."""
+        seen = [Seen(f.box, float(f.score), sharpness(frame.image, f) if f.embedding is not None else 0.0,
+                     f.embedding) for f in faces]
+        model = self.liveness
+        live = (lambda i: model.score(frame.image, faces[i].box)) if model is not None else None
+        heard = self.factors.snapshot() if self.factors is not None else None
+        return FrameSightings(frame.t_mono, seen, live, heard)
 
     def reset_evidence(self) -> None:
         """Forget every face track (camera or broker gap, store change, error): evidence never spans one."""
-        self.tracker.reset()
+        self.state.reset()
 
-    def publish_decision(self, decision: Decision, frame: Frame, face: Face | None,
-                         strangers: tuple[Face, ...] = ()) -> bool:
-        """Deliver DECISION (acknowledged within its TTL, or dropped), log it, tell the listeners."""
-        latency_ms = (time.monotonic() - frame.t_mono) * 1000
+    def message(self, decision: Decision, frame: Frame) -> DecisionMessage:
+        """The message for DECISION taken on FRAME: valid for `decision_ttl_s` from the capture, signed when set."""
         ttl = self.cfg.decision_ttl_s
-        factor = decision.second_factor
-        payload = {
-            "id": str(uuid.uuid4()),
-            "door": self.cfg.door_id,
-            "decision": decision.decision,
-            "reason": decision.reason,
-            "identity": decision.identity,
-            "distance": distance(decision.distance),
-            "threshold": decision.threshold,
-            "frames": decision.frames,
-            "window": decision.window,
-            "faces": decision.faces,
-            "unknown_near": decision.unknown_near,
-            "live_score": finite(decision.live_score, 3),
-            "factor": factor.factor if factor is not None else None,
-            "factor_detail": factor.detail if factor is not None and factor.detail else None,
-            "ts": iso_utc(frame.t_wall),
-            "ts_ms": int(frame.t_wall * 1000),
-            "ttl_s": ttl,
-            "expires_at_ms": int((frame.t_wall + ttl) * 1000),
-            "latency_ms": round(latency_ms, 1),
-        }
-        if self.signing_key is not None:
-            payload = sign(payload, self.signing_key)
-        delivered = self.link.deliver(self.link.decision_topic, json.dumps(payload), frame.t_mono, ttl,
-                                      f"decision {payload['id']} ({decision.decision})")
+        check = decision.second_factor
+        message = DecisionMessage(
+            id=str(uuid.uuid4()), door=self.cfg.door_id, decision=decision.decision, reason=decision.reason,
+            identity=decision.identity, distance=distance(decision.distance), threshold=decision.threshold,
+            frames=decision.frames, window=decision.window, faces=decision.faces,
+            unknown_near=decision.unknown_near, live_score=finite(decision.live_score, 3),
+            liveness=decision.liveness, factor=check.factor if check is not None else None,
+            factor_detail=check.detail if check is not None and check.detail else None,
+            ts=iso_utc(frame.t_wall), ts_ms=int(frame.t_wall * 1000), ttl_s=ttl,
+            expires_at_ms=int((frame.t_wall + ttl) * 1000),
+            latency_ms=round((time.monotonic() - frame.t_mono) * 1000, 1))
+        return message.signed(self.signing_key) if self.signing_key is not None else message
+
+    def publish_decision(self, decision: Decision, frame: Frame, faces: Sequence[Face] = ()) -> bool:
+        """Deliver DECISION (acknowledged within its TTL, or dropped), log it, tell the listeners."""
+        message = self.message(decision, frame)
+        delivered = self.link.deliver(self.link.decision_topic, json.dumps(message.payload()), frame.t_mono,
+                                      message.ttl_s, f"decision {message.id} ({decision.decision})")
         if delivered:
             self.counts[decision.decision] += 1
-            self._latencies_ms.append(latency_ms)
-            if decision.decision == "unlock" and factor is not None and factor.pin_t is not None \
-                    and self.factors is not None and decision.identity is not None:
-                self.factors.spend(decision.identity, factor.pin_t)  # one PIN entry, one unlock
-        else:
-            self.policy.retract(decision)
+            self._latencies_ms.append(message.latency_ms)
         log.info("decision %s %s", decision.decision, decision.identity or decision.reason, extra={"fields": {
-            "event": "decision", "id": payload["id"], "decision": decision.decision, "reason": decision.reason,
-            "identity": decision.identity, "distance": payload["distance"], "threshold": decision.threshold,
-            "factor": payload["factor"], "factor_detail": payload["factor_detail"],
+            "event": "decision", "id": message.id, "decision": decision.decision, "reason": decision.reason,
+            "identity": decision.identity, "distance": message.distance, "threshold": decision.threshold,
+            "factor": message.factor, "factor_detail": message.factor_detail,
             "frames": f"{decision.frames}/{decision.window}", "faces": decision.faces,
-            "latency_ms": payload["latency_ms"], "delivered": delivered}})
-        event = DecisionEvent(payload, delivered, frame, face, strangers)
-        if delivered and decision.template:
-            event.notes["door_template"] = self.add_door_template(decision)
+            "latency_ms": message.latency_ms, "delivered": delivered}})
+        event = DecisionEvent(decision, message, delivered, frame, faces)
         for listener in self.listeners:
             try:
                 listener.on_decision(event)
             except Exception:
-                log.exception("decision listener %s failed for decision %s", type(listener).__name__, payload["id"])
+                log.exception("decision listener %s failed for decision %s", type(listener).__name__, message.id)
         return delivered
-
-    def add_door_template(self, decision: Decision) -> bool:
-        """Store a confident visit's fused embedding as a door template of its person (opt-in,
-        `policy.door_templates`); the store watcher then reloads the gallery. True when stored."""
-        from facedoor.store import EmbeddingStore
-
-        assert decision.identity is not None and decision.embedding is not None
-        try:
-            with EmbeddingStore(self.cfg.store, self.pipeline.encoder_sha256, create=False) as store:
-                store.add_door_template(decision.identity, decision.embedding, self.cfg.policy.door_templates)
-        except Exception:
-            log.exception("door template for %s not stored", decision.identity,
-                          extra={"fields": {"event": "door_template_failed"}})
-            return False
-        log.info("door template added for %s (fused distance %.3f)", decision.identity, decision.distance,
-                 extra={"fields": {"event": "door_template", "identity": decision.identity}})
-        return True
 
     # --- housekeeping ------------------------------------------------------------------------
     def reload_gallery(self) -> None:
@@ -367,8 +317,6 @@ class DoorService:
                 log.exception("decision listener %s failed to close", type(listener).__name__)
         self.camera.stop()
         self.link.stop()
-        if self.factors is not None:
-            self.factors.close()
         if self.store_watcher is not None:
             self.store_watcher.close()
         log.info("facedoor stopped", extra={"fields": {"event": "stopped", **self.counts}})
@@ -378,9 +326,11 @@ def build_service(cfg: FacedoorConfig, pipeline: FacePipeline, *, source: int | 
                   loop: bool | None = None, notifier: Notifier | None = None,
                   extra_listeners: Sequence[DecisionListener] = ()) -> DoorService:
     """Wire the door: store, camera, MQTT link, Home Assistant discovery and the decision listeners
-    (unlock action, then EXTRA_LISTENERS, then the audit log). `facedoor run` and the demo both
+    (the judge's retraction, unlock action, door templates, then EXTRA_LISTENERS, then the audit
+    log). `facedoor run` and the demo both
     start here, so they cannot drift. Raises StoreError before anything is started."""
     from facedoor.audit import AuditLog
+    from facedoor.door_templates import DoorTemplates
     from facedoor.homeassistant import HomeAssistantDiscovery
     from facedoor.store import EmbeddingStore
     from facedoor.unlock import UnlockAction
@@ -396,16 +346,19 @@ def build_service(cfg: FacedoorConfig, pipeline: FacePipeline, *, source: int | 
     link = MqttLink(cfg)
     HomeAssistantDiscovery(cfg, link).attach()
     listeners: list[DecisionListener] = []
+    if factors is not None:
+        factors.attach(link)
+        listeners.append(factors)  # spends the PIN of a delivered unlock
     if cfg.unlock_action is not None:
         listeners.append(UnlockAction(cfg.unlock_action, link, cfg.decision_ttl_s))
+    if cfg.policy.door_templates > 0:
+        listeners.append(DoorTemplates(cfg.store, pipeline.encoder_sha256, cfg.policy.door_templates))
     listeners.extend(extra_listeners)
     audit = AuditLog.from_config(cfg)
     if audit is not None:
         listeners.append(audit)
     camera = Camera(cfg.camera, source, loop)
     liveness = load_liveness(Manifest.load(cfg.models), cfg.liveness.enabled)
-    if factors is not None:
-        factors.attach(link)
     return DoorService(cfg, pipeline, load_gallery, camera, link, notifier or Notifier(), listeners,
                        store_watcher=watcher, signing_key=key, liveness=liveness, factors=factors)
 

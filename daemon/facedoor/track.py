@@ -14,22 +14,16 @@ on a monotonic clock), so tests replay any timeline exactly. Rules:
   and starts a new one (a face swap at the door never inherits another person's evidence);
 - a track unseen for more than `max_gap_s` ends; `reset()` ends all (camera or broker gap).
 
-`Track.state` is free per-track state for other per-visit checks (e.g. a liveness estimator
-fed each frame); it ends with the track.
+What the door makes of a track (its match, liveness, the decision) is the judge's (facedoor.judge).
 """
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from facedoor.config import TrackingConfig
-
-if TYPE_CHECKING:
-    from facedoor.detect import Face
-    from facedoor.match import Gallery
+from facedoor.config import QualityConfig, TrackingConfig
 
 
 @dataclass(frozen=True)
@@ -41,14 +35,6 @@ class Sighting:
     score: float             # detector score
     sharpness: float         # `facedoor.pipeline.sharpness` of the face
     nearest: str | None      # nearest enrolled identity whatever its distance (None: empty gallery)
-
-    @classmethod
-    def of(cls, face: Face, sharpness: float, gallery: Gallery | None) -> Sighting:
-        """A sighting of an encoded FACE with its SHARPNESS, voting for its nearest in GALLERY."""
-        if face.embedding is None:
-            raise ValueError("the face has no embedding (encode it first)")
-        nearest = gallery.nearest(face.embedding).identity if gallery is not None else None
-        return cls(face.box, face.embedding, float(face.score), float(sharpness), nearest)
 
     @property
     def size(self) -> float:
@@ -67,7 +53,7 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
     return inter / union if union > 0 else 0.0
 
 
-def quality_weight(s: Sighting, cfg: TrackingConfig) -> float:
+def quality_weight(s: Sighting, cfg: QualityConfig) -> float:
     """The fusion weight of a sighting: 0 below the quality floor, else size x sharpness x score in (0, 1]."""
     if s.size < cfg.min_face_size or s.sharpness < cfg.min_sharpness or s.score < cfg.min_detect_score:
         return 0.0
@@ -86,9 +72,7 @@ class Track:
     frames: int = 0          # every frame that showed this face
     good: int = 0            # frames at or above the quality floor
     votes: Counter[str] = field(default_factory=Counter)  # nearest identity per good frame
-    state: dict[str, Any] = field(default_factory=dict)   # per-track state of other checks
     _sum: np.ndarray | None = None
-    _weight: float = 0.0
 
     @property
     def embedding(self) -> np.ndarray | None:
@@ -116,14 +100,14 @@ class Track:
             self.votes[s.nearest] += 1
         e = np.asarray(s.embedding, dtype=np.float64) * weight
         self._sum = e if self._sum is None else self._sum + e
-        self._weight += weight
 
 
 class Tracker:
     """Follows faces across frames; `update` returns the tracks the frame continued or started."""
 
-    def __init__(self, cfg: TrackingConfig):
+    def __init__(self, cfg: TrackingConfig, quality: QualityConfig):
         self.cfg = cfg
+        self.quality = quality
         self.tracks: list[Track] = []
         self._next_id = 1
 
@@ -137,7 +121,7 @@ class Tracker:
         assigned = self._assign(sightings)
         result = []
         for i, s in enumerate(sightings):
-            weight = quality_weight(s, self.cfg)
+            weight = quality_weight(s, self.quality)
             track = assigned.get(i)
             if track is not None and weight > 0 and self._swapped(track, s):
                 self.tracks.remove(track)

@@ -58,23 +58,23 @@ class UnlockAction:
 
     def on_decision(self, event: DecisionEvent) -> None:
         """Drive the relay for an acknowledged unlock; note `unlock_action` on the event."""
-        p = event.payload
-        if p.get("decision") != "unlock":
+        m = event.message
+        if m.decision != "unlock":
             return
         if not event.delivered:
             event.notes["unlock_action"] = False
             return
-        payload = unlock_payload(self.cfg.payload, int(p["expires_at_ms"]))
+        payload = unlock_payload(self.cfg.payload, m.expires_at_ms)
         sent = self.link.deliver(self.cfg.topic, payload, event.frame.t_mono, self.ttl_s,
-                                 f"unlock action for decision {p.get('id')}")
+                                 f"unlock action for decision {m.id}")
         event.notes["unlock_action"] = sent
         if not sent:
             self._send_lock("chasing an unacknowledged unlock")
             self.chased += 1
             return
         self.sent_unlocks += 1
-        log.info("unlock action sent to %s for %s (decision %s)", self.cfg.topic, p.get("identity"), p.get("id"),
-                 extra={"fields": {"event": "unlock_action", "decision_id": p.get("id")}})
+        log.info("unlock action sent to %s for %s (decision %s)", self.cfg.topic, m.identity, m.id,
+                 extra={"fields": {"event": "unlock_action", "decision_id": m.id}})
         if self.cfg.relock_after_s is not None:
             self._schedule_relock(self.cfg.relock_after_s)
 

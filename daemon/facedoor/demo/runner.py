@@ -35,6 +35,7 @@ from facedoor.config import FacedoorConfig, parse_config
 from facedoor.demo.broker import PrivateBroker, Subscriber
 from facedoor.events import DecisionEvent
 from facedoor.formatting import distance, table
+from facedoor.message import DecisionMessage
 
 if TYPE_CHECKING:
     from facedoor.pipeline import FacePipeline
@@ -87,7 +88,7 @@ class Outcome:
 class Seen:
     """A decision as the service made it, with the frame it was made on."""
 
-    payload: dict[str, Any]
+    message: DecisionMessage
     delivered: bool
     video_s: float
     image: np.ndarray
@@ -226,12 +227,12 @@ class Recorder:
         self.seen: list[Seen] = []
 
     def on_decision(self, event: DecisionEvent) -> None:
-        rec = Seen(dict(event.payload), event.delivered, (event.frame.seq - 1) / VIDEO_FPS, event.frame.image.copy(),
+        rec = Seen(event.message, event.delivered, (event.frame.seq - 1) / VIDEO_FPS, event.frame.image.copy(),
                    [float(v) for v in event.face.box[:4]] if event.face is not None else None)
         self.seen.append(rec)
-        p, dist = rec.payload, rec.payload.get("distance")
-        say(f"      {rec.video_s:5.1f}s  {p['decision']:<6} {p.get('identity') or p.get('reason'):<16} "
-            f"distance {shown(dist)}  {p.get('latency_ms')} ms"
+        m = rec.message
+        say(f"      {rec.video_s:5.1f}s  {m.decision:<6} {m.identity or m.reason:<16} "
+            f"distance {shown(m.distance)}  {m.latency_ms} ms"
             f"{'' if event.delivered else '  (not delivered)'}")
 
     def close(self) -> None:
@@ -262,15 +263,15 @@ def score(people: list[Person], seen: list[Seen], segments: list[Any]) -> list[t
     outcomes = []
     for person, seg in zip(people, segments):
         mine = [s for s in seen if seg.start_s <= s.video_s < seg.end_s + GAP_S]
-        pick = next((s for s in mine if s.payload["decision"] == "unlock"), mine[0] if mine else None)
+        pick = next((s for s in mine if s.message.decision == "unlock"), mine[0] if mine else None)
         row = Outcome(person.name, person.enrolled, f"unlock {person.name}" if person.enrolled else "no unlock")
         if pick is not None:
-            p = pick.payload
-            row.decision, row.identity, row.distance = p["decision"], p.get("identity"), p.get("distance")
-            row.latency_ms, row.video_s, row.box = p.get("latency_ms"), round(pick.video_s, 1), pick.box
+            m = pick.message
+            row.decision, row.identity, row.distance = m.decision, m.identity, m.distance
+            row.latency_ms, row.video_s, row.box = m.latency_ms, round(pick.video_s, 1), pick.box
             if pick.received_ms is not None:
-                row.delivered_ms = round(pick.received_ms - p["ts_ms"], 1)
-        unlocks = [s.payload.get("identity") for s in mine if s.payload["decision"] == "unlock"]
+                row.delivered_ms = round(pick.received_ms - m.ts_ms, 1)
+        unlocks = [s.message.identity for s in mine if s.message.decision == "unlock"]
         row.ok = unlocks == [person.name] if person.enrolled else not unlocks
         outcomes.append((row, pick))
     return outcomes
@@ -385,7 +386,7 @@ def run_demo(out: Path, models: Path, threshold: float, stranger_dir: Path | Non
         finally:
             watcher.stop()
         for rec in seen:
-            rec.received_ms = arrivals.get(rec.payload["id"])
+            rec.received_ms = arrivals.get(rec.message.id)
     finally:
         broker.stop()
 
@@ -410,7 +411,7 @@ def run_demo(out: Path, models: Path, threshold: float, stranger_dir: Path | Non
     say(f"took {time.monotonic() - t0:.0f} s")
     results = {
         "ok": right == len(outcomes), "threshold": threshold, "outcomes": [asdict(o) for o in outcomes],
-        "decisions": [{**s.payload, "video_s": round(s.video_s, 2), "delivered": s.delivered} for s in seen],
+        "decisions": [{**s.message.payload(), "video_s": round(s.video_s, 2), "delivered": s.delivered} for s in seen],
         "contact_sheet": str(sheet), "audit_log": str(audit_file), "video": str(video), **extras,
     }
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))

@@ -1,0 +1,208 @@
+"""The judge on exact timelines: fused evidence, majority, cooldown, rate-limited denies, liveness,
+companions (encoded, unencoded and missed), look-alikes, and one gallery match per deciding track."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+
+from facedoor.config import FacedoorConfig, parse_config
+from facedoor.judge import Decision, FrameSightings, Judgement, JudgeState, Rules, Seen, judge
+from facedoor.match import Gallery, Match
+
+T = 0.7
+DT = 0.1
+
+
+def unit(*values: float) -> np.ndarray:
+    v = np.zeros(4, np.float32)
+    v[: len(values)] = values
+    return v / np.linalg.norm(v)
+
+
+ALICE, BOB = unit(1), unit(0, 1)
+GALLERY = Gallery(["alice", "bob"], np.stack([ALICE, BOB]), T)
+
+
+def box(x: float, size: float = 120.0) -> np.ndarray:
+    return np.array([x, 0, x + size, size], np.float32)
+
+
+def seen(e: np.ndarray | None, x: float = 0.0, size: float = 120.0) -> Seen:
+    """A sharp, confident face at X of SIZE pixels (E None: detected but not encoded)."""
+    return Seen(box(x, size), 0.99, 500.0, e)
+
+
+def alice_frames(n: int, angle: float = 0.3) -> list[np.ndarray]:
+    """N frames of alice, each ANGLE radians off her enrolment on alternating sides (fused lands on her)."""
+    return [unit(np.cos(angle), 0, (-1) ** i * np.sin(angle)) for i in range(n)]
+
+
+def rules(cfg: FacedoorConfig | None = None, liveness_on: bool = False, **policy: object) -> Rules:
+    cfg = cfg or parse_config({"policy": policy})
+    return Rules.from_config(cfg, liveness_on)
+
+
+def run(frames: Sequence[Sequence[Seen]], gallery: Gallery | None = GALLERY, r: Rules | None = None,
+        state: JudgeState | None = None, t0: float = 0.0, live: Sequence[float] | None = None) -> list[Decision]:
+    """Judge FRAMES DT apart from T0; LIVE: the live score every face gets (gate on)."""
+    r = r or rules()
+    state = state or JudgeState(r.tracking, r.quality)
+    out: list[Decision] = []
+    for i, faces in enumerate(frames):
+        score = None if live is None else (lambda _i, s=live[min(i, len(live) - 1)]: s)
+        out += judge(FrameSightings(t0 + i * DT, faces, score), state, gallery, r).decisions
+    return out
+
+
+def visit(embeddings: list[np.ndarray]) -> list[list[Seen]]:
+    return [[seen(e)] for e in embeddings]
+
+
+def test_a_track_unlocks_on_its_fused_embedding_with_a_majority() -> None:
+    assert run(visit(alice_frames(2))) == []  # 2 < 3 good frames
+    (d,) = run(visit(alice_frames(3)))
+    assert (d.decision, d.reason, d.identity, d.frames, d.window, d.faces) == ("unlock", "match", "alice", 3, 3, 1)
+    assert d.distance < 0.11 and d.t == pytest.approx(0.2) and d.threshold == T and not d.template
+
+
+def test_fusion_unlocks_where_every_single_frame_is_above_the_threshold() -> None:
+    a = 0.8  # each frame ~0.78 from alice, off her in two directions: above 0.7, rejected one by one
+    frames = [unit(np.cos(a), 0, np.sin(a)), unit(np.cos(a), 0, 0, np.sin(a))] * 2
+    assert all(np.linalg.norm(f - ALICE) >= T for f in frames)
+    (d,) = run(visit(frames))
+    assert d.decision == "unlock" and d.distance < T
+
+
+def test_a_majority_that_disagrees_with_the_fused_match_decides_nothing() -> None:
+    lean_bob = unit(0.6, 0.8)  # nearer bob frame by frame; the fused embedding stays nearest alice
+    assert run(visit([ALICE, lean_bob, lean_bob, ALICE])) == []
+
+
+def test_a_fused_distance_at_the_threshold_is_unknown() -> None:
+    e = unit(1 - T**2 / 2, T * np.sqrt(1 - T**2 / 4), 0, 0)  # T from alice (to float precision)
+    only_alice = Gallery(["alice"], ALICE[None], T)
+    at = only_alice.nearest(e).distance
+    assert at == pytest.approx(T, abs=1e-6)
+    cfg = parse_config({"recognition": {"threshold": at}})
+    (d,) = run(visit([e] * 3), only_alice, rules(cfg))
+    assert (d.decision, d.reason, d.identity) == ("deny", "unknown", None)
+
+
+def test_unknown_denies_are_rate_limited_and_a_missing_gallery_matches_nobody() -> None:
+    stranger = unit(0, 0, 1)
+    state, r = JudgeState(rules().tracking, rules().quality), rules()
+    denies = run(visit([stranger] * 100), state=state, r=r)  # 10 s of one stranger
+    assert [(d.decision, d.reason) for d in denies] == [("deny", "unknown")] * 2
+    assert denies[1].t - denies[0].t >= 5.0
+    (d,) = run(visit(alice_frames(3)), gallery=None)
+    assert (d.decision, d.reason) == ("deny", "unknown")
+
+
+def test_cooldown_per_person_and_retract() -> None:
+    r = rules()
+    state = JudgeState(r.tracking, r.quality)
+    (first,) = run(visit(alice_frames(3)), state=state, r=r)
+    state.reset()  # a new visit
+    assert run(visit(alice_frames(3)), state=state, r=r, t0=5.0) == []  # cooldown
+    (bob,) = run(visit([BOB] * 3), state=state, r=r, t0=6.0)
+    assert bob.identity == "bob"
+    state.retract(first)
+    assert not state.in_cooldown("alice", 7.0)
+    state.reset()
+    assert [d.identity for d in run(visit(alice_frames(3)), state=state, r=r, t0=7.0)] == ["alice"]
+
+
+def test_a_confident_unlock_is_marked_as_a_door_template_only_when_enabled() -> None:
+    on = rules(door_templates=3, door_template_below=0.5)
+    (near,) = run(visit(alice_frames(3, 0.1)), r=on)
+    assert near.template
+    (far,) = run(visit([unit(np.cos(0.6), 0, np.sin(0.6))] * 3), r=on)
+    assert far.distance >= 0.5 and not far.template
+    (off,) = run(visit(alice_frames(3, 0.1)))
+    assert not off.template
+
+
+def test_liveness_undecided_waits_spoof_denies_live_unlocks() -> None:
+    gate = rules(liveness_on=True)  # 3 live scores from the frames where the track matches a member
+    assert run(visit(alice_frames(4)), r=gate, live=[0.9]) == []  # 2 scores: undecided
+    (spoof,) = run(visit(alice_frames(8)), r=gate, live=[0.05])
+    assert (spoof.decision, spoof.reason, spoof.identity, spoof.liveness) == ("deny", "spoof", "alice", "on")
+    assert spoof.live_score == pytest.approx(0.05)
+    (live,) = run(visit(alice_frames(5)), r=gate, live=[0.9])
+    assert (live.decision, live.live_score, live.liveness) == ("unlock", pytest.approx(0.9), "on")
+    assert run(visit(alice_frames(8)), r=gate) == []  # the gate is on but gave no evidence: never an unlock
+
+
+def test_a_stranger_beside_a_member_blocks_the_unlock_unless_allowed() -> None:
+    stranger = unit(0, 0, 1)
+    frames = [[seen(a, 0), seen(stranger, 300)] for a in alice_frames(3)]
+    decisions = run(frames)
+    companion = [d for d in decisions if d.identity == "alice"]
+    assert [(d.decision, d.reason, d.unknown_near, d.companions, d.faces) for d in companion] == \
+        [("deny", "companion", 1, (1,), 2)]
+    lenient = [d for d in run(frames, r=rules(companions="allow")) if d.identity == "alice"]
+    assert [(d.decision, d.unknown_near) for d in lenient] == [("unlock", 1)]  # let in, and reported
+
+
+def test_an_unencoded_face_near_the_door_is_a_companion_and_a_far_one_is_only_counted() -> None:
+    near = [[seen(a, 0), seen(None, 300, 100)] for a in alice_frames(3)]
+    (d,) = run(near)
+    assert (d.reason, d.unknown_near, d.companions, d.faces) == ("companion", 1, (1,), 2)
+    far = [[seen(a, 0), seen(None, 300, 40)] for a in alice_frames(3)]
+    (d,) = run(far)
+    assert (d.decision, d.unknown_near, d.faces) == ("unlock", 0, 2)
+
+
+def test_a_strangers_track_the_detector_missed_this_frame_still_counts() -> None:
+    stranger = unit(0, 0, 1)
+    frames = [[seen(stranger, 300)] for _ in range(3)] + [[seen(a, 0)] for a in alice_frames(3)]
+    decisions = [d for d in run(frames) if d.identity == "alice"]
+    assert [(d.reason, d.unknown_near, d.companions) for d in decisions] == [("companion", 1, ())]
+
+
+def test_a_visit_as_near_a_cohort_face_as_its_member_is_denied_as_a_lookalike_for_the_rest_of_its_track() -> None:
+    v = unit(np.cos(0.5), 0, np.sin(0.5))  # 0.49 from alice
+    lookalike = unit(np.cos(0.5), 0, np.sin(0.5), 0.65)  # 0.57 from the visit: farther, but within 0.49 + 0.2
+    elsewhere = unit(0, 0, 0, 1)
+    near = Gallery(["alice", "bob"], np.stack([ALICE, BOB]), T, cohort=np.stack([elsewhere, lookalike]))
+    far = Gallery(["alice", "bob"], np.stack([ALICE, BOB]), T, cohort=elsewhere[None])
+    (d,) = run(visit([v] * 3), near)
+    assert (d.decision, d.reason, d.identity) == ("deny", "lookalike", "alice")
+    assert [d.decision for d in run(visit([v] * 3), far)] == ["unlock"]
+    assert [d.decision for d in run(visit([v] * 3), near, rules(cohort_margin=0.0))] == ["unlock"]
+    # Doubt holds: later frames that pull the fused embedding onto alice do not open the door.
+    assert run(visit([v] * 3 + [ALICE] * 20), near) == [d]
+
+
+class CountingGallery(Gallery):
+    """A gallery that counts `nearest` calls."""
+
+    calls = 0
+
+    def nearest(self, embedding: np.ndarray) -> Match:
+        CountingGallery.calls += 1
+        return super().nearest(embedding)
+
+
+def test_the_gallery_is_matched_once_per_deciding_track_per_frame() -> None:
+    gallery = CountingGallery(["alice", "bob"], np.stack([ALICE, BOB]), T)
+    r = rules()
+    state = JudgeState(r.tracking, r.quality)
+    stranger = unit(0, 0, 1)
+    for i, a in enumerate(alice_frames(6)):
+        CountingGallery.calls = 0
+        out: Judgement = judge(FrameSightings(i * DT, [seen(a, 0), seen(stranger, 300), seen(None, 600, 90)]),
+                               state, gallery, r)
+        deciding = sum(v.good >= r.policy.min_good_frames for v in out.verdicts)
+        assert CountingGallery.calls == deciding == (0 if i < 2 else 2)
+
+
+def test_each_frame_votes_for_the_nearest_member_of_each_encoded_face() -> None:
+    r = rules()
+    state = JudgeState(r.tracking, r.quality)
+    out = judge(FrameSightings(0.0, [seen(unit(0.3, 1), 0), seen(None, 300)]), state, GALLERY, r)
+    (v,) = out.verdicts
+    assert (v.face, v.near, v.good, v.majority, v.member) == (0, True, 1, ("bob", 1), None)
+    assert judge(FrameSightings(0.1, [seen(unit(0.3, 1), 0)]), state, None, r).verdicts[0].majority == ("bob", 1)
