@@ -309,6 +309,13 @@ def test_wrong_pins_lock_the_keypad_out_even_for_the_right_pin(listener) -> None
     assert lst.snapshot().pins["bob"] == clock.t
 
 
+def test_members_without_a_source_for_their_factor_are_named() -> None:
+    lst = FactorListener(factor_cfg(members={"carol": "pin", "dave": "presence", "guest": "none"}),
+                         {"alice": PinHash.parse(hash_pin("1234"))})
+    # alice: PIN and phone; bob: phone (presence_or_pin); carol: no PIN; dave: no topic; erin: neither
+    assert lst.without_source(["alice", "bob", "carol", "dave", "erin", "guest"]) == ["carol", "dave", "erin"]
+
+
 def test_a_keypad_flood_is_bounded_and_ends_in_a_lockout() -> None:
     clock = Clock()
     lst = FactorListener(factor_cfg(), {"alice": PinHash.parse(hash_pin("1234"))}, clock)  # no worker: queue fills
@@ -468,6 +475,8 @@ def test_daemon_unlocks_only_with_a_fresh_second_factor(door: Door, mosquitto, t
         again = member_decision(by_pin["_recv"])     # past the cooldown, face in view, PIN still in its window
         assert again["decision"] == "deny" and "no PIN" in again["factor_detail"], again  # one PIN, one unlock
         assert len(unlocks()) == 2, unlocks()
+        third = sorted(set(ENROLLED) - {member, other})  # enrolled, with neither a phone topic nor a PIN
+        assert [e["members"] for e in daemon.events("second_factor_unreachable")] == [third]
         assert daemon.terminate() == 0, daemon.log()[-4000:]
     finally:
         daemon.kill()

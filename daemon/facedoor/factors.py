@@ -39,7 +39,7 @@ import re
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -282,6 +282,14 @@ class FactorListener:
             "event": "second_factor", "mode": self.cfg.mode, "members": dict(self.cfg.members),
             "presence_topics": len(self.cfg.presence.topics) if self.cfg.presence else 0,
             "pins": len(self.pins)}})
+
+    def without_source(self, members: Iterable[str]) -> list[str]:
+        """Those of MEMBERS whose mode asks for a factor they have no source of (no presence topic, no
+        PIN): the door denies them every time (said at start, so the operator can fix it)."""
+        presence = set(self.cfg.presence.topics) if self.cfg.presence is not None else set()
+        has = {"none": lambda m: True, "presence": lambda m: m in presence, "pin": lambda m: m in self.pins,
+               "presence_or_pin": lambda m: m in presence or m in self.pins}
+        return sorted(m for m in members if not has[self.cfg.mode_of(m)](m))
 
     def _refused(self, topic: str, reason: str) -> None:
         self.refused = f"the broker refused the door's subscription to {topic} ({reason}): allow the door to " \

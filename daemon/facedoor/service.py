@@ -382,6 +382,12 @@ def run_daemon(cfg: FacedoorConfig, source: int | str | None = None, loop: bool 
     if service.gallery is not None and not service.gallery.identities:
         log.warning("nobody is enrolled in %s: every face will be denied (enrol with `facedoor enroll`)",
                     cfg.store, extra={"fields": {"event": "empty_store"}})
+    stuck = service.factors.without_source(service.gallery.identities) \
+        if service.factors is not None and service.gallery is not None else []
+    if stuck:
+        log.warning("second factor: %s need a factor they have no presence topic or PIN for: they are always "
+                    "denied", ", ".join(stuck), extra={"fields": {"event": "second_factor_unreachable",
+                                                                   "members": stuck}})
     signal.signal(signal.SIGTERM, service.request_stop)
     signal.signal(signal.SIGINT, service.request_stop)
     signal.signal(signal.SIGHUP, service.request_reload)
