@@ -6,7 +6,7 @@ MODELS ?= models
 # Photos of people the demo does not enrol (LFW from ../shared when it is there).
 STRANGERS ?= $(wildcard ../shared/data/faces/lfw10)
 
-.PHONY: venv mosquitto models demo lint test bench clean
+.PHONY: venv mosquitto models demo docs lint test bench clean
 
 venv: $(VENV)/.installed
 
@@ -27,6 +27,11 @@ models: venv
 
 demo: venv mosquitto
 	$(BIN)/facedoor --models $(MODELS) demo $(if $(STRANGERS),--strangers $(STRANGERS))
+
+# Generated reference texts (tests fail when they are out of date).
+docs: venv
+	$(BIN)/facedoor config example -o config/facedoor.yaml
+	$(BIN)/facedoor schema decision -o docs/decision.schema.json
 
 lint: venv
 	$(BIN)/ruff check daemon export stylize tests benchmarks

@@ -1,402 +1,369 @@
-"""Liveness gate (MiniFASNet V2 + V1SE) on the spoof data in ../shared: APCER / BPCER per frame and per track.
+"""Liveness gate, leave one source out: per-visit APCER / BPCER, the member's cost and the gate's time per face.
 
-Sources: NUAA (16 people, webcam; live vs hand-held printed photos) and the replay videos (two
-other people; live webcam video vs a replay of it on a phone or monitor). Faces come from
-facedoor's MTCNN (or YuNet). Everything tuned here is tuned on the NUAA *calibration* people (odd
-subject ids) only: the crop calibration (scale and vertical shift of the detector's box, kept only
-when it cuts their log-loss by 10 %) and the threshold (the centre of the range where their
-per-track APCER and BPCER are both <= 5 %). The table reports the other NUAA people and the video
-people, none of whom were seen while tuning. The planar-motion cue is measured (AUC), not used.
+Sources (../shared/data/antispoof, plus attacks made here):
+- nuaa: 16 people, live webcam photos and hand-held printed photos. NUAA keeps single frames (every
+  15th/20th of a capture), so a NUAA "visit" is --nuaa-visit consecutive photos of one subject and
+  session: a door that sees the person at ~1-2 frames a second. Blinks and short-lag motion mean
+  little there; say so when reading its row.
+- one source per replay-video person (apfol, tranvanluyt): a live webcam video and a replay of it on a
+  phone or monitor. A visit is --visit-s seconds of video (every --video-step-th frame, as a door
+  at 15 fps sees it), one starting every second (visits overlap).
+- still: still-photo injection. Each NUAA live photo (first of a subject/session) and one live-video
+  frame a second, repeated as the stream for a whole visit (a frozen or injected camera), and
+  --noisy-stills of them again with fresh sensor noise on each frame (a print held perfectly still).
 
-A track is what the door sees of one person: consecutive frames of one video (--video-track
-frames, every --video-step-th frame), or consecutive photos of one NUAA subject/session
-(--nuaa-track photos, in file order). Its score is the mean live score of its frames (`TrackLiveness`).
-APCER = attack tracks/frames accepted as live; BPCER = live tracks/frames rejected.
+For each held-out source the fusion rule (`facedoor.liveness.FusionRule`: a logistic rule over
+`track_features`, threshold chosen on the training visits) is fitted on the other sources only and
+the held-out visits are judged frame by frame by the door's own accumulator (`TrackLiveness`):
+a visit is accepted when its verdict turns "live" at any frame. APCER = attack visits accepted,
+BPCER = live visits never accepted. The hard planar rule is fixed, not fitted (FusionRule.planar_floor).
+Cost for members: seconds from a live visit's first frame to its "live" verdict (median, p95), and
+how many live visits contain no blink (eye-aspect-ratio dip of a third). Time per face: the gate's
+models on one core (MiniFASNet x2, face mesh, iris x2), detection excluded.
 
-    .venv/bin/python benchmarks/liveness.py [--models models] [--detector mtcnn|yunet] [--antispoof-dir DIR]
+    .venv/bin/python benchmarks/liveness.py --models DIR [--fit-all]
 
---models holds the MTCNN export (YuNet comes from ../shared/models/yunet); the MiniFASNet ONNX
-files are read from --antispoof-dir (default ../shared/models/antispoof). Detections and scores
-are cached in benchmarks/results/ (git-ignored), where the DET curve PNG is written too.
+DIR holds the mtcnn, antispoof and landmarks exports (`facedoor-export --only mtcnn,antispoof,landmarks
+--antispoof-dir ../shared/models/antispoof`). Per-frame cues are cached in benchmarks/results/
+(git-ignored). --fit-all prints the rule fitted on every source (the shipped DEFAULT_RULE).
 """
 from __future__ import annotations
 
 import argparse
-import json
+import pickle
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import cv2
 import numpy as np
-import onnxruntime as ort
+from scipy.optimize import minimize
 
-from facedoor.detect import Detector, MTCNNDetector, YuNetDetector
-from facedoor.liveness import MODEL_SCALES, BoxCalibration, LivenessModel, TrackLiveness
+from facedoor.detect import MTCNNDetector
+from facedoor.liveness import (
+    DEFAULT_RULE,
+    FEATURES,
+    Cues,
+    FrameEvidence,
+    FusionRule,
+    LivenessModel,
+    TrackLiveness,
+    judge,
+    track_features,
+)
 from facedoor.models import Manifest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 RESULTS = REPO / "benchmarks/results"
-YUNET = SHARED / "models/yunet/face_detection_yunet_2023mar.onnx"
-FILES = {"antispoof_v2": "MiniFASNetV2.onnx", "antispoof_v1se": "MiniFASNetV1SE.onnx"}
-BPCER_BUDGET = 0.05
-SCALE_GRID = (0.8, 1.0, 1.25)
-SHIFT_GRID = (-0.1, 0.0, 0.1)
-MIN_GAIN = 0.1
+FPS = 30.0
+BLINK_DIP = 1 / 3
+BPCER_PART = 0.02  # live training visits each part may turn away when its threshold is chosen
+CACHE_VERSION = 3
 
 
 @dataclass
-class Sample:
-    """One detected face: where it comes from, its label and its track."""
+class Visit:
+    """What the door sees of one visit: the per-frame cues (None: no face that frame) and the labels."""
 
-    source: str  # "nuaa" or "video"
-    attack: str  # "print", "replay" or "live"
+    source: str
     person: str
-    track: str
-    key: str  # file path, or "video path#frame"
-    box: list[float]
-    landmarks: list[list[float]]  # (5, 2): eyes, nose, mouth corners
+    attack: str  # "live", "print", "replay", "still", "still+noise"
+    cues: list[Cues]
+    fps: float
 
     @property
     def live(self) -> bool:
-        """A bona fide face (not an attack)."""
         return self.attack == "live"
 
 
-def load_image(path: str) -> np.ndarray:
-    """The BGR image at PATH; an error naming it when it cannot be read."""
-    image = cv2.imread(path)
-    if image is None:
-        raise RuntimeError(f"cannot read {path}")
-    return image
+def largest_cues(model: LivenessModel, detector: MTCNNDetector, image: np.ndarray) -> Cues | None:
+    """The cues of the largest face of IMAGE, None without a face."""
+    faces = detector.detect(image, 40)
+    return model.observe(image, faces[0]) if faces else None
 
 
-def iter_frames(data: Path, nuaa_track: int, video_track: int,
-                video_step: int) -> Iterator[tuple[str, str, str, str, str, np.ndarray | None]]:
-    """(source, attack, person, track, key, image) of every NUAA photo and every VIDEO_STEP-th video frame."""
-    for folder, attack in (("live", "live"), ("print", "print")):
+def video_frames(path: Path, step: int) -> Iterator[np.ndarray]:
+    """Every STEP-th frame of the video at PATH."""
+    cap = cv2.VideoCapture(str(path))
+    index = 0
+    while True:
+        ok, frame = cap.read()
+        if not ok:
+            break
+        if index % step == 0:
+            yield frame
+        index += 1
+    cap.release()
+
+
+def collect(args: argparse.Namespace) -> dict[str, list[tuple[str, str, list[Cues | None]]]]:
+    """Per source, (person, attack, per-frame cues) sequences: NUAA subject/sessions and whole videos (cached)."""
+    cache = RESULTS / f"liveness-cues-v{CACHE_VERSION}-step{args.video_step}-noisy{args.noisy_stills}.pkl"
+    if cache.is_file():
+        with cache.open("rb") as f:
+            loaded: dict[str, list[tuple[str, str, list[Cues | None]]]] = pickle.load(f)
+        return loaded
+    manifest = Manifest.load(args.models)
+    model = LivenessModel.from_manifest(manifest, 1)
+    detector = MTCNNDetector(manifest, 1)
+    data = args.data
+    sequences: dict[str, list[tuple[str, str, list[Cues | None]]]] = {}
+    stills: list[tuple[str, np.ndarray]] = []
+    for folder in ("live", "print"):
         groups: dict[str, list[Path]] = {}
         for path in (data / "nuaa" / folder).glob("*.jpg"):
-            subject, _, _, _, session, _ = path.stem.split("_")  # subject_ID_glasses_pos_session_no
+            subject, _, _, _, session, _ = path.stem.split("_")
             groups.setdefault(f"{subject}_{session}", []).append(path)
         for group, paths in sorted(groups.items()):
             paths.sort(key=lambda p: [int(v) for v in p.stem.split("_")])
-            for i, path in enumerate(paths):
-                track = f"nuaa/{attack}/{group}/{i // nuaa_track}"
-                yield "nuaa", attack, group.split("_")[0], track, str(path), None
+            images = [cv2.imread(str(p)) for p in paths]
+            sequences.setdefault("nuaa", []).append(
+                (group.split("_")[0], folder, [largest_cues(model, detector, im) for im in images]))
+            if folder == "live":
+                stills.append((group.split("_")[0], images[0]))
+        print(f"nuaa {folder}: {len(groups)} subject/sessions", file=sys.stderr)
     for path in sorted((data / "videos").iterdir()):
         person, kind = path.stem.split("_")
-        attack = "live" if kind == "live" else "replay"
-        cap = cv2.VideoCapture(str(path))
-        index = 0
-        while True:
-            ok, frame = cap.read()
-            if not ok:
-                break
-            if index % video_step == 0:
-                track = f"video/{path.stem}/{index // (video_step * video_track)}"
-                yield "video", attack, person, track, f"{path}#{index}", frame
-            index += 1
-        cap.release()
-
-
-def detect_all(args: argparse.Namespace) -> list[Sample]:
-    """Every sample with its largest face (cached in benchmarks/results by detector and settings)."""
-    cache = RESULTS / f"liveness-faces-v2-{args.detector}-{args.nuaa_track}-{args.video_track}-{args.video_step}.json"
-    if cache.is_file():
-        return [Sample(**row) for row in json.loads(cache.read_text())]
-    detector: Detector = YuNetDetector(YUNET) if args.detector == "yunet" else MTCNNDetector(Manifest.load(args.models))
-    samples, missed = [], 0
-    for source, attack, person, track, key, image in iter_frames(args.data, args.nuaa_track, args.video_track,
-                                                                   args.video_step):
-        image = load_image(key) if image is None else image
-        faces = detector.detect(image, 40)
-        if not faces:
-            missed += 1
-            continue
-        samples.append(Sample(source, attack, person, track, key, [float(v) for v in faces[0].box],
-                              faces[0].landmarks.astype(float).tolist()))
-    print(f"detection: {len(samples)} faces, {missed} images/frames without a face (left out)")
+        frames = list(video_frames(path, args.video_step))
+        cues = [largest_cues(model, detector, frame) for frame in frames]
+        sequences.setdefault(person, []).append((person, "live" if kind == "live" else "replay", cues))
+        if kind == "live":
+            stills.extend((person, frame) for frame in frames[::int(FPS / args.video_step)])
+        print(f"{path.name}: {len(frames)} frames, {sum(c is None for c in cues)} without a face", file=sys.stderr)
+    rng = np.random.default_rng(0)
+    still_seqs: list[tuple[str, str, list[Cues | None]]] = []
+    for person, image in stills:
+        still_seqs.append((person, "still", [largest_cues(model, detector, image)]))
+    for i in rng.choice(len(stills), size=min(args.noisy_stills, len(stills)), replace=False):
+        person, image = stills[int(i)]
+        frames = int(args.visit_s * FPS / args.video_step)
+        noisy = [np.clip(image + rng.normal(0, 3.0, image.shape), 0, 255).astype(np.uint8) for _ in range(frames)]
+        still_seqs.append((person, "still+noise", [largest_cues(model, detector, im) for im in noisy]))
+    sequences["still"] = still_seqs
     RESULTS.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps([s.__dict__ for s in samples]))
-    return samples
+    with cache.open("wb") as f:
+        pickle.dump(sequences, f)
+    return sequences
 
 
-def open_model(directory: Path, calibration: BoxCalibration, threads: int) -> LivenessModel:
-    """The gate on the MiniFASNet files of DIRECTORY, with the daemon's session options."""
-    options = ort.SessionOptions()
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.intra_op_num_threads = threads
-    sessions = [(name, ort.InferenceSession(str(directory / FILES[name]), sess_options=options,
-                                            providers=["CPUExecutionProvider"]), scale)
-                for name, scale in MODEL_SCALES.items()]
-    return LivenessModel(sessions, calibration)
+def visits(sequences: dict[str, list[tuple[str, str, list[Cues | None]]]], args: argparse.Namespace) -> list[Visit]:
+    """The visits of every source (see the module doc)."""
+    fps = FPS / args.video_step
+    length = int(round(args.visit_s * fps))
+    out: list[Visit] = []
+    for source, seqs in sequences.items():
+        for person, attack, cues in seqs:
+            present = [c for c in cues if c is not None]
+            if source == "nuaa":
+                out.extend(Visit(source, person, attack, present[i:i + args.nuaa_visit], 1.5)
+                           for i in range(0, len(present) - args.nuaa_visit + 1, args.nuaa_visit))
+            elif source == "still":
+                if not present:
+                    continue
+                repeated = present * length if len(present) == 1 else present
+                out.append(Visit(source, person, attack, repeated[:length], fps))
+            else:
+                out.extend(Visit(source, person, attack, [c for c in cues[i:i + length] if c is not None], fps)
+                           for i in range(0, len(cues) - length + 1, int(fps)))
+    return out
 
 
-def iter_images(samples: list[Sample]) -> Iterator[tuple[int, np.ndarray]]:
-    """(index, BGR image) of every sample, each video read once from start to end."""
-    videos: dict[str, dict[int, int]] = {}
-    for i, sample in enumerate(samples):
-        if "#" in sample.key:
-            path, frame = sample.key.rsplit("#", 1)
-            videos.setdefault(path, {})[int(frame)] = i
-        else:
-            yield i, load_image(sample.key)
-    for path, frames in videos.items():
-        cap = cv2.VideoCapture(path)
-        index = 0
-        while frames:
-            ok, image = cap.read()
-            if not ok:
-                break
-            if index in frames:
-                yield frames.pop(index), image
-            index += 1
-        cap.release()
+def evidence(visit: Visit) -> list[FrameEvidence]:
+    """The per-frame evidence the door's accumulator derives from the visit's cues."""
+    acc = TrackLiveness(window=10**6)
+    for cues in visit.cues:
+        acc.add(cues)
+    return acc.frames
 
 
-class ScoreCache:
-    """Live scores per (crop calibration, sample), kept in benchmarks/results so reruns only score what is new."""
-
-    def __init__(self, model: LivenessModel, path: Path):
-        self.model, self.path = model, path
-        self.scores: dict[str, float] = json.loads(path.read_text()) if path.is_file() else {}
-
-    def get(self, samples: list[Sample], calibration: BoxCalibration) -> np.ndarray:
-        """The live score of every sample with CALIBRATION."""
-        tag = f"{calibration.scale:g},{calibration.shift_y:g}|"
-        todo = [s for s in samples if tag + s.key not in self.scores]
-        if todo:
-            self.model.calibration = calibration
-            for i, image in iter_images(todo):
-                self.scores[tag + todo[i].key] = self.model.score(image, todo[i].box)
-            self.path.write_text(json.dumps(self.scores))
-        return np.array([self.scores[tag + s.key] for s in samples])
+def prefix_features(frames: list[FrameEvidence], rule: FusionRule) -> np.ndarray:
+    """(prefixes, features) of the track as the door judges it after each of its frames from min_frames on."""
+    return np.array([track_features(frames[:n]) for n in range(rule.min_frames, len(frames) + 1)])
 
 
-def error_rates(scores: np.ndarray, live: np.ndarray, threshold: float) -> tuple[float, float]:
-    """(APCER, BPCER) at THRESHOLD: attacks scoring >= it are accepted, live ones below it rejected."""
-    attacks, genuine = scores[~live], scores[live]
-    apcer = float(np.mean(attacks >= threshold)) if attacks.size else float("nan")
-    bpcer = float(np.mean(genuine < threshold)) if genuine.size else float("nan")
-    return apcer, bpcer
+def fit(xs: np.ndarray, ys: np.ndarray, c: float = 1.0) -> tuple[tuple[float, ...], float]:
+    """L2-regularised logistic regression (classes weighted equally): weights and bias in raw feature units."""
+    mean, std = xs.mean(axis=0), xs.std(axis=0) + 1e-9
+    z = (xs - mean) / std
+    w_class = np.where(ys == 1, 0.5 / max(ys.sum(), 1), 0.5 / max((1 - ys).sum(), 1))
+
+    def loss(theta: np.ndarray) -> float:
+        logits = z @ theta[:-1] + theta[-1]
+        nll = np.logaddexp(0, -logits) * ys + np.logaddexp(0, logits) * (1 - ys)
+        return float((w_class * nll).sum() + np.sum(theta[:-1] ** 2) / (2 * c * len(ys)))
+
+    theta = minimize(loss, np.zeros(xs.shape[1] + 1), method="L-BFGS-B").x
+    weights = theta[:-1] / std
+    bias = float(theta[-1] - np.dot(weights, mean))
+    return tuple(float(w) for w in weights), bias
 
 
-def equal_error_rate(scores: np.ndarray, live: np.ndarray) -> float:
-    """The error where APCER and BPCER cross (mean of the two at the closest threshold)."""
-    best = min((abs(a - b), (a + b) / 2) for a, b in (error_rates(scores, live, t) for t in np.unique(scores)))
-    return best[1]
+def run_visit(frames: list[FrameEvidence], rule: FusionRule) -> int | None:
+    """Index of the frame at which the door's verdict (`judge`) first turns live, None if never."""
+    for n in range(rule.min_frames, len(frames) + 1):
+        if judge(frames[:n], rule)[0] == "live":
+            return n - 1
+    return None
 
 
-def track_scores(samples: list[Sample], scores: np.ndarray, min_frames: int) -> tuple[list[Sample], np.ndarray]:
-    """One (first sample, mean score) per track of at least MIN_FRAMES frames, through `TrackLiveness`."""
-    tracks: dict[str, tuple[Sample, TrackLiveness]] = {}
-    for sample, score in zip(samples, scores):
-        tracks.setdefault(sample.track, (sample, TrackLiveness(0.5, min_frames)))[1].add(float(score))
-    kept = [(s, t.state.score) for s, t in tracks.values() if t.state.frames >= min_frames]
-    return [s for s, _ in kept], np.array([v for _, v in kept])
+def peaks(series: list[np.ndarray]) -> np.ndarray:
+    """Each visit's highest value of a per-frame series (the door acts on the first frame that passes)."""
+    return np.sort([float(v.max()) for v in series if len(v)])
 
 
-def log_loss(scores: np.ndarray, live: np.ndarray) -> float:
-    """Mean cross-entropy of the live scores as probabilities: how confidently right the gate is."""
-    p = np.clip(np.where(live, scores, 1 - scores), 1e-6, 1)
-    return float(-np.mean(np.log(p)))
+def threshold_between(live: np.ndarray, attack: np.ndarray, budget: float) -> float:
+    """Midway (in log-odds) between the peak probability that all but BUDGET of the live visits reach and the
+    one that all but BUDGET of the attack visits stay under; the live one when the two overlap."""
+    live_q = float(live[int(np.floor(budget * len(live)))]) if len(live) else 0.5
+    attack_q = float(attack[min(int(np.ceil((1 - budget) * len(attack))), len(attack) - 1)]) if len(attack) else 0.0
+    if attack_q >= live_q:
+        return live_q
+    lo, hi = (min(max(p, 1e-4), 1 - 1e-4) for p in (attack_q, live_q))
+    mid = (np.log(lo / (1 - lo)) + np.log(hi / (1 - hi))) / 2
+    return float(1 / (1 + np.exp(-mid)))
 
 
-def choose_threshold(scores: np.ndarray, live: np.ndarray, budget: float) -> float:
-    """The centre of the thresholds whose APCER and BPCER on SCORES are both within BUDGET (EER point if none)."""
-    candidates = np.unique(np.concatenate([scores, [0.0, 1.0]]))
-    within = [t for t in candidates if max(error_rates(scores, live, t)) <= budget]
-    if not within:
-        return float(min(candidates, key=lambda t: abs(np.subtract(*error_rates(scores, live, t)))))
-    return (min(within) + max(within)) / 2
+def fit_rule(train: list[tuple[Visit, list[FrameEvidence], np.ndarray]], base: FusionRule) -> FusionRule:
+    """The rule fitted on TRAIN visits only: the motion part's logistic weights on live against print and
+    still visits (a replay of a live video moves like a head: motion cannot learn it), then each part's
+    threshold midway between the live and the attack visits' peaks (`threshold_between`): texture
+    against prints and replays, motion against prints and stills."""
+    xs, ys = [], []
+    for visit, _, feats in train:
+        if visit.attack != "replay" and len(feats):
+            xs.append(feats[:, 1:])
+            ys.append(np.full(len(feats), 1.0 if visit.live else 0.0))
+    weights, bias = fit(np.concatenate(xs), np.concatenate(ys))
+    rule = replace(base, weights=weights, bias=bias)
+
+    def passive(frames: list[FrameEvidence]) -> np.ndarray:
+        return np.array([np.mean([f.passive for f in frames[:n]]) for n in range(rule.min_frames, len(frames) + 1)])
+
+    def motion(feats: np.ndarray) -> np.ndarray:
+        return np.array([rule.motion_probability(x) for x in feats])
+
+    live = [(frames, feats) for visit, frames, feats in train if visit.live]
+    attacks = [(visit, frames, feats) for visit, frames, feats in train if not visit.live]
+    passive_t = threshold_between(peaks([passive(f) for f, _ in live]),  # an injected still is a live face's texture
+                                  peaks([passive(f) for v, f, _ in attacks if not v.attack.startswith("still")]),
+                                  BPCER_PART)
+    motion_t = threshold_between(peaks([motion(x) for _, x in live]),
+                                 peaks([motion(x) for v, _, x in attacks if v.attack != "replay"]), BPCER_PART)
+    return replace(rule, passive_threshold=passive_t, motion_threshold=motion_t)
 
 
-def planar_residual(landmarks: list[np.ndarray]) -> float:
-    """Largest RMS misfit (in eye distances) of a homography from the track's first landmarks to each later frame's.
-
-    A flat photo or screen moves as one plane, so its 5 landmarks follow a homography up to detector
-    noise; a real head turning moves the nose off the eye-mouth plane.
-    """
-    first = landmarks[0].astype(np.float32)
-    worst = 0.0
-    for points in landmarks[1:]:
-        h, _ = cv2.findHomography(first, points.astype(np.float32), 0)
-        if h is None:
-            continue
-        mapped = cv2.perspectiveTransform(first[None], h)[0]
-        eyes = float(np.linalg.norm(points[1] - points[0]))
-        worst = max(worst, float(np.sqrt(np.mean(np.sum((mapped - points) ** 2, axis=1)))) / max(eyes, 1.0))
-    return worst
+def blinked(frames: list[FrameEvidence]) -> bool:
+    """The visit holds an eye-aspect-ratio dip of BLINK_DIP below its median."""
+    ears = np.array([f.ear for f in frames if f.ear is not None])
+    return bool(len(ears) >= 3 and ears.min() <= (1 - BLINK_DIP) * np.median(ears))
 
 
-def time_per_face(model: LivenessModel, samples: list[Sample], count: int = 100) -> tuple[float, float]:
-    """Median and 95th percentile ms of `model.score` (both crops and both networks) per face."""
-    times = []
-    for i, image in iter_images(samples[:count]):
-        started = time.perf_counter()
-        model.score(image, samples[i].box)
-        times.append((time.perf_counter() - started) * 1000)
-    return float(np.median(times)), float(np.percentile(times, 95))
+def pct(n: int, d: int) -> str:
+    return f"{n}/{d} ({100 * n / d:.0f} %)" if d else "-"
 
 
-def plot_det(curves: dict[str, tuple[np.ndarray, np.ndarray]], threshold: float, path: Path) -> None:
-    """DET curves (APCER against BPCER over all thresholds) with the chosen threshold marked."""
-    import matplotlib
+def time_per_face(args: argparse.Namespace) -> list[tuple[str, float]]:
+    """Median CPU ms per face of each part of the gate (ONNX Runtime on one thread), over live-video frames.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 5.5))
-    grid = np.linspace(0, 1, 501)
-    for label, (scores, live) in curves.items():
-        rates = np.array([error_rates(scores, live, t) for t in grid])
-        line, = ax.plot(rates[:, 1] * 100, rates[:, 0] * 100, label=label)
-        apcer, bpcer = error_rates(scores, live, threshold)
-        ax.plot([bpcer * 100], [apcer * 100], "o", color=line.get_color())
-    ax.set_xscale("symlog", linthresh=1)
-    ax.set_yscale("symlog", linthresh=1)
-    ax.set(xlabel="BPCER % (live rejected)", ylabel="APCER % (attacks accepted)", xlim=(0, 100), ylim=(0, 100),
-           title=f"facedoor liveness DET (held-out people; dots: threshold {threshold:.2f})")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def is_calibration(sample: Sample) -> bool:
-    """NUAA people with odd subject ids tune the crop and the threshold; everyone else is held out."""
-    return sample.source == "nuaa" and int(sample.person) % 2 == 1
-
-
-def rates_row(label: str, samples: list[Sample], scores: np.ndarray, thresholds: list[float],
-              min_frames: int) -> str:
-    """One table row: frame and track counts, then APCER/BPCER per frame and per track at each threshold."""
-    live = np.array([s.live for s in samples])
-    tracks, track_values = track_scores(samples, scores, min_frames)
-    track_live = np.array([s.live for s in tracks])
-    cells = [f"{label:<28} {int((~live).sum()):>4}/{int(live.sum()):<4} {int((~track_live).sum()):>3}/"
-             f"{int(track_live.sum()):<3}"]
-    for threshold in thresholds:
-        fa, fb = error_rates(scores, live, threshold)
-        ta, tb = error_rates(track_values, track_live, threshold)
-        cells.append(f"{fa:6.1%} {fb:6.1%} | {ta:6.1%} {tb:6.1%}")
-    return " || ".join(cells)
+    CPU time, not wall time, so that other processes on a busy machine do not inflate it."""
+    manifest = Manifest.load(args.models)
+    model = LivenessModel.from_manifest(manifest, 1)
+    detector = MTCNNDetector(manifest, 1)
+    frames = list(video_frames(args.data / "videos/apfol_live.webm", 5))[:30]
+    faces = [(f, detector.detect(f, 40)) for f in frames]
+    faces = [(f, d[0]) for f, d in faces if d]
+    assert model.mesh is not None
+    parts: dict[str, list[float]] = {"MiniFASNet V2 + V1SE": [], "face mesh + 2 iris": [], "face mesh only": [],
+                                     "whole gate (observe + add)": []}
+    acc = TrackLiveness()
+    iris = model.mesh.iris
+    for image, face in faces * 2:
+        t0 = time.process_time()
+        model.score(image, face.box)
+        t1 = time.process_time()
+        model.mesh.mesh(image, face.box, face.landmarks[:2])
+        t2 = time.process_time()
+        model.mesh.iris = None
+        model.mesh.mesh(image, face.box, face.landmarks[:2])
+        model.mesh.iris = iris
+        t3 = time.process_time()
+        acc.add(model.observe(image, face))
+        t4 = time.process_time()
+        for key, dt in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+            parts[key].append(dt * 1000)
+    return [(k, float(np.median(v))) for k, v in parts.items()]
 
 
 def main() -> int:
-    """Detect, score, calibrate on the calibration people, print the held-out table, write the DET PNG."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", type=Path, default=REPO / "models", help="models directory with the MTCNN export")
-    parser.add_argument("--detector", choices=("mtcnn", "yunet"), default="mtcnn",
-                        help="face boxes from facedoor's MTCNN or YuNet (../shared/models/yunet)")
-    parser.add_argument("--antispoof-dir", type=Path, default=SHARED / "models/antispoof")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", type=Path, default=REPO / "models")
     parser.add_argument("--data", type=Path, default=SHARED / "data/antispoof")
-    parser.add_argument("--nuaa-track", type=int, default=5, help="consecutive NUAA photos per track")
-    parser.add_argument("--video-track", type=int, default=10, help="processed video frames per track")
-    parser.add_argument("--video-step", type=int, default=3, help="use every Nth video frame (30 fps -> 10)")
-    parser.add_argument("--min-frames", type=int, default=3, help="a track needs this many faces to be judged")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--threshold", type=float, help="report at this threshold (e.g. the configured one) "
-                        "instead of the one chosen on the calibration people")
+    parser.add_argument("--video-step", type=int, default=2)
+    parser.add_argument("--visit-s", type=float, default=3.0)
+    parser.add_argument("--nuaa-visit", type=int, default=10)
+    parser.add_argument("--noisy-stills", type=int, default=12)
+    parser.add_argument("--fit-all", action="store_true", help="print the rule fitted on every source")
+    parser.add_argument("--no-timing", action="store_true", help="skip the time per face")
+    parser.add_argument("--timing-only", action="store_true", help="only the time per face (on a quiet machine)")
     args = parser.parse_args()
-    for needed in (args.data / "nuaa", args.data / "videos", *(args.antispoof_dir / f for f in FILES.values())):
-        if not needed.exists():
-            parser.error(f"{needed} not found (the reference data and models of ../shared/README.md)")
-
-    samples = detect_all(args)
-    model = open_model(args.antispoof_dir, BoxCalibration(), args.threads)
-    cache = ScoreCache(model, RESULTS / f"liveness-scores-{args.detector}.json")
-    calib = [s for s in samples if is_calibration(s)]
-    held = [s for s in samples if not is_calibration(s)]
-    calib_live = np.array([s.live for s in calib])
-
-    # 1. crop calibration (detector box -> the box MiniFASNet was trained on): the lowest per-frame log-loss on
-    # calibration people (their per-frame EER is printed too), kept only if it beats the detector's box by MIN_GAIN
-    grid = [BoxCalibration(scale, shift) for scale in SCALE_GRID for shift in SHIFT_GRID]
-    losses = {c: log_loss(cache.get(calib, c), calib_live) for c in grid}
-    candidate = min(grid, key=lambda c: losses[c])
-    best = candidate if losses[candidate] <= (1 - MIN_GAIN) * losses[BoxCalibration()] else BoxCalibration()
-    print(f"crop calibration of the {args.detector} box on {len(calib)} faces of NUAA calibration people "
-          "(per-frame log-loss / EER):")
-    for scale in SCALE_GRID:
-        row = [c for c in grid if c.scale == scale]
-        cells = [f"x{c.scale:<4g} dy{c.shift_y:+.2f}: {losses[c]:.3f} / "
-                 f"{equal_error_rate(cache.get(calib, c), calib_live):4.1%}" for c in row]
-        print("  " + "  ".join(cells))
-    print(f"  chosen: scale {best.scale:g}, shift_y {best.shift_y:+g} (a change must cut the log-loss by "
-          f">= {MIN_GAIN:.0%} to be kept)")
-    for name, subset in (("NUAA held-out", [s for s in held if s.source == "nuaa"]),
-                         ("video replay", [s for s in held if s.source == "video"])):
-        live = np.array([s.live for s in subset])
-        raw, tuned = cache.get(subset, BoxCalibration()), cache.get(subset, candidate)
-        print(f"  {name}: raw {args.detector} box log-loss {log_loss(raw, live):.3f} "
-              f"EER {equal_error_rate(raw, live):.1%}; "
-              f"best grid point (x{candidate.scale:g} dy{candidate.shift_y:+g}) {log_loss(tuned, live):.3f} "
-              f"EER {equal_error_rate(tuned, live):.1%}")
-
-    # 2. threshold: the centre of the range where per-track APCER and BPCER are both <= budget on calibration people
-    calib_scores = cache.get(calib, best)
-    tracks, values = track_scores(calib, calib_scores, args.min_frames)
-    threshold = round(choose_threshold(values, np.array([s.live for s in tracks]), BPCER_BUDGET), 2)
-    print(f"threshold {threshold:.2f}: centre of the thresholds with per-track APCER and BPCER <= {BPCER_BUDGET:.0%} "
-          f"on {len(tracks)} calibration tracks (min {args.min_frames} frames)")
-    if args.threshold is not None:
-        threshold = args.threshold
-        print(f"reporting at --threshold {threshold:.2f} instead")
-
-    # 3. report on held-out people
-    thresholds = sorted({0.1, threshold, 0.5})
-    scores = cache.get(held, best)
-    print(f"\nAPCER / BPCER on people never used for tuning (tracks: NUAA {args.nuaa_track} consecutive photos, "
-          f"video {args.video_track} frames at 1/{args.video_step})")
-    head = f"{'source / attack':<28} {'frames':>9} {'tracks':>7} || " + " || ".join(
-        f"t={t:.2f} frame APCER BPCER | track APCER BPCER" for t in thresholds)
-    print(head)
-    rows = {"NUAA print (held-out)": [s for s in held if s.source == "nuaa"],
-            "video replay (2 people)": [s for s in held if s.source == "video"]}
-    for person in sorted({s.person for s in held if s.source == "video"}):
-        rows[f"  video replay: {person}"] = [s for s in held if s.source == "video" and s.person == person]
-    index = {s.key: i for i, s in enumerate(held)}
-    for label, subset in rows.items():
-        print(rates_row(label, subset, scores[[index[s.key] for s in subset]], thresholds, args.min_frames))
-    print(rates_row("NUAA print (calibration)", calib, calib_scores, thresholds, args.min_frames))
-
-    # 4. the planar-motion cue: measured, used only if it separates live from attack tracks
-    print("\nplanar-motion cue (homography misfit of the 5 landmarks across a track; AUC 0.5 = no information):")
-    for label, subset in list(rows.items())[:2] + [("NUAA print (calibration)", calib)]:
-        groups: dict[str, list[Sample]] = {}
-        for sample in subset:
-            groups.setdefault(sample.track, []).append(sample)
-        residual: dict[bool, list[float]] = {True: [], False: []}
-        for members in groups.values():
-            if len(members) >= args.min_frames:
-                residual[members[0].live].append(planar_residual([np.array(m.landmarks) for m in members]))
-        live, attack = np.array(residual[True])[:, None], np.array(residual[False])[None, :]
-        auc = float(np.mean(live > attack) + 0.5 * np.mean(live == attack))
-        print(f"  {label:<28} live median {np.median(live):.3f}, attack median {np.median(attack):.3f}, "
-              f"AUC {auc:.2f}")
-
-    # 5. DET curves and the gate's cost
-    curves = {}
-    for label, subset in list(rows.items())[:2]:
-        sub_scores = scores[[index[s.key] for s in subset]]
-        curves[f"{label}, per frame"] = (sub_scores, np.array([s.live for s in subset]))
-        tracks, values = track_scores(subset, sub_scores, args.min_frames)
-        curves[f"{label}, per track"] = (values, np.array([s.live for s in tracks]))
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    png = RESULTS / f"liveness-det-{args.detector}.png"
-    plot_det(curves, threshold, png)
-    print(f"\nDET curve: {png}")
-    model.calibration = best
-    median, p95 = time_per_face(model, held)
-    print(f"gate time per face (2 crops + MiniFASNetV2 + V1SE, {args.threads} thread): median {median:.1f} ms, "
-          f"p95 {p95:.1f} ms")
+    if not args.data.is_dir():
+        print(f"no data at {args.data}", file=sys.stderr)
+        return 2
+    if args.timing_only:
+        print_timing(args)
+        return 0
+    base = DEFAULT_RULE
+    all_visits = [(v, f, prefix_features(f, base)) for v in visits(collect(args), args) for f in [evidence(v)]]
+    sources = sorted({v.source for v, _, _ in all_visits})
+    counts = ", ".join(f"{s} {sum(v.source == s for v, _, _ in all_visits)}" for s in sources)
+    print(f"visits: {len(all_visits)} ({counts})")
+    print("\nfeature medians per kind (" + ", ".join(FEATURES) + ")")
+    for attack in ("live", "print", "replay", "still", "still+noise"):
+        feats = [track_features(f) for v, f, _ in all_visits if v.attack == attack]
+        if feats:
+            print(f"  {attack:12s} " + "  ".join(f"{m:8.4f}" for m in np.median(feats, axis=0)))
+    print("\nleave one source out (rule fitted on the other sources; per visit)")
+    print(f"{'held out':12s} {'APCER':>16s} {'BPCER':>16s} {'unlock s med/p95':>17s} {'no blink':>14s}  "
+          "thresholds texture / motion")
+    for held in sources:
+        train = [t for t in all_visits if t[0].source != held]
+        test = [(v, f) for v, f, _ in all_visits if v.source == held]
+        rule = fit_rule(train, base)
+        attacks = [(v, f) for v, f in test if not v.live]
+        lives = [(v, f) for v, f in test if v.live]
+        accepted = sum(run_visit(f, rule) is not None for _, f in attacks)
+        unlock = [run_visit(f, rule) for _, f in lives]
+        times = [(i + 1) / v.fps for (v, _), i in zip(lives, unlock) if i is not None]
+        t = f"{np.median(times):.2f}/{np.percentile(times, 95):.2f}" if times else "-"
+        no_blink = sum(not blinked(f) for _, f in lives)
+        kinds = ",".join(sorted({v.attack for v, _ in attacks}))
+        print(f"{held:12s} {pct(accepted, len(attacks)):>16s} {pct(sum(i is None for i in unlock), len(lives)):>16s} "
+              f"{t:>17s} {pct(no_blink, len(lives)):>14s}  {rule.passive_threshold:.2f} / "
+              f"{rule.motion_threshold:.2f}  ({kinds})")
+    stills = [f for v, f, _ in all_visits if v.source == "still"]
+    print(f"\nstill photos injected as the stream: {sum(run_visit(f, DEFAULT_RULE) is not None for f in stills)} "
+          f"of {len(stills)} unlock with the shipped rule")
+    if args.fit_all:
+        rule = fit_rule(all_visits, DEFAULT_RULE)
+        print(f"\nfitted on every source: weights={tuple(round(w, 4) for w in rule.weights)} "
+              f"bias={rule.bias:.4f} passive_threshold={rule.passive_threshold:.3f} "
+              f"motion_threshold={rule.motion_threshold:.3f}")
+    if not args.no_timing:
+        print_timing(args)
     return 0
+
+
+def print_timing(args: argparse.Namespace) -> None:
+    """The time-per-face table, with the machine's load (other processes inflate it)."""
+    import os
+
+    print(f"\ngate CPU time per face, one thread (median ms; load average {os.getloadavg()[0]:.1f} "
+          f"on {os.cpu_count()} CPUs)")
+    for name, ms in time_per_face(args):
+        print(f"  {name:28s} {ms:7.1f}")
 
 
 if __name__ == "__main__":

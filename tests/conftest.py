@@ -75,6 +75,22 @@ def antispoof_models(tmp_path_factory: pytest.TempPathFactory, shared_dir: Path)
     return out
 
 
+@pytest.fixture(scope="session")
+def gate_models(real_models: Path, shared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real FaceNet + MTCNN with the whole liveness gate exported beside them by facedoor-export:
+    MiniFASNet from ../shared (antispoof) and MediaPipe's face mesh + iris from its PyPI wheel (landmarks)."""
+    from facedoor_export.cli import main
+
+    out = tmp_path_factory.mktemp("gate") / "models"
+    out.mkdir()
+    for item in real_models.iterdir():
+        if item.is_file():
+            os.link(item, out / item.name)
+    assert main(["--out", str(out), "--only", "antispoof,landmarks", "--antispoof-dir",
+                 str(shared_dir / "models/antispoof")]) == 0
+    return out
+
+
 @pytest.fixture
 def mosquitto(tmp_path: Path) -> Iterator[PrivateBroker]:
     """A running private broker for one test: `.host`, `.port`, `.stop()`, `.start()` (same port)."""

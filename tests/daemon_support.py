@@ -31,6 +31,9 @@ def write_config(path: Path, models: Path, store: Path, port: int, **sections: A
         "mqtt": {"host": "127.0.0.1", "port": port, "health_interval_s": 1.0, "reconnect_min_s": 0.2,
                  "reconnect_max_s": 1.0},
         "audit": {"enabled": False},
+        # photos stand in for people in these tests and a photo moves as a plane: recognition tests
+        # run with the liveness gate off, said here; the gate's own tests turn it on (test_liveness.py)
+        "liveness": {"enabled": False},
         "logging": {"level": "INFO", "format": "json"},
     }
     for key, value in sections.items():

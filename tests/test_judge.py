@@ -9,6 +9,8 @@ import pytest
 
 from facedoor.config import FacedoorConfig, parse_config
 from facedoor.judge import Decision, FrameSightings, Judgement, JudgeState, Rules, Seen, judge
+from facedoor.landmarks import Mesh
+from facedoor.liveness import Cues, configured_rule
 from facedoor.match import Gallery, Match
 
 T = 0.7
@@ -45,8 +47,8 @@ def rules(cfg: FacedoorConfig | None = None, liveness_on: bool = False, **policy
 
 
 def run(frames: Sequence[Sequence[Seen]], gallery: Gallery | None = GALLERY, r: Rules | None = None,
-        state: JudgeState | None = None, t0: float = 0.0, live: Sequence[float] | None = None) -> list[Decision]:
-    """Judge FRAMES DT apart from T0; LIVE: the live score every face gets (gate on)."""
+        state: JudgeState | None = None, t0: float = 0.0, live: Sequence[Cues] | None = None) -> list[Decision]:
+    """Judge FRAMES DT apart from T0; LIVE: the liveness cues each frame's faces get (gate on; the last repeats)."""
     r = r or rules()
     state = state or JudgeState(r.tracking, r.quality)
     out: list[Decision] = []
@@ -124,15 +126,31 @@ def test_a_confident_unlock_is_marked_as_a_door_template_only_when_enabled() -> 
     assert not off.template
 
 
+def cues(n: int, passive: float, depth: float = 1.0) -> list[Cues]:
+    """N frames of a synthetic 468-point face (an ellipsoid, flat when DEPTH is 0) that sways and turns."""
+    rng = np.random.default_rng(0)
+    points = rng.normal(size=(468, 3)) * np.array([40.0, 50.0, 30.0 * depth])
+    out = []
+    for i in range(n):
+        yaw = np.radians(12 * np.sin(i / 3))
+        r = np.array([[np.cos(yaw), 0, np.sin(yaw)], [0, 1, 0], [-np.sin(yaw), 0, np.cos(yaw)]])
+        p = points @ r.T
+        xy = 600 * p[:, :2] / (500 + p[:, 2:]) + np.array([320 + 4 * i, 240])
+        out.append(Cues(passive, Mesh(np.c_[xy, p[:, 2]], 1.0)))
+    return out
+
+
 def test_liveness_undecided_waits_spoof_denies_live_unlocks() -> None:
-    gate = rules(liveness_on=True)  # 3 live scores from the frames where the track matches a member
-    assert run(visit(alice_frames(4)), r=gate, live=[0.9]) == []  # 2 scores: undecided
-    (spoof,) = run(visit(alice_frames(8)), r=gate, live=[0.05])
-    assert (spoof.decision, spoof.reason, spoof.identity, spoof.liveness) == ("deny", "spoof", "alice", "on")
-    assert spoof.live_score == pytest.approx(0.05)
-    (live,) = run(visit(alice_frames(5)), r=gate, live=[0.9])
-    assert (live.decision, live.live_score, live.liveness) == ("unlock", pytest.approx(0.9), "on")
-    assert run(visit(alice_frames(8)), r=gate) == []  # the gate is on but gave no evidence: never an unlock
+    gate = rules(liveness_on=True)  # evidence from the frames where the track matches a member
+    head, rule = cues(60, 0.9), configured_rule()
+    first = rule.min_frames + 1  # the track matches from its 2nd frame
+    assert run(visit(alice_frames(first)), r=gate, live=head) == []  # min_frames - 1 frames of evidence: undecided
+    (live,) = run(visit(alice_frames(first + 1)), r=gate, live=head)
+    assert (live.decision, live.identity, live.liveness) == ("unlock", "alice", "on") and live.live_score > 0.5
+    for attack in (cues(60, 0.05), cues(60, 0.9, depth=0.0)):  # a screen's texture; a photo's plane
+        decisions = run(visit(alice_frames(rule.patience_frames + 2)), r=gate, live=attack)
+        assert [(d.decision, d.reason, d.identity, d.liveness) for d in decisions] == [("deny", "spoof", "alice", "on")]
+    assert run(visit(alice_frames(60)), r=gate) == []  # the gate is on but gave no evidence: never an unlock
 
 
 def test_a_stranger_beside_a_member_blocks_the_unlock_unless_allowed() -> None:
@@ -152,6 +170,16 @@ def test_an_unencoded_face_near_the_door_is_a_companion_and_a_far_one_is_only_co
     assert (d.reason, d.unknown_near, d.companions, d.faces) == ("companion", 1, (1,), 2)
     far = [[seen(a, 0), seen(None, 300, 40)] for a in alice_frames(3)]
     (d,) = run(far)
+    assert (d.decision, d.unknown_near, d.faces) == ("unlock", 0, 2)
+
+
+def test_a_tailgater_a_step_behind_is_a_companion_by_default() -> None:
+    """A stranger at 0.4 of the member's face size (2.5x the distance: one step behind) is near the
+    door with the default near_ratio; one at 0.3 (3.3x) is not, and both are counted in `faces`."""
+    stranger = unit(0, 0, 1)
+    (d,) = [d for d in run([[seen(a, 0), seen(stranger, 300, 48)] for a in alice_frames(3)]) if d.identity]
+    assert (d.decision, d.reason, d.unknown_near, d.faces) == ("deny", "companion", 1, 2)
+    (d,) = [d for d in run([[seen(a, 0), seen(stranger, 300, 36)] for a in alice_frames(3)]) if d.identity]
     assert (d.decision, d.unknown_near, d.faces) == ("unlock", 0, 2)
 
 

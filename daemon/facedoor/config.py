@@ -204,8 +204,10 @@ class PolicyConfig(_Section):
         "deny", description="deny: an unlock needs every face near the door to be a member, else a deny with "
         "reason companion (no tailgating stranger); allow: members let companions in, counted in unknown_near")
     near_ratio: float = Field(
-        0.5, gt=0, le=1, description="a face at least this fraction of the largest face's size is near the door: "
-        "it is encoded, it decides, and a stranger there counts as a companion; smaller faces are only counted")
+        0.35, gt=0, le=1, description="a face at least this fraction of the largest face's size is near the door: "
+        "it is encoded, it decides, and a stranger there counts as a companion; smaller faces are only counted. "
+        "Face size falls with distance: a member at arm's length (0.6 m) and a tailgater one or two steps behind "
+        "(1.35 / 2.1 m) show at 0.44 / 0.29 of the member's size")
     door_templates: int = Field(
         0, ge=0, le=20, description="door templates kept per person (0: off): after an unlock below "
         "door_template_below the visit's fused embedding is stored for that person, oldest replaced first")
@@ -366,11 +368,19 @@ class LoggingConfig(_Section):
 
 
 class LivenessConfig(_Section):
-    """Presentation-attack gate (MiniFASNet): a track unlocks only when its mean live score reaches `threshold`."""
+    """Presentation-attack gate (facedoor.liveness): a track of a member unlocks only once its texture
+    (MiniFASNet) and its motion (MediaPipe face mesh: blinks, gaze, a head's non-planar turn) both say
+    live, and never while its landmarks fit one plane or stand still. Every decision and health
+    message says `liveness: on|off`. Models: facedoor-export --only antispoof,landmarks."""
 
-    enabled: bool = Field(True, description="off (with a log line) anyway when the antispoof models are not exported")
-    threshold: float = Field(0.25, gt=0, lt=1, description="mean live score over a track's frames needed to unlock")
-    min_frames: int = Field(3, ge=1, le=100, description="frames of liveness evidence before a track is judged")
+    enabled: Literal["auto"] | bool = Field(
+        "auto", description="auto: on when the antispoof and landmarks models are exported, else off with a log "
+                            "line; true: the door refuses to start without them (exit 2); false: off")
+    threshold: float | None = Field(
+        None, gt=0, lt=1, description="mean MiniFASNet live score a track needs, the texture part of the rule "
+                                      "(default: the rule's own, chosen by benchmarks/liveness.py)")
+    min_frames: int | None = Field(
+        None, ge=10, le=300, description="frames of evidence before a track can be judged (default: the rule's, 10)")
 
 
 class IdleConfig(_Section):
@@ -395,6 +405,20 @@ class IdleConfig(_Section):
         return self
 
 
+class FleetConfig(_Section):
+    """Several doors, one membership (facedoor.fleet): the site roster over the MQTT broker."""
+
+    site: str = Field(..., pattern=r"^[A-Za-z0-9_-]{1,64}$",
+                      description="site name: every door of the site shares its roster (topic <prefix>/site/<site>/)")
+    key_file: Path = Field(..., description="site key (>= 32 bytes, owner-only, the same file at every door): "
+                           "seals and authenticates every roster entry (AES-GCM, HKDF-derived keys)")
+    max_roster_age_s: float = Field(
+        4 * 3600.0, gt=0, le=7 * 86400, description="cut off from the broker, a door keeps deciding on its last "
+        "confirmed roster this long, then denies everyone (a revocation it missed is honoured at most this late)")
+    publish_timeout_s: float = Field(
+        5.0, gt=0, le=60, description="how long a publisher (enroll, remove, cohort) waits for the broker")
+
+
 class FacedoorConfig(_Section):
     door_id: str = Field("front", pattern=r"^[A-Za-z0-9_-]{1,64}$", description="name of this door: part of "
                          "every MQTT topic (<mqtt.topic_prefix>/<door_id>/...); letters, digits, '_' and '-'")
@@ -417,6 +441,7 @@ class FacedoorConfig(_Section):
     idle: IdleConfig = IdleConfig()
     logging: LoggingConfig = LoggingConfig()
     liveness: LivenessConfig = LivenessConfig()
+    fleet: FleetConfig | None = Field(None, description="site roster shared by several doors (off when absent)")
 
     @model_validator(mode="before")
     @classmethod

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +26,10 @@ QUEUE_SIZE = 16  # unlocks come seconds apart (cooldown); a full queue drops a t
 class DoorTemplates:
     """Stores delivered template-worthy unlocks in the store at PATH, off the frame thread."""
 
-    def __init__(self, path: Path, encoder_sha256: str, max_per_person: int):
+    def __init__(self, path: Path, encoder_sha256: str, max_per_person: int,
+                 on_stored: Callable[[str], object] | None = None):
         self.path = path
+        self.on_stored = on_stored  # told each stored person's name (a site roster publishes it)
         self.encoder_sha256 = encoder_sha256
         self.max_per_person = max_per_person
         self.stored = 0
@@ -65,5 +68,7 @@ class DoorTemplates:
                               extra={"fields": {"event": "door_template_failed", "identity": name}})
                 continue
             self.stored += 1
+            if self.on_stored is not None:
+                self.on_stored(name)
             log.info("door template added for %s", name, extra={"fields": {"event": "door_template",
                                                                            "identity": name}})

@@ -38,12 +38,12 @@ import numpy as np
 
 from facedoor.config import FacedoorConfig, LivenessConfig, PolicyConfig, QualityConfig, TrackingConfig
 from facedoor.factors import FactorCheck, FactorEvidence, check_second_factor
-from facedoor.liveness import LivenessState, TrackLiveness
+from facedoor.liveness import Cues, LivenessState, TrackLiveness, configured_rule
 from facedoor.match import Gallery
 from facedoor.track import Sighting, Track, Tracker
 
 DenyReason = Literal["unknown", "lookalike", "spoof", "companion", "second_factor"]
-LiveEvidence = Callable[[int], float]  # face index in the frame -> its live score (evaluated only when needed)
+LiveEvidence = Callable[[int], Cues]  # face index in the frame -> its liveness cues (evaluated only when needed)
 
 
 @dataclass(frozen=True)
@@ -199,7 +199,7 @@ def _verdict(track: Track, face: int, near: bool, memory: _Memory, gallery: Gall
     state = None
     if rules.liveness_on and member is not None:
         if memory.liveness is None:
-            memory.liveness = TrackLiveness(rules.liveness.threshold, rules.liveness.min_frames)
+            memory.liveness = TrackLiveness(configured_rule(rules.liveness.threshold, rules.liveness.min_frames))
         if live is not None:
             memory.liveness.add(live(face))
         state = memory.liveness.state

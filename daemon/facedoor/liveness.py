@@ -1,27 +1,44 @@
-"""Passive presentation-attack detection (liveness): MiniFASNet scores per face, evidence per track.
+"""Presentation-attack detection (liveness): per-frame cues from the models, evidence and a verdict per track.
 
-Two Silent-Face MiniFASNet classifiers (V2 on the face box scaled 2.7 around its centre, V1SE on
-4.0; 80x80 BGR crops, values 0-255, NCHW; 3 logits, class 1 = live) each give a softmax; their
-mean live probability is the face's live score in [0, 1]. The detector's box is first mapped to
-the kind of box the models were trained with (`BoxCalibration`, fitted on a person-split of NUAA
-by `benchmarks/liveness.py`). `TrackLiveness` keeps one face track's evidence over its frames and
-turns it into a verdict: live, spoof or undecided (too few frames yet).
+Per frame, `LivenessModel.observe(image, face)` runs the models and returns `Cues` (no decision):
+- the passive score: two Silent-Face MiniFASNet classifiers (V2 on the face box scaled 2.7 around
+  its centre, V1SE on 4.0; 80x80 BGR crops, 0-255, NCHW; class 1 = live), their mean live
+  probability in [0, 1]; texture only, which does not carry to new print and screen media;
+- the face mesh and iris landmarks (facedoor.landmarks): cues that do not depend on texture.
 
-The models come from the hash-checked manifest (`antispoof_v2`, `antispoof_v1se`, kind
-`antispoof`, exported by `facedoor-export --antispoof-dir DIR`); without them the gate is off,
-and `load_liveness` says so in one log line.
+Per track, `TrackLiveness.add(cues)` keeps the evidence of the last `window` frames; its `state`
+comes from pure functions: `track_features` (passive logit, blink depth from the eye aspect ratio,
+iris movement, non-planar motion: the homography residual of the 468 mesh points between frames
+`LAG` apart, the head rotation and the face's global motion between them) and `judge` (a noisy
+AND, `FusionRule`: the texture part and a logistic motion part must both pass, fitted by
+`benchmarks/liveness.py`, plus two hard rules: a track whose points fit one plane or stand still
+is never live, whatever the rest says). `facedoor.judge` keeps one TrackLiveness per member track.
+
+The models come from the hash-checked manifest (antispoof: `facedoor-export --only antispoof
+--antispoof-dir DIR`; landmarks: `--only landmarks`). `liveness.enabled` is auto (on when all are
+exported, else off with one log line), true (the door refuses to start without them) or false.
 """
 from __future__ import annotations
 
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Literal
 
-import cv2
 import numpy as np
 
+from facedoor.landmarks import MODELS as LANDMARK_MODELS
+from facedoor.landmarks import (
+    FaceMesh,
+    Mesh,
+    eye_aspect_ratio,
+    global_motion,
+    homography_residual,
+    iris_offset,
+    rotation_deg,
+)
 from facedoor.models import Manifest, ModelError
 
 log = logging.getLogger(__name__)
@@ -34,27 +51,6 @@ MODEL_SCALES: dict[str, float] = {"antispoof_v2": 2.7, "antispoof_v1se": 4.0}
 
 Verdict = Literal["live", "spoof", "undecided"]
 Box = Sequence[float] | np.ndarray  # x1, y1, x2, y2 in image pixels
-
-
-@dataclass(frozen=True)
-class BoxCalibration:
-    """How a detector box becomes the box MiniFASNet was trained on: scale around the centre, then shift.
-
-    `scale` multiplies width and height; `shift_y` moves the centre down by that fraction of the
-    (scaled) box height. The identity is right for both MTCNN and YuNet boxes: on the NUAA
-    calibration people no scale or shift tried cut the log-loss by 10 % (`benchmarks/liveness.py`).
-    """
-
-    scale: float = 1.0
-    shift_y: float = 0.0
-
-    def apply(self, box: Box) -> np.ndarray:
-        """The calibrated (x1, y1, x2, y2) float box."""
-        x1, y1, x2, y2 = (float(v) for v in box[:4])
-        cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
-        w, h = (x2 - x1) * self.scale, (y2 - y1) * self.scale
-        cy += self.shift_y * h
-        return np.array([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dtype=np.float64)
 
 
 def crop_box(box: Box, scale: float, width: int, height: int) -> tuple[int, int, int, int]:
@@ -83,6 +79,8 @@ def crop_box(box: Box, scale: float, width: int, height: int) -> tuple[int, int,
 
 def crop_input(image_bgr: np.ndarray, box: Box, scale: float) -> np.ndarray:
     """The (1, 3, 80, 80) float32 BGR 0-255 NCHW input for a model of crop SCALE at BOX."""
+    import cv2  # not at import time: `facedoor list` reads the gate's state without OpenCV
+
     h, w = image_bgr.shape[:2]
     x1, y1, x2, y2 = crop_box(box, scale, w, h)
     patch = image_bgr[y1:y2, x1:x2]
@@ -96,16 +94,24 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-class LivenessModel:
-    """Both MiniFASNet sessions: `score(image, box)` is the mean live probability of the two."""
+@dataclass(frozen=True)
+class Cues:
+    """What the models saw of one face in one frame: the passive live score and the landmarks (None: no mesh)."""
 
-    def __init__(self, sessions: Sequence[tuple[str, Any, float]], calibration: BoxCalibration | None = None):
+    passive: float
+    mesh: Mesh | None
+
+
+class LivenessModel:
+    """The gate's models: both MiniFASNet sessions and the face mesh; `observe` runs them on one face."""
+
+    def __init__(self, sessions: Sequence[tuple[str, Any, float]], mesh: FaceMesh | None = None):
         self.sessions = [(name, session, scale, session.get_inputs()[0].name) for name, session, scale in sessions]
-        self.calibration = calibration or BoxCalibration()
+        self.mesh = mesh
 
     @classmethod
     def from_manifest(cls, manifest: Manifest, threads: int | None = 1) -> LivenessModel:
-        """Open both models after their hash check, at the crop scale their manifest entry records."""
+        """Open every model after its hash check, the MiniFASNets at the crop scale their entry records."""
         sessions = []
         for name in MODEL_SCALES:
             entry = manifest.entry(name)
@@ -114,39 +120,184 @@ class LivenessModel:
                 raise ModelError(f"model {name!r}: kind {entry.kind!r}, crop_scale {scale!r}; expected an "
                                  "antispoof entry with a crop_scale (re-run facedoor-export --only antispoof)")
             sessions.append((name, manifest.session(name, threads), float(scale)))
-        return cls(sessions)
+        return cls(sessions, mesh=FaceMesh.from_manifest(manifest, threads))
 
     def probabilities(self, image_bgr: np.ndarray, box: Box) -> np.ndarray:
         """(models, 3) softmax of each model for the face at detector BOX."""
-        calibrated = self.calibration.apply(box)
         probs = []
         for _, session, scale, input_name in self.sessions:
-            logits = session.run(None, {input_name: crop_input(image_bgr, calibrated, scale)})[0]
+            logits = session.run(None, {input_name: crop_input(image_bgr, box, scale)})[0]
             probs.append(_softmax(np.asarray(logits, dtype=np.float64).reshape(-1)))
         return np.stack(probs)
 
     def score(self, image_bgr: np.ndarray, box: Box) -> float:
-        """Live score in [0, 1] of the face at detector BOX (x1, y1, x2, y2 pixels) of IMAGE_BGR."""
+        """Passive live score in [0, 1] of the face at detector BOX (x1, y1, x2, y2 pixels) of IMAGE_BGR."""
         return float(self.probabilities(image_bgr, box)[:, LIVE_CLASS].mean())
 
+    def observe(self, image_bgr: np.ndarray, face: Any) -> Cues:
+        """The cues of FACE (a detector face: `.box`, `.landmarks` with the eyes first) in IMAGE_BGR."""
+        mesh = self.mesh.mesh(image_bgr, face.box, face.landmarks[:2]) if self.mesh is not None else None
+        return Cues(self.score(image_bgr, face.box), mesh)
 
-def load_liveness(manifest: Manifest, enabled: bool = True, threads: int | None = 1) -> LivenessModel | None:
-    """The gate, or None (logged once, plainly) when disabled or its models are not in the manifest.
 
+REQUIRED_MODELS = (*MODEL_SCALES, *LANDMARK_MODELS)
+
+
+class LivenessUnavailable(ModelError):
+    """liveness.enabled is true but the gate's models are not exported: the door must not start."""
+
+
+def load_liveness(manifest: Manifest, enabled: bool | str = "auto", threads: int | None = 1) -> LivenessModel | None:
+    """The gate, or None (logged once, plainly) when off.
+
+    ENABLED "auto": on when every model is in the manifest, else off with a log line; True: the
+    models must be there (LivenessUnavailable otherwise: the door refuses to start); False: off.
     A model that is listed but missing, tampered with or unloadable is a ModelError, as for every model."""
-    if not enabled:
+    if enabled is False:
         log.warning("liveness gate off: liveness.enabled is false; printed photos and screens are NOT rejected")
         return None
-    missing = [name for name in MODEL_SCALES if name not in manifest.entries]
+    missing = [name for name in REQUIRED_MODELS if name not in manifest.entries]
     if missing:
-        log.warning("liveness gate off: %s not in %s (export them with `facedoor-export --out %s --only antispoof "
-                    "--antispoof-dir DIR`); printed photos and screens are NOT rejected",
-                    ", ".join(missing), manifest.directory / "manifest.json", manifest.directory)
+        hint = (f"{', '.join(missing)} not in {manifest.directory / 'manifest.json'} (export them with "
+                f"`facedoor-export --out {manifest.directory} --only antispoof,landmarks --antispoof-dir DIR`)")
+        if enabled is True:
+            raise LivenessUnavailable(f"liveness.enabled is true but {hint}")
+        log.warning("liveness gate off: %s; printed photos and screens are NOT rejected", hint)
         return None
     started = time.monotonic()
     model = LivenessModel.from_manifest(manifest, threads)
-    log.info("liveness gate on: %s loaded in %.2f s", ", ".join(MODEL_SCALES), time.monotonic() - started)
+    log.info("liveness gate on: %s loaded in %.2f s", ", ".join(REQUIRED_MODELS), time.monotonic() - started)
     return model
+
+
+def gate_status(models: Path, enabled: bool | str = "auto") -> str:
+    """One line for `facedoor list`: whether the door's gate runs ("liveness: on|off ...") and why,
+    from the config and manifest.json only (no model is opened, OpenCV is not loaded)."""
+    if enabled is False:
+        return "liveness: off (liveness.enabled is false): printed photos and screens are NOT rejected"
+    try:
+        listed = Manifest.load(models).entries
+    except ModelError as exc:
+        return f"liveness: off ({exc})"
+    missing = [name for name in REQUIRED_MODELS if name not in listed]
+    if not missing:
+        return "liveness: on"
+    if enabled is True:
+        return f"liveness: the door refuses to start (liveness.enabled is true; {', '.join(missing)} not exported)"
+    return f"liveness: off ({', '.join(missing)} not exported): printed photos and screens are NOT rejected"
+
+
+# --- per track: evidence and verdict --------------------------------------------------------------
+
+FEATURES = ("passive", "blink", "gaze", "nonplanar", "pose", "motion")
+MOTION_FEATURES = FEATURES[1:]
+LAG = 6  # frames between the two views compared for planarity, head rotation and motion
+SMOOTH = 3  # frames averaged at each end of the motion measurement
+
+
+@dataclass(frozen=True)
+class FusionRule:
+    """The per-track rule, a noisy AND of two parts and two hard rules (all fitted or chosen by
+    `benchmarks/liveness.py` on its training sources; see README "Photos and screens"):
+
+    - texture: the track's mean MiniFASNet live score reaches `passive_threshold`;
+    - motion: a logistic rule over `MOTION_FEATURES` (`weights`, `bias`) reaches `motion_threshold`:
+      the face blinks, looks around, turns as a head (its points leave one homography);
+    - never live while the points fit one plane (non-planar residual below `planar_floor` eye
+      distances) or stand still (global motion below `static_floor`).
+
+    Motion cannot stop a replay of a live video (the replayed face blinks and turns), and texture
+    does not carry to new media: each part vetoes, neither is enough alone."""
+
+    weights: tuple[float, ...]
+    bias: float
+    motion_threshold: float
+    passive_threshold: float
+    planar_floor: float = 0.004
+    static_floor: float = 0.05
+    min_frames: int = LAG + SMOOTH + 1
+    patience_frames: int = 45
+
+    def motion_probability(self, features: np.ndarray) -> float:
+        """The motion part's live probability for one track's feature vector (`FEATURES` order)."""
+        z = float(np.dot(self.weights, features[1:]) + self.bias)
+        return float(1.0 / (1.0 + np.exp(-np.clip(z, -30.0, 30.0))))
+
+
+# `benchmarks/liveness.py --fit-all` on every source (NUAA, both replay-video people, injected stills);
+# its leave-one-source-out table in the README says how such a rule does on a source it never saw.
+DEFAULT_RULE = FusionRule(weights=(-1.6446, 75.6557, 104.3509, 0.4186, -0.6653), bias=-3.8864,
+                          motion_threshold=0.513, passive_threshold=0.308)
+
+
+def configured_rule(threshold: float | None = None, min_frames: int | None = None) -> FusionRule:
+    """DEFAULT_RULE with the operator's `liveness.threshold` (the texture part's) / `liveness.min_frames`."""
+    rule = DEFAULT_RULE
+    if threshold is not None:
+        rule = replace(rule, passive_threshold=threshold)
+    if min_frames is not None:
+        rule = replace(rule, min_frames=min_frames, patience_frames=max(rule.patience_frames, min_frames))
+    return rule
+
+
+@dataclass(frozen=True)
+class FrameEvidence:
+    """One frame's cues reduced to what the verdict needs (a few floats; the mesh is not kept)."""
+
+    passive: float
+    ear: float | None = None  # eye aspect ratio
+    gaze: np.ndarray | None = None  # (2, 2) iris offsets in eye widths
+    nonplanar: float | None = None  # homography residual against the frame LAG before, in eye distances
+    rotation: float | None = None  # head rotation (degrees) against the frame LAG before
+    motion: float | None = None  # the face's shift and scale change against the frame LAG before (eye distances)
+
+
+def _logit(p: float) -> float:
+    p = min(max(p, 1e-4), 1 - 1e-4)
+    return float(np.log(p / (1 - p)))
+
+
+def _p90(values: Sequence[float | None]) -> float:
+    present = [v for v in values if v is not None]
+    return float(np.percentile(present, 90)) if present else 0.0
+
+
+def track_features(frames: Sequence[FrameEvidence]) -> np.ndarray:
+    """The feature vector (`FEATURES` order) of a track's frames: pure, for the judge and the benchmark.
+
+    passive: logit of the mean passive score; blink: 1 - min / median of the eye aspect ratio (a
+    blink dips it by half); gaze: the spread of the iris offsets (eye widths); nonplanar, pose and
+    motion: the 90th percentiles of the homography residuals (eye distances), head rotations
+    (degrees) and global motions (`global_motion`) between frames LAG apart."""
+    passive = _logit(float(np.mean([f.passive for f in frames]))) if frames else 0.0
+    ears = np.array([f.ear for f in frames if f.ear is not None])
+    blink = float(1 - ears.min() / max(float(np.median(ears)), 1e-6)) if len(ears) >= 3 else 0.0
+    gazes = [f.gaze for f in frames if f.gaze is not None]
+    gaze = float(np.mean(np.std(np.stack(gazes), axis=0))) if len(gazes) >= 3 else 0.0
+    return np.array([passive, blink, gaze, _p90([f.nonplanar for f in frames]), _p90([f.rotation for f in frames]),
+                     _p90([f.motion for f in frames])])
+
+
+def judge(frames: Sequence[FrameEvidence], rule: FusionRule) -> tuple[Verdict, float | None]:
+    """A track's verdict and live score (the lower of the texture and motion parts) from its frames:
+    pure (no models, no clock).
+
+    Undecided before `min_frames`; never live while the points fit one plane or stand still; live
+    when both parts reach their thresholds; spoof when they have not after `patience_frames` (until
+    then undecided: a member who has not moved yet is not turned away)."""
+    if not frames:
+        return "undecided", None
+    features = track_features(frames)
+    passive = float(np.mean([f.passive for f in frames]))
+    motion = rule.motion_probability(features)
+    score = min(passive, motion)
+    if len(frames) < rule.min_frames:
+        return "undecided", score
+    flat = features[FEATURES.index("nonplanar")] < rule.planar_floor
+    still = features[FEATURES.index("motion")] < rule.static_floor
+    if passive >= rule.passive_threshold and motion >= rule.motion_threshold and not flat and not still:
+        return "live", score
+    return ("spoof" if len(frames) >= rule.patience_frames else "undecided"), score
 
 
 @dataclass(frozen=True)
@@ -154,38 +305,54 @@ class LivenessState:
     """A track's liveness verdict and the evidence behind it (for the decision, logs and audit)."""
 
     verdict: Verdict
-    score: float | None  # mean live score over the track's frames, None before any frame
+    score: float | None  # the lower of the texture and motion parts (0-1), None before any frame
     frames: int
 
 
 @dataclass
 class TrackLiveness:
-    """Liveness evidence of one face track: feed each good frame's live score, read the verdict.
+    """Liveness evidence of one face track: `add` each frame's cues, read `state` (from `judge`).
 
-    The verdict is "undecided" until MIN_FRAMES scores are in, then "live" when their mean is at
-    least THRESHOLD, else "spoof". Only the last WINDOW scores count, so a track that starts on a
-    photo and turns to a real face (or back) follows what the camera shows now.
-    """
+    Only the last WINDOW frames count, so a track that starts on a photo and turns to a real face
+    (or back) follows what the camera shows now; the landmarks of the last LAG frames are kept to
+    compare each new frame with the one LAG before."""
 
-    threshold: float
-    min_frames: int
-    window: int = 30
-    scores: list[float] = field(default_factory=list)
+    rule: FusionRule = DEFAULT_RULE
+    window: int = 60
+    frames: list[FrameEvidence] = field(default_factory=list)
+    recent: list[Mesh | None] = field(default_factory=list)
 
-    def add(self, score: float) -> LivenessState:
-        """Record one frame's live score and return the updated state."""
-        if not 0.0 <= score <= 1.0:
-            raise ValueError(f"live score {score!r} outside [0, 1]")
-        self.scores.append(float(score))
-        del self.scores[:-self.window]
+    def add(self, cues: Cues) -> LivenessState:
+        """Record one frame's cues and return the updated state."""
+        if not 0.0 <= cues.passive <= 1.0:
+            raise ValueError(f"live score {cues.passive!r} outside [0, 1]")
+        self.frames.append(self.evidence(cues))
+        del self.frames[:-self.window]
         return self.state
+
+    def evidence(self, cues: Cues) -> FrameEvidence:
+        """CUES reduced to a FrameEvidence, comparing its mesh with the one LAG frames before."""
+        self.recent.append(cues.mesh)
+        del self.recent[:-(LAG + SMOOTH)]
+        mesh = cues.mesh
+        if mesh is None:
+            return FrameEvidence(cues.passive)
+        before = self.recent[-1 - LAG] if len(self.recent) > LAG else None
+        nonplanar = rotation = motion = None
+        if before is not None:
+            scale = max(mesh.eye_distance, 1.0)
+            nonplanar = homography_residual(before.points[:, :2], mesh.points[:, :2]) / scale
+            rotation = rotation_deg(before.points, mesh.points)
+            if len(self.recent) == LAG + SMOOTH and all(m is not None for m in self.recent):
+                # SMOOTH frames averaged at each end: the landmark model's jitter cancels, real motion stays
+                now = np.mean([m.points[:, :2] for m in self.recent[-SMOOTH:] if m is not None], axis=0)
+                then = np.mean([m.points[:, :2] for m in self.recent[:SMOOTH] if m is not None], axis=0)
+                motion = global_motion(then, now) / scale
+        gaze = iris_offset(mesh.points, mesh.irises) if mesh.irises is not None else None
+        return FrameEvidence(cues.passive, eye_aspect_ratio(mesh.points), gaze, nonplanar, rotation, motion)
 
     @property
     def state(self) -> LivenessState:
-        """The verdict from the scores so far."""
-        if not self.scores:
-            return LivenessState("undecided", None, 0)
-        mean = float(np.mean(self.scores))
-        if len(self.scores) < self.min_frames:
-            return LivenessState("undecided", mean, len(self.scores))
-        return LivenessState("live" if mean >= self.threshold else "spoof", mean, len(self.scores))
+        """The verdict from the frames so far."""
+        verdict, score = judge(self.frames, self.rule)
+        return LivenessState(verdict, score, len(self.frames))

@@ -44,6 +44,7 @@ from facedoor.signing import load_key
 from facedoor.store import StoreWatcher
 
 if TYPE_CHECKING:
+    from facedoor.fleet_sync import RosterSync
     from facedoor.pipeline import Face, FacePipeline
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,8 @@ class DoorService:
     def __init__(self, cfg: FacedoorConfig, pipeline: FacePipeline, load_gallery: Callable[[], Gallery],
                  camera: Camera, link: MqttLink, notifier: Notifier, listeners: Sequence[DecisionListener] = (),
                  store_watcher: StoreWatcher | None = None, signing_key: bytes | None = None,
-                 liveness: LivenessModel | None = None, factors: FactorListener | None = None):
+                 liveness: LivenessModel | None = None, roster: RosterSync | None = None,
+                 factors: FactorListener | None = None):
         self.cfg = cfg
         self.pipeline = pipeline
         self.load_gallery = load_gallery
@@ -84,6 +86,8 @@ class DoorService:
         self.signing_key = signing_key
         self.liveness = liveness  # None: the gate is off (said at start)
         self.factors = factors    # None: no second factor configured
+        self.roster = roster  # a site roster (facedoor.fleet_sync): no decision while it is unknown
+        self._roster_generation = roster.generation if roster is not None else 0
         self.rules = Rules.from_config(cfg, liveness_on=liveness is not None)
         self.state = JudgeState(cfg.tracking, cfg.quality)
         self.listeners.insert(0, RetractUndelivered(self.state))  # first: a dropped unlock re-arms at once
@@ -97,7 +101,8 @@ class DoorService:
         self._started = time.monotonic()
         self._processed: list[float] = []          # monotonic times of recently processed frames
         self._latencies_ms: list[float] = []
-        self.counts = {"frames": 0, "errors": 0, "skipped_offline": 0, "skipped_idle": 0, "unlock": 0, "deny": 0}
+        self.counts = {"frames": 0, "errors": 0, "skipped_offline": 0, "skipped_idle": 0, "skipped_roster": 0,
+                       "unlock": 0, "deny": 0}
         self.store_error: str | None = None
         self.exit_code = 0
         link.add_on_connect(self._health_due.set)
@@ -125,7 +130,7 @@ class DoorService:
         self.notifier.ready(f"watching {describe(self.camera.source)}; {enrolled} enrolled")
         log.info("facedoor running", extra={"fields": {
             "event": "ready", "door": self.cfg.door_id, "source": describe(self.camera.source),
-            "enrolled": enrolled, "threshold": self.rules.threshold}})
+            "enrolled": enrolled, "threshold": self.rules.threshold, "liveness": self.liveness_state}})
         while not self._stop.is_set():
             frame = self.camera.get(timeout=0.2)
             now = time.monotonic()
@@ -167,6 +172,10 @@ class DoorService:
             self.counts["skipped_offline"] += 1
             self.reset_evidence()  # decide nothing that cannot be delivered now
             return
+        if self.roster_blocked(frame.t_mono) is not None:
+            self.counts["skipped_roster"] += 1
+            self.reset_evidence()  # decide nothing on an unknown roster
+            return
         try:
             if not self.gate.should_detect(frame.image, frame.t_mono):
                 self.counts["skipped_idle"] += 1  # a still, empty scene: the detector runs at a low rate
@@ -184,12 +193,27 @@ class DoorService:
         for decision in judgement.decisions:
             self.publish_decision(decision, frame, faces)
 
+    @property
+    def liveness_state(self) -> str:
+        """The gate's state for every health message (decisions carry it from the judge): "on" or "off"."""
+        return "off" if self.liveness is None else "on"
+
+    def roster_blocked(self, now: float) -> str | None:
+        """Why the site roster forbids deciding now (facedoor.fleet_sync), or None: it is unknown on
+        this connection, too old, or applied to the store but not yet to the loaded gallery."""
+        if self.roster is None:
+            return None
+        if self.roster.generation != self._roster_generation:
+            self._reload.set()  # the run loop reloads before the next frame
+            return "the gallery is behind the applied roster"
+        return self.roster.blocked(now)
+
     def sightings(self, frame: Frame, faces: list[Face]) -> FrameSightings:
         """The judge's view of FRAME's FACES; the liveness gate scores a face only when the judge asks."""
         seen = [Seen(f.box, float(f.score), sharpness(frame.image, f) if f.embedding is not None else 0.0,
                      f.embedding) for f in faces]
         model = self.liveness
-        live = (lambda i: model.score(frame.image, faces[i].box)) if model is not None else None
+        live = (lambda i: model.observe(frame.image, faces[i])) if model is not None else None
         heard = self.factors.snapshot() if self.factors is not None else None
         return FrameSightings(frame.t_mono, seen, live, heard)
 
@@ -239,6 +263,8 @@ class DoorService:
     def reload_gallery(self) -> None:
         """Re-read the store (SIGHUP, or another process changed it); on failure nobody matches
         (fail closed) until a reload works. The evidence so far is forgotten either way."""
+        if self.roster is not None:
+            self._roster_generation = self.roster.generation  # read before loading: the load includes it
         try:
             self.gallery = self.load_gallery()
             self.store_error = None
@@ -294,8 +320,10 @@ class DoorService:
             "dropped_decisions": self.link.dropped_decisions,
             "purged_messages": self.link.purged,
             "enrolled": len(self.gallery.identities) if self.gallery is not None else 0,
+            "liveness": self.liveness_state,
             "store_error": self.store_error,
             "latency_ms_median": finite(lat[len(lat) // 2], 1) if lat else None,
+            "roster": self.roster.health(now) if self.roster is not None else None,
             **({"second_factor": dict(self.factors.counts)} if self.factors is not None else {}),
             **{k: v for k, v in self.counts.items()},
         }
@@ -319,6 +347,8 @@ class DoorService:
         self.link.stop()
         if self.store_watcher is not None:
             self.store_watcher.close()
+        if self.roster is not None:
+            self.roster.close()
         log.info("facedoor stopped", extra={"fields": {"event": "stopped", **self.counts}})
 
 
@@ -335,15 +365,21 @@ def build_service(cfg: FacedoorConfig, pipeline: FacePipeline, *, source: int | 
     from facedoor.store import EmbeddingStore
     from facedoor.unlock import UnlockAction
 
+    liveness = load_liveness(Manifest.load(cfg.models), cfg.liveness.enabled)  # first: a gate asked for, or no door
     key = load_key(cfg.mqtt.signing_key_file) if cfg.mqtt.signing_key_file is not None else None
     factors = FactorListener.from_config(cfg.policy.second_factor)  # a PIN file it cannot use: ConfigError
+    link = MqttLink(cfg)
+    roster = None
+    if cfg.fleet is not None:  # the site key is checked (exit 2) and a new door's empty store created here
+        from facedoor.fleet_sync import RosterSync
+
+        roster = RosterSync(cfg, link, pipeline.encoder_sha256)
     watcher = StoreWatcher(cfg.store)  # before the first load, so no commit in between is missed
 
     def load_gallery() -> Gallery:
         with EmbeddingStore(cfg.store, pipeline.encoder_sha256, create=False, readonly=True) as store:
             return store.gallery(cfg.recognition.threshold)
 
-    link = MqttLink(cfg)
     HomeAssistantDiscovery(cfg, link).attach()
     listeners: list[DecisionListener] = []
     if factors is not None:
@@ -352,15 +388,18 @@ def build_service(cfg: FacedoorConfig, pipeline: FacePipeline, *, source: int | 
     if cfg.unlock_action is not None:
         listeners.append(UnlockAction(cfg.unlock_action, link, cfg.decision_ttl_s))
     if cfg.policy.door_templates > 0:
-        listeners.append(DoorTemplates(cfg.store, pipeline.encoder_sha256, cfg.policy.door_templates))
+        listeners.append(DoorTemplates(cfg.store, pipeline.encoder_sha256, cfg.policy.door_templates,
+                                       on_stored=(lambda name: roster.publish_local([name])) if roster else None))
     listeners.extend(extra_listeners)
     audit = AuditLog.from_config(cfg)
     if audit is not None:
         listeners.append(audit)
     camera = Camera(cfg.camera, source, loop)
-    liveness = load_liveness(Manifest.load(cfg.models), cfg.liveness.enabled)
+    if roster is not None:
+        roster.start()
     return DoorService(cfg, pipeline, load_gallery, camera, link, notifier or Notifier(), listeners,
-                       store_watcher=watcher, signing_key=key, liveness=liveness, factors=factors)
+                       store_watcher=watcher, signing_key=key, liveness=liveness, roster=roster,
+                       factors=factors)
 
 
 def run_daemon(cfg: FacedoorConfig, source: int | str | None = None, loop: bool | None = None) -> int:

@@ -60,12 +60,13 @@ class SigningKeyError(ConfigError):
     """The signing key file is missing, unreadable, too short or readable by others."""
 
 
-def load_key(path: str | Path) -> bytes:
-    """The HMAC key from PATH, refused when short or group/world-accessible (it authorises unlocks)."""
-    key = read_secret(Path(path), "mqtt.signing_key_file", MAX_KEY_BYTES, SigningKeyError).strip()
+def load_key(path: str | Path, setting: str = "mqtt.signing_key_file") -> bytes:
+    """The key from PATH (the file SETTING names), refused when short or group/world-accessible
+    (it authorises unlocks; the site key of facedoor.fleet is loaded the same way)."""
+    key = read_secret(Path(path), setting, MAX_KEY_BYTES, SigningKeyError).strip()
     if len(key) < MIN_KEY_BYTES:
         raise SigningKeyError(
-            f"mqtt.signing_key_file: {path} holds {len(key)} bytes, at least {MIN_KEY_BYTES} are needed "
+            f"{setting}: {path} holds {len(key)} bytes, at least {MIN_KEY_BYTES} are needed "
             "(head -c 32 /dev/urandom | base64 > KEYFILE)"
         )
     return key

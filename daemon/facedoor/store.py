@@ -12,7 +12,9 @@ people who are not members, one per person, of the same encoder; it is replaced 
 store of an older schema (1: before door templates, 2: before the cohort) is read as it is and
 upgraded the first time it is opened for writing. A new store (and its -wal/-shm, which
 SQLite gives the store's mode) is 0600 in a 0700 directory. A running reader sees another
-process's commits through `StoreWatcher`.
+process's commits through `StoreWatcher`. A door of a site (facedoor.fleet) also keeps the
+`roster` ledger, created on first use: the version of each roster entry the store holds, written
+in the same transaction as the change it records (`apply_roster`).
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import logging
 import os
 import sqlite3
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -73,6 +75,16 @@ _MIGRATIONS = {
     2: _SCHEMA[_SCHEMA.index("CREATE TABLE cohort"):],
 }
 MAX_COHORT = 100_000  # cohort templates (C x D float32: 51 MB at 128-D)
+# The site-roster ledger (facedoor.fleet): which version of each roster entry this store holds. Created
+# on first use by any schema, so a store without a fleet never has it.
+_ROSTER = """CREATE TABLE IF NOT EXISTS roster (
+    key     TEXT PRIMARY KEY,
+    name    TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    origin  TEXT NOT NULL,
+    digest  TEXT NOT NULL,
+    removed INTEGER NOT NULL
+)"""
 
 
 class StoreError(RuntimeError):
@@ -89,6 +101,19 @@ class Identity:
     embeddings: int
     stale: int
     door_templates: int = 0
+
+
+@dataclass(frozen=True)
+class RosterRow:
+    """One entry of the site-roster ledger: the roster entry KEY (NAME's) at VERSION from ORIGIN, the
+    digest of its content, and whether it is a removal (a tombstone)."""
+
+    key: str
+    name: str
+    version: int
+    origin: str
+    digest: str
+    removed: bool
 
 
 def _now() -> str:
@@ -351,6 +376,68 @@ class EmbeddingStore:
             )
         log.info("cohort of %d people stored in %s", len(vectors), self.path)
         return len(vectors)
+
+    def apply_roster(self, people: Mapping[str, tuple[np.ndarray, Sequence[str]] | None],
+                     cohort: tuple[Sequence[str], np.ndarray] | None, ledger: Sequence[RosterRow]) -> None:
+        """Site-roster changes (facedoor.fleet) in one transaction: each person's embeddings replaced
+        by the given (N, D) rows and kinds (None: the person removed), the cohort replaced (when given),
+        the LEDGER rows recorded. Invalid content raises StoreError and nothing is written."""
+        self._writable()
+        for name, content in people.items():
+            validate_name(name)
+            if content is not None and (content[0].ndim != 2 or len(content[0]) != len(content[1])
+                                        or not len(content[0]) or not np.all(np.isfinite(content[0]))
+                                        or not set(content[1]) <= {ENROLMENT, DOOR}):
+                raise StoreError(f"roster entry for {name!r}: invalid embeddings; nothing applied")
+        now = _now()
+        with self._transaction():
+            for name, content in people.items():
+                self._db.execute("DELETE FROM identities WHERE name = ?", (name,))  # embeddings cascade
+                if content is None:
+                    continue
+                identity_id = self._db.execute(
+                    "INSERT INTO identities (name, created) VALUES (?, ?)", (name, now)).lastrowid
+                blobs = [v.astype("<f4").tobytes() for v in content[0]]
+                self._db.executemany(
+                    "INSERT OR IGNORE INTO embeddings (identity_id, vector, dim, encoder_sha256, image_sha256,"
+                    " created, kind) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [(identity_id, b, content[0].shape[1], self.encoder_sha256, hashlib.sha256(b).hexdigest(), now,
+                      kind) for b, kind in zip(blobs, content[1])])
+            if cohort is not None:
+                self._db.execute("DELETE FROM cohort")
+                self._db.executemany(
+                    "INSERT INTO cohort (label, vector, dim, encoder_sha256, created) VALUES (?, ?, ?, ?, ?)",
+                    [(label, v.astype("<f4").tobytes(), v.shape[0], self.encoder_sha256, now)
+                     for label, v in zip(cohort[0], cohort[1])])
+            self._db.execute(_ROSTER)
+            self._db.executemany(
+                "INSERT OR REPLACE INTO roster (key, name, version, origin, digest, removed) VALUES (?, ?, ?, ?, ?, ?)",
+                [(r.key, r.name, r.version, r.origin, r.digest, int(r.removed)) for r in ledger])
+
+    def roster(self) -> dict[str, RosterRow]:
+        """The site-roster ledger by entry key (empty for a store that never joined a site)."""
+        if not self._query("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'roster'"):
+            return {}
+        rows = self._query("SELECT key, name, version, origin, digest, removed FROM roster")
+        return {r[0]: RosterRow(r[0], r[1], r[2], r[3], r[4], bool(r[5])) for r in rows}
+
+    def person(self, name: str) -> tuple[np.ndarray, list[str]] | None:
+        """NAME's embeddings (N, D) and their kinds, oldest first; None when NAME is not enrolled.
+        Refuses a person with embeddings of another encoder."""
+        rows = self._query(
+            f"SELECT e.vector, e.dim, {self._kind}, e.encoder_sha256 FROM identities i"
+            " LEFT JOIN embeddings e ON e.identity_id = i.id WHERE i.name = ? ORDER BY e.id", (name,))
+        if not rows:
+            return None
+        rows = [r for r in rows if r[0] is not None]
+        if any(sha != self.encoder_sha256 for *_, sha in rows):
+            raise StoreError(f"identity {name!r} in {self.path} has embeddings from another encoder; "
+                             f"re-enrol with `facedoor enroll --replace {name} IMAGE...`")
+        if len({dim for _, dim, _, _ in rows}) > 1 or any(len(blob) != 4 * dim for blob, dim, _, _ in rows):
+            raise StoreError(f"{self.path}: damaged embedding rows of {name!r}")
+        dim = rows[0][1] if rows else 0
+        matrix = np.frombuffer(b"".join(r[0] for r in rows), dtype="<f4").reshape(len(rows), dim)
+        return matrix.astype(np.float32), [r[2] for r in rows]
 
     def cohort(self) -> tuple[list[str], np.ndarray]:
         """The cohort's labels and (C, D) templates; refuses another encoder's."""

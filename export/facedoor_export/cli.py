@@ -117,6 +117,14 @@ GROUPS: tuple[ModelGroup, ...] = (
         options=(Option("--antispoof-dir", metavar="DIR", type=Path,
                         help="directory holding MiniFASNetV2.onnx and MiniFASNetV1SE.onnx"),),
     ),
+    ModelGroup(
+        "landmarks", "facedoor_export.mediapipe_landmarks",
+        "MediaPipe face mesh (468 3-D points) + iris landmarks from the mediapipe==0.10.14 wheel (TFLite -> "
+        "ONNX, parity-checked against the TFLite interpreter) for the liveness gate's motion and blink cues",
+        options=(Option("--mediapipe-wheel", metavar="PATH", type=Path,
+                        help="the mediapipe-0.10.14 cp311 manylinux wheel (default: cached, else fetched "
+                             "from PyPI with pip download; its SHA-256 is pinned)"),),
+    ),
 )
 
 
@@ -137,6 +145,19 @@ def _parse_only(values: Sequence[str] | None) -> list[ModelGroup]:
         chosen.remove(ready)
         ordered.append(ready)
     return ordered
+
+
+def check_options(args: argparse.Namespace, groups: Sequence[ModelGroup]) -> None:
+    """Refuse a flag of a group that is not being exported: it would be silently ignored."""
+    chosen = {g.name for g in groups}
+    for group in GROUPS:
+        if group.name in chosen:
+            continue
+        for option in group.options:
+            dest = option.flags[0].lstrip("-").replace("-", "_")
+            if getattr(args, dest, None) not in (None, False, option.kwargs.get("default")):
+                raise ExportError(f"{option.flags[0]} belongs to the {group.name} group, which this run does not "
+                                  f"export (add --only {group.name}, or drop {option.flags[0]})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -169,6 +190,7 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     built earlier in the same run (`needs`) finds them committed with their manifest first.
     """
     groups = _parse_only(args.only)
+    check_options(args, groups)
     out: Path = args.out
     try:
         check_writable(out)

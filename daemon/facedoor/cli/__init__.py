@@ -47,6 +47,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "facedoor.cli.run",
     "facedoor.cli.demo",
     "facedoor.cli.signing",
+    "facedoor.cli.fleet",
     "facedoor.cli.reference",
     "facedoor.cli.factors",
 )

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from facedoor.cli import EXIT_OK, REPORTING, CliContext, CliError
+from facedoor.cli.fleet import publish_after
 
 PHOTOS_PER_PERSON = 10  # usable photos kept per cohort person (a template steadies after a few)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
@@ -54,6 +55,7 @@ def _cohort(args: argparse.Namespace, ctx: CliContext) -> int:
         store = ctx.store()
         dropped = len(store.cohort()[0])
         store.set_cohort([], np.zeros((0, 1), np.float32))
+        publish_after(ctx, [], cohort=True)
         ctx.emit({"cohort": 0, "dropped": dropped}, f"cohort cleared ({dropped} people dropped) in {store.path}")
         return EXIT_OK
     people = cohort_people(args.dir)
@@ -75,6 +77,7 @@ def _cohort(args: argparse.Namespace, ctx: CliContext) -> int:
     names, templates = person_templates(labels, np.stack(rows))
     store = ctx.store(create=True)
     store.set_cohort(names, templates)
+    publish_after(ctx, [], cohort=True)
     gallery = store.gallery(ctx.config.recognition.threshold)
     for member in gallery.identities:
         row = gallery.names.index(member)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from facedoor.cli import EXIT_ERROR, EXIT_NO_MATCH, EXIT_OK, REPORTING, CliContext, CliError
+from facedoor.cli.fleet import publish_after
 from facedoor.formatting import distance
 
 if TYPE_CHECKING:
@@ -66,6 +67,7 @@ def _enroll(args: argparse.Namespace, ctx: CliContext) -> int:
         raise CliError(f"no usable photo for {args.name!r}, nothing enrolled")
     store = ctx.store(create=True)
     added = store.enroll(args.name, photos.matrix(), photos.hashes, replace=args.replace)
+    publish_after(ctx, [args.name])
     for path in photos.paths:
         if ctx.json:
             ctx.emit({"image": str(path), "identity": args.name, "status": "enrolled"}, "")
@@ -172,6 +174,7 @@ def _enroll_from_frames(args: argparse.Namespace, ctx: CliContext) -> int:
     hashes = [hashlib.sha256(c.embedding.tobytes()).hexdigest() for c in kept]
     store = ctx.store(create=True)
     added = store.enroll(args.name, np.stack([c.embedding for c in kept]), hashes, replace=args.replace)
+    publish_after(ctx, [args.name])
     ctx.emit({"identity": args.name, "enrolled": len(kept), "new": added, "source": what,
               "usable_frames": len(candidates), "rejected_frames": sum(rejected.values()),
               "store": str(store.path)},
@@ -183,6 +186,9 @@ def _enroll_from_frames(args: argparse.Namespace, ctx: CliContext) -> int:
 # -- list / remove --------------------------------------------------------------------------
 
 def _list(args: argparse.Namespace, ctx: CliContext) -> int:
+    from facedoor.liveness import gate_status
+
+    print(gate_status(ctx.config.models, ctx.config.liveness.enabled), file=sys.stderr)
     identities = ctx.store().identities()
     if not identities and not ctx.json:
         print(f"no one enrolled in {ctx.config.store}", file=sys.stderr)
@@ -199,6 +205,7 @@ def _list(args: argparse.Namespace, ctx: CliContext) -> int:
 
 def _remove(args: argparse.Namespace, ctx: CliContext) -> int:
     removed = ctx.store().remove(args.name)
+    publish_after(ctx, [args.name])
     ctx.emit({"identity": args.name, "removed": removed}, f"removed {args.name} ({removed} embedding(s))")
     return EXIT_OK
 

@@ -45,8 +45,9 @@ def mosquitto_binary() -> str | None:
 class PrivateBroker:
     """Mosquitto listening on 127.0.0.1:<free port>, anonymous, no persistence."""
 
-    def __init__(self, workdir: Path, port: int | None = None):
+    def __init__(self, workdir: Path, port: int | None = None, extra_conf: str = ""):
         self.binary = mosquitto_binary()
+        self.extra_conf = extra_conf  # more mosquitto.conf lines, e.g. a bridge
         self.host = "127.0.0.1"
         self.port = port or free_port()
         self.workdir = workdir
@@ -66,7 +67,7 @@ class PrivateBroker:
         self.workdir.mkdir(parents=True, exist_ok=True)
         conf = self.workdir / "mosquitto.conf"
         conf.write_text(f"listener {self.port} {self.host}\nallow_anonymous true\npersistence false\n"
-                        "log_dest stderr\nlog_type error\nlog_type warning\n")
+                        "log_dest stderr\nlog_type error\nlog_type warning\n" + self.extra_conf)
         with open(self.log, "ab") as log_file:
             self.proc = subprocess.Popen([self.binary, "-c", str(conf)], stdout=log_file, stderr=log_file)
         deadline = time.monotonic() + timeout_s
@@ -146,6 +147,7 @@ class Subscriber:
     def _on_message(self, client: Any, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         expiry = getattr(msg.properties, "MessageExpiryInterval", None) if msg.properties else None
         record = {"recv": time.time(), "topic": msg.topic, "payload": msg.payload.decode(errors="replace"),
+                  "raw": bytes(msg.payload),
                   "retain": bool(msg.retain), "expiry": expiry, "qos": msg.qos}
         with self._cond:
             self.messages.append(record)
