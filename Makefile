@@ -16,11 +16,14 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e '.[export,stylize,bench,test]'
 	touch $@
 
-# Debian's Mosquitto broker (tests, demo) and systemd-analyze (unit test, package `systemd`).
+# Debian's Mosquitto broker and clients (tests, demo), systemd-analyze (unit test, package `systemd`),
+# g++ and mbedtls (the ESPHome example's signature check, built and run by the tests).
 mosquitto:
-	@{ command -v mosquitto && command -v systemd-analyze; } >/dev/null 2>&1 || { \
-	  echo "installing Debian's mosquitto and systemd (systemd-analyze)"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto systemd >/dev/null; }
+	@{ command -v mosquitto && command -v mosquitto_sub && command -v systemd-analyze && command -v g++ \
+	   && test -f /usr/include/mbedtls/md.h; } >/dev/null 2>&1 || { \
+	  echo "installing Debian's mosquitto, mosquitto-clients, systemd (systemd-analyze), g++ and libmbedtls-dev"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto mosquitto-clients \
+	    systemd g++ libmbedtls-dev >/dev/null; }
 
 models: venv
 	$(BIN)/facedoor-export --out $(MODELS)

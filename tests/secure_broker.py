@@ -8,6 +8,9 @@ passwords and password files. Users:
 - `door`: may publish only under `<prefix>/<door_id>/#`, on the relay topic and its Home Assistant
   discovery topic; may read Home Assistant's birth topic.
 - `consumer`: may only read (the door's topics, the relay topic, discovery).
+
+`deny=(topic, ...)` takes topics away from `door` (an ACL that forgets the decision or the relay
+topic): the broker then answers the door's publishes there with PUBACK 0x87 Not authorized.
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,10 +86,11 @@ def make_certificates(workdir: Path, name: str = "test") -> tuple[Path, Path, Pa
     return workdir / "ca.crt", workdir / "server.crt", workdir / "server.key"
 
 
-def _acl(prefix: str, door_id: str, relay_topic: str, discovery: str) -> str:
+def _acl(prefix: str, door_id: str, relay_topic: str, discovery: str, deny: Sequence[str] = ()) -> str:
     return (
         "user door\n"
-        f"topic write {prefix}/{door_id}/#\n"
+        + "".join(f"topic deny {topic}\n" for topic in deny)
+        + f"topic write {prefix}/{door_id}/#\n"
         f"topic write {relay_topic}\n"
         f"topic write {discovery}/device/{door_id}/config\n"
         f"topic read {discovery}/status\n"
@@ -108,7 +112,7 @@ def _free_port() -> int:
 def secure_broker(
     workdir: Path, *, door_id: str = "front", topic_prefix: str = "facedoor",
     relay_topic: str = "zigbee2mqtt/front_door/set", discovery_prefix: str = "homeassistant",
-    timeout_s: float = 10.0,
+    timeout_s: float = 10.0, deny: Sequence[str] = (),
 ) -> Iterator[SecureBroker]:
     """Run a TLS + password + ACL Mosquitto in WORKDIR for the duration of the with-block."""
     mosquitto = _tool("mosquitto", MOSQUITTO)
@@ -125,7 +129,7 @@ def secure_broker(
         password_files[user] = secret
     password_file.chmod(0o600)
     acl = workdir / "acl"
-    acl.write_text(_acl(topic_prefix, door_id, relay_topic, discovery_prefix))
+    acl.write_text(_acl(topic_prefix, door_id, relay_topic, discovery_prefix, deny))
     acl.chmod(0o600)
     port = _free_port()
     conf = workdir / "mosquitto.conf"

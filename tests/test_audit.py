@@ -224,3 +224,30 @@ def test_a_companion_decision_keeps_the_strangers_crops(tmp_path: Path) -> None:
     assert entry["reason"] == "companion" and Path(entry["crop"]).is_file()
     [stranger] = entry["stranger_crops"]
     assert "stranger1" in stranger and Path(stranger).stat().st_mode & 0o777 == 0o600
+
+
+def test_required_audit_refuses_to_start_when_it_cannot_be_written(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the audit directory should be")
+    with pytest.raises(audit.AuditError, match=r"audit.required: cannot write the audit log .*not-a-dir/audit.jsonl"):
+        AuditLog(blocker / "audit.jsonl", AuditLimits(1_000_000, 86400.0, False), "front", required=True)
+    make_log(blocker / "audit.jsonl").close()  # not required: it starts, and logs its write errors
+
+
+def test_required_audit_writes_the_unlock_before_it_is_sent_and_says_when_it_cannot(tmp_path: Path) -> None:
+    """A full disk (the file is /dev/full: every write fails with ENOSPC, even as root)."""
+    path = tmp_path / "audit.jsonl"
+    alog = AuditLog(path, AuditLimits(1_000_000, 86400.0, False), "front", required=True)
+    try:
+        assert alog.write_ahead(decision(1)) and alog.state == "ok"
+        [intent] = list(read_entries(path))
+        assert intent["id"] == "d1" and intent["audit_stage"] == "intent" and intent["door"] == "front"
+        path.rename(tmp_path / "audit.jsonl.saved")
+        path.symlink_to("/dev/full")
+        assert not alog.write_ahead(decision(2)) and alog.state == "failing"
+        path.unlink()
+        assert alog.write_ahead(decision(3)) and alog.state == "ok"  # writable again
+        assert [e["id"] for e in read_entries(path)] == ["d3"]
+    finally:
+        alog.close()
+    assert "unlock/intent" in audit.format_table(list(read_entries(path)))

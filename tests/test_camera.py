@@ -50,6 +50,12 @@ def test_sources_are_classified_and_credentials_masked() -> None:
     ("HTTP://u:s3cret@cam/?API_KEY=s3cret#f", "HTTP://u:***@cam/?API_KEY=***#f"),
     ("rtsp://cam/stream?contact=a@b.example", "rtsp://***@b.example"),
     ("rtsp://cam:554/stream", "rtsp://cam:554/stream"),
+    # XMEye / DVR path-style credentials (the password may hold '_' or '/': the rest of the path goes)
+    ("rtsp://10.0.0.5:554/user=admin_password=s3cret_channel=1_stream=0.sdp?real_stream",
+     "rtsp://10.0.0.5:554/user=admin_password=***?real_stream"),
+    ("rtsp://dvr/user=admin_password=s3c_r/et_channel=1", "rtsp://dvr/user=admin_password=***"),
+    ("rtsp://dvr/live/pwd=s3cret/ch1", "rtsp://dvr/live/pwd=***"),
+    ("rtsp://cam/cam/realmonitor?channel=1&subtype=0", "rtsp://cam/cam/realmonitor?channel=1&subtype=0"),
     ("/srv/videos/user@host.avi", "/srv/videos/user@host.avi"),
     (0, "0"),
 ])

@@ -135,3 +135,50 @@ def test_an_unlock_action_needs_its_lock_payload() -> None:
     """The lock chases an unlock the broker did not acknowledge in time: without it, it cannot."""
     message = _error({"unlock_action": {"topic": "cmnd/door/POWER", "payload": "ON"}})
     assert "unlock_action.lock_payload" in message and "Field required" in message
+
+
+def test_a_5000_deep_config_exits_2_with_one_line_naming_file_and_line(tmp_path: Path) -> None:
+    """A recursion blow-up was exit 3, which systemd restarts forever; a bad config is exit 2."""
+    import subprocess
+    import sys
+
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("door_id: front\ncamera: " + "[" * 5000 + "]" * 5000 + "\n")
+    run = subprocess.run([str(Path(sys.executable).with_name("facedoor")), "--config", str(deep), "run"],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.count("\n") == 1 and f"{deep}:2:" in run.stderr and "nested deeper than" in run.stderr
+    block = tmp_path / "block.yaml"
+    block.write_text("".join("  " * i + f"k{i}:\n" for i in range(40)))
+    with pytest.raises(ConfigError, match=r"block\.yaml:\d+:\d+: not valid YAML: nested deeper than 32"):
+        load_config(block)
+
+
+@pytest.mark.parametrize("text, line", [
+    ("camera:\n  source: [1, 2\nmqtt: {\n", 3),
+    ("door_id: front\n\tmqtt: {}\n", 2),
+    ("a: 1\nb: [\n", 3),
+])
+def test_a_yaml_error_is_one_line_with_file_and_line(tmp_path: Path, text: str, line: int) -> None:
+    config = tmp_path / "broken.yaml"
+    config.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(config)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"{config}:{line}:") and "not valid YAML" in message
+
+
+@pytest.mark.parametrize("key, value", [
+    ("discovery", {"prefix": "home/#"}), ("discovery", {"prefix": "home/+/x"}), ("discovery", {"prefix": "home//x"}),
+    ("discovery", {"prefix": "/homeassistant"}), ("topic_prefix", "facedoor/"), ("topic_prefix", "a//b"),
+    ("topic_prefix", "door\0"),
+])
+def test_a_topic_prefix_with_wildcards_or_empty_levels_is_refused(key: str, value: object) -> None:
+    message = _error({"mqtt": {key: value}})
+    assert f"mqtt.{key}" in message and "plain topic" in message
+    assert parse_config({"mqtt": {"topic_prefix": "site/facedoor", "discovery": {"prefix": "ha/discovery"}}})
+
+
+def test_audit_required_needs_the_audit_enabled() -> None:
+    assert "audit.required needs audit.enabled" in _error({"audit": {"enabled": False, "required": True}})
+    assert parse_config({"audit": {"required": True}}).audit.required

@@ -234,7 +234,8 @@ def test_camera_vanishes_and_comes_back(door: Door, mosquitto, tmp_path: Path) -
     assert status is not None and status["payload"] == "offline"
 
 
-@pytest.mark.parametrize("fault", ["bad_config", "missing_models", "hash_mismatch", "corrupt_store"])
+@pytest.mark.parametrize("fault", ["bad_config", "missing_models", "hash_mismatch", "corrupt_store",
+                                   "audit_unwritable"])
 def test_startup_faults_exit_2_with_one_clear_line(fault: str, door: Door, mosquitto, tmp_path: Path) -> None:
     video = tmp_path / "walkup.avi"
     write_walkup(video, [door.known], visit_s=2.0, gap_s=0.2)
@@ -255,10 +256,15 @@ def test_startup_faults_exit_2_with_one_clear_line(fault: str, door: Door, mosqu
         manifest["models"]["facenet"]["sha256"] = "0" * 64
         (models / "manifest.json").write_text(json.dumps(manifest))
         expected = ["facenet", "SHA-256", "0" * 64]
-    else:
+    elif fault == "corrupt_store":
         store = tmp_path / "store.db"
         store.write_bytes(b"SQLite format 3\0" + os.urandom(4000))
         expected = [str(store)]
+    else:  # audit.required and the audit directory cannot be created (a file is in its way)
+        blocker = tmp_path / "blocker"
+        blocker.write_text("not a directory")
+        extra = {"audit": {"enabled": True, "required": True, "path": str(blocker / "audit.jsonl")}}
+        expected = ["audit.required", str(blocker / "audit.jsonl")]
     config = write_config(tmp_path / "facedoor.yaml", models, store, mosquitto.port, **extra)
     store_before = hashlib.sha256(store.read_bytes()).hexdigest()
     sub = Subscriber(mosquitto.host, mosquitto.port, "facedoor/#")

@@ -7,8 +7,9 @@ import time
 import pytest
 
 from daemon_support import Subscriber, retained
-from facedoor.config import parse_config
-from facedoor.mqtt import MqttLink, expiry_interval
+from facedoor.config import FacedoorConfig, parse_config
+from facedoor.mqtt import Delivery, MqttLink, expiry_interval, publish_once
+from secure_broker import secure_broker
 
 
 @pytest.fixture
@@ -21,7 +22,7 @@ def decision(n: int) -> str:
     return json.dumps({"id": f"test-{n}", "decision": "unlock", "identity": "alice"})
 
 
-def deliver(link: MqttLink, n: int, captured_mono: float) -> bool:
+def deliver(link: MqttLink, n: int, captured_mono: float) -> Delivery:
     return link.deliver(link.decision_topic, decision(n), captured_mono, 5.0, f"decision test-{n}")
 
 
@@ -154,3 +155,75 @@ def test_password_is_read_from_file_and_never_logged(tmp_path, caplog) -> None:
     time.sleep(0.3)
     link.stop()
     assert secret not in caplog.text and secret not in repr(cfg)
+
+
+def secure_link_config(broker, **mqtt) -> FacedoorConfig:
+    """The door's config for a secure_broker: TLS, the `door` user and its password file."""
+    return parse_config({"door_id": broker.door_id, "mqtt": {
+        "host": broker.host, "port": broker.port, "username": "door", "tls": {"ca": str(broker.ca)},
+        "password_file": str(broker.password_files["door"]), "ack_timeout_s": 0.5, **mqtt}})
+
+
+@pytest.fixture
+def refusing_link(tmp_path):
+    """A link through a Mosquitto whose ACL denies the door's decision topic; a consumer reads everything."""
+    with secure_broker(tmp_path / "broker", deny=("facedoor/front/decision",)) as broker:
+        link = MqttLink(secure_link_config(broker))
+        link.start()
+        assert link.wait_connected(10)
+        sub = Subscriber(broker.host, broker.port, "#", tls_ca=broker.ca, username="consumer",
+                         password=broker.passwords["consumer"])
+        try:
+            yield broker, link, sub
+        finally:
+            sub.stop()
+            link.stop()
+
+
+def test_a_refused_decision_is_not_delivered_and_the_topic_is_reported(refusing_link, caplog) -> None:
+    """Mosquitto answers PUBACK 0x87 Not authorized: paho calls that published, the link must not."""
+    broker, link, sub = refusing_link
+    for n in (1, 2):
+        assert deliver(link, n, time.monotonic()) is Delivery.REFUSED
+    assert link.refused == {"facedoor/front/decision": "Not authorized"} and link.refusals == 2
+    assert link.condition == "refused" and link.state == "up" and link.dropped_decisions == 2
+    assert link.live  # the probe and status are accepted: it is not a stall, just a refusal
+    assert sub.wait_for(lambda m: m["topic"] == "facedoor/front/decision", 1.0) is None  # it went nowhere
+    errors = [r for r in caplog.records if "refuses publishes to facedoor/front/decision" in r.getMessage()]
+    assert len(errors) == 1  # once per refusal streak, not once per message
+    assert link.stalls == 0 and link.connected
+
+
+def test_a_refused_probe_leaves_the_link_not_live(tmp_path) -> None:
+    """Only an accepted PUBACK proves the link live: an ACL that refuses even the probe decides nothing."""
+    with secure_broker(tmp_path / "broker", deny=("facedoor/front/probe",)) as broker:
+        link = MqttLink(secure_link_config(broker))
+        link.start()
+        try:
+            assert link.wait_connected(10)
+            deadline = time.monotonic() + 5
+            while (link.live or "facedoor/front/probe" not in link.refused) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert not link.live and link.connected and link.condition == "refused"
+            assert link.refused == {"facedoor/front/probe": "Not authorized"} and link.stalls == 0
+        finally:
+            link.stop()
+
+
+def test_a_topic_accepted_again_leaves_the_refused_list(refusing_link) -> None:
+    broker, link, _ = refusing_link
+    assert link.deliver("facedoor/front/decision", "{}", time.monotonic(), 5.0, "refused") is Delivery.REFUSED
+    assert link.deliver("facedoor/front/health", "{}", time.monotonic(), 5.0, "accepted") is Delivery.DELIVERED
+    assert "facedoor/front/decision" in link.refused and "facedoor/front/health" not in link.refused
+    link.refused["facedoor/front/health"] = "Not authorized"  # as if an earlier health report had been refused
+    assert link.publish(link.health_topic, "{}")
+    deadline = time.monotonic() + 3
+    while "facedoor/front/health" in link.refused and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert list(link.refused) == ["facedoor/front/decision"]  # read from the watcher's PUBACK too
+
+
+def test_publish_once_reports_a_refusal(refusing_link) -> None:
+    broker, link, _ = refusing_link
+    assert publish_once(link.cfg, "facedoor/front/decision", b"{}", retain=False, timeout_s=5) is False
+    assert publish_once(link.cfg, "facedoor/front/health", b"{}", retain=False, timeout_s=5) is True

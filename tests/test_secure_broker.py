@@ -84,3 +84,17 @@ def test_a_client_that_does_not_trust_the_ca_refuses_the_broker(broker: SecureBr
         assert client.error is not None and "certificate verify failed" in str(client.error)
     finally:
         client.stop()
+
+
+def test_a_denied_topic_is_refused_with_not_authorized(tmp_path: Path) -> None:
+    """`deny=` takes one topic from the door user; the rest of its ACL still holds."""
+    with secure_broker(tmp_path / "broker", deny=("facedoor/front/decision",)) as broker:
+        door = TlsClient(broker, "door", broker.passwords["door"])
+        try:
+            assert door.connected.wait(10)
+            refused = door.publish("facedoor/front/decision", b"x")
+            assert refused.is_failure and refused.value == 0x87, refused  # Not authorized
+            assert not door.publish("facedoor/front/health", b"x").is_failure
+            assert not door.publish(broker.relay_topic, b"x").is_failure
+        finally:
+            door.stop()

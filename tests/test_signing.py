@@ -120,3 +120,135 @@ def test_key_file_rules(tmp_path: Path) -> None:
         load_key(short)
     with pytest.raises(SigningKeyError, match="cannot read"):
         load_key(tmp_path / "missing")
+
+
+def test_disk_replay_cache_survives_a_restart_prunes_and_stays_bounded(tmp_path: Path) -> None:
+    path = tmp_path / "state" / "seen.db"
+    first = signing.DiskReplayCache(path, max_entries=2)
+    assert first.add("a", NOW + 1000, NOW) is None and first.add("b", NOW + 5000, NOW) is None
+    assert first.add("c", NOW + 5000, NOW) == "replay-cache-full"  # fail closed, never forget a live id
+    first.close()
+    assert path.stat().st_mode & 0o777 == 0o600
+    again = signing.DiskReplayCache(path, max_entries=2)  # a restarted verifier
+    try:
+        assert again.add("a", NOW + 1000, NOW + 10) == "replay" and again.add("b", NOW + 5000, NOW) == "replay"
+        assert again.add("c", NOW + 5000, NOW + 2000) is None  # "a" expired and was pruned
+        assert len(again) == 2
+        other = signing.DiskReplayCache(path, max_entries=2)  # a second verifier on the same file
+        assert other.add("c", NOW + 5000, NOW + 2000) == "replay"
+        other.close()
+    finally:
+        again.close()
+
+
+class Pipeline:
+    """`mosquitto_sub -t TOPIC | facedoor check-message --follow ...` as two real processes."""
+
+    def __init__(self, broker, topic: str, key_file: Path, seen: Path, *extra: str):
+        import queue
+        import subprocess
+        import sys
+        import threading
+
+        self.sub = subprocess.Popen(["mosquitto_sub", "-h", broker.host, "-p", str(broker.port), "-q", "1",
+                                     "-t", topic], stdout=subprocess.PIPE)
+        facedoor = str(Path(sys.executable).with_name("facedoor"))
+        self.check = subprocess.Popen([facedoor, "check-message", "--follow", "--key-file", str(key_file),
+                                       "--seen", str(seen), *extra], stdin=self.sub.stdout,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert self.sub.stdout is not None
+        self.sub.stdout.close()  # the checker holds the pipe now
+        self.out: queue.Queue[bytes] = queue.Queue()
+        self.err: queue.Queue[bytes] = queue.Queue()
+        for stream, q in ((self.check.stdout, self.out), (self.check.stderr, self.err)):
+            threading.Thread(target=lambda s=stream, q=q: [q.put(line) for line in iter(s.readline, b"")],
+                             daemon=True).start()
+
+    def stop(self) -> None:
+        for proc in (self.sub, self.check):
+            proc.terminate()
+            proc.wait(10)
+
+
+def _publish(broker, topic: str, payload: bytes) -> None:
+    import subprocess
+
+    subprocess.run(["mosquitto_pub", "-h", broker.host, "-p", str(broker.port), "-q", "1", "-t", topic,
+                    "-m", payload], check=True, timeout=10)
+
+
+def _next(q, timeout_s: float = 10.0) -> str:
+    import queue
+
+    try:
+        return q.get(timeout=timeout_s).decode().strip()
+    except queue.Empty:
+        raise AssertionError(f"no line within {timeout_s:g} s") from None
+
+
+def _until_ready(pipe: Pipeline, broker, topic: str, q) -> None:
+    """Publish harmless non-messages until the checker answers one (both processes are up and
+    subscribed), then a signed marker, and read past the marker's verdict: the pipe is drained."""
+    import queue
+    import time
+    import uuid
+
+    for _ in range(50):
+        _publish(broker, topic, b"ping")
+        try:
+            assert q.get(timeout=0.3).decode().startswith("REFUSED malformed")
+            break
+        except queue.Empty:
+            continue
+    else:
+        raise AssertionError("the pipeline never answered")
+    marker = sign({"id": f"marker-{uuid.uuid4()}", "expires_at_ms": int(time.time() * 1000) + 60_000}, KEY)
+    _publish(broker, topic, json.dumps(marker).encode())
+    while not _next(q).endswith(marker["id"]):
+        pass
+
+
+def test_check_message_follow_answers_each_message_as_it_arrives_and_remembers_across_restarts(
+        mosquitto, tmp_path: Path) -> None:
+    import time
+    import uuid
+
+    topic = "facedoor/front/decision"
+    key_file = tmp_path / "key"
+    key_file.write_bytes(KEY)
+    key_file.chmod(0o600)
+    seen = tmp_path / "seen.db"
+
+    def message(ttl_s: float = 60.0) -> dict:
+        now_ms = int(time.time() * 1000)
+        return sign({"id": str(uuid.uuid4()), "decision": "unlock", "identity": "alice", "ts_ms": now_ms,
+                     "expires_at_ms": now_ms + int(ttl_s * 1000)}, KEY)
+
+    first, second = message(), message()
+    pipe = Pipeline(mosquitto, topic, key_file, seen)
+    try:
+        _until_ready(pipe, mosquitto, topic, pipe.out)
+        _publish(mosquitto, topic, json.dumps(first).encode())
+        assert _next(pipe.out) == f"ok ok {first['id']}"  # answered before anything else arrives
+        _publish(mosquitto, topic, json.dumps(first).encode())
+        assert _next(pipe.out) == f"REFUSED replay {first['id']}"
+        _publish(mosquitto, topic, json.dumps({**second, "identity": "mallory"}).encode())
+        assert _next(pipe.out) == "REFUSED bad-signature"
+        _publish(mosquitto, topic, json.dumps(message(ttl_s=3600)).encode())  # a door clock an hour ahead
+        assert _next(pipe.out).startswith("REFUSED too-far-ahead")
+    finally:
+        pipe.stop()
+    # a restarted verifier (same --seen file) still refuses the replay, and forwards what is genuine
+    pipe = Pipeline(mosquitto, topic, key_file, seen, "--forward")
+    try:
+        _until_ready(pipe, mosquitto, topic, pipe.err)
+        assert '"marker-' in _next(pipe.out)  # the marker is genuine: forwarded
+        _publish(mosquitto, topic, json.dumps(first).encode())
+        assert _next(pipe.err) == f"REFUSED replay {first['id']}"
+        raw = json.dumps(second).encode()
+        _publish(mosquitto, topic, raw)
+        assert _next(pipe.err) == f"ok ok {second['id']}"
+        assert _next(pipe.out) == raw.decode()  # the message itself, for a consumer that cannot verify
+        assert pipe.out.empty()  # nothing refused is forwarded
+    finally:
+        pipe.stop()

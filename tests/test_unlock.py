@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,8 @@ from daemon_support import Subscriber
 from decision_support import decision_event
 from facedoor.config import FacedoorConfig, parse_config
 from facedoor.events import DecisionEvent
-from facedoor.mqtt import MqttLink
+from facedoor.mqtt import Delivery, MqttLink
+from facedoor.signing import ReplayCache, check_message
 from facedoor.unlock import UnlockAction, unlock_payload
 
 ACTION_TOPIC = "zigbee2mqtt/front_door/set"
@@ -59,9 +61,61 @@ def states(sub: Subscriber) -> list[str]:
     return [json.loads(m["payload"])["state"] for m in sub.on(ACTION_TOPIC)]
 
 
+KEY = b"facedoor-example-key-0123456789abcdef"
+
+
 def test_unlock_payload_gains_expiry_only_when_it_can_carry_fields() -> None:
     assert json.loads(unlock_payload(UNLOCK, 123)) == {"state": "UNLOCK", "expires_at_ms": 123}
     assert unlock_payload("ON", 123) == "ON" and unlock_payload('"ON"', 123) == '"ON"'
+    assert unlock_payload("ON", 123, KEY) == "ON"  # Tasmota cannot carry a signature: it relies on the ACL
+
+
+def test_signed_relay_command_verifies_once_and_a_forgery_does_not() -> None:
+    """With signing on, the relay command is a signed message a device can check like a decision."""
+    now_ms = int(time.time() * 1000)
+    raw = unlock_payload(UNLOCK, now_ms + 5000, KEY)
+    body = json.loads(raw)
+    assert set(body) == {"state", "expires_at_ms", "id", "sig"} and body["state"] == "UNLOCK"
+    uuid.UUID(body["id"])
+    assert json.loads(unlock_payload(UNLOCK, now_ms + 5000, KEY))["id"] != body["id"]  # one id per command
+    seen = ReplayCache()
+    assert check_message(raw.encode(), KEY, now_ms, seen).ok
+    assert check_message(raw.encode(), KEY, now_ms, seen).reason == "replay"
+    forged = json.dumps({"state": "UNLOCK", "expires_at_ms": now_ms + 5000, "id": str(uuid.uuid4())})
+    assert check_message(forged.encode(), KEY, now_ms, seen).reason == "unsigned"
+    tampered = json.dumps({**body, "expires_at_ms": now_ms + 60_000})
+    assert check_message(tampered.encode(), KEY, now_ms, seen).reason == "bad-signature"
+
+
+def test_a_relay_topic_the_broker_refuses_is_not_driven_nor_reported_sent(tmp_path, caplog) -> None:
+    """The ACL forgets the relay topic: Mosquitto answers PUBACK 0x87 and the relay gets nothing.
+    The action must not count it sent, must not log "unlock action sent", and says why."""
+    from secure_broker import secure_broker
+
+    with secure_broker(tmp_path / "broker", relay_topic=ACTION_TOPIC, deny=(ACTION_TOPIC,)) as broker:
+        cfg = parse_config({"door_id": "front", "mqtt": {
+            "host": broker.host, "port": broker.port, "username": "door", "tls": {"ca": str(broker.ca)},
+            "password_file": str(broker.password_files["door"]), "ack_timeout_s": 0.5},
+            "unlock_action": {"topic": ACTION_TOPIC, "payload": UNLOCK, "lock_payload": LOCK}})
+        link = MqttLink(cfg)
+        assert cfg.unlock_action is not None
+        action = UnlockAction(cfg.unlock_action, link, cfg.decision_ttl_s, KEY)
+        link.start()
+        sub = Subscriber(broker.host, broker.port, ACTION_TOPIC, tls_ca=broker.ca, username="consumer",
+                         password=broker.passwords["consumer"])
+        try:
+            assert link.wait_connected(10)
+            sent = event()
+            action.on_decision(sent)
+            assert sent.notes == {"unlock_action": False, "unlock_action_delivery": "refused"}
+            assert action.sent_unlocks == 0 and action.chased == 0
+            assert link.refused == {ACTION_TOPIC: "Not authorized"} and link.condition == "refused"
+            assert sub.wait_for(lambda m: True, 1.0) is None
+        finally:
+            sub.stop()
+            action.close()
+            link.stop()
+    assert not [r for r in caplog.records if r.getMessage().startswith("unlock action sent")]
 
 
 def test_unlock_action_once_per_acknowledged_unlock_never_retained(mosquitto, tmp_path, door) -> None:
@@ -133,7 +187,8 @@ def test_stall_seen_without_traffic_and_reported(mosquitto, tmp_path, door) -> N
         while link.connected and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not link.connected and link.state == "stalled"  # the probe found it, nobody at the door
-        assert link.deliver("facedoor/front/decision", "{}", time.monotonic(), 5.0, "test decision") is False
+        assert link.deliver("facedoor/front/decision", "{}", time.monotonic(), 5.0, "test decision") \
+            is Delivery.DISCONNECTED
     finally:
         mosquitto.resume()
     assert link.wait_connected(10) and link.stalls >= 1
@@ -189,3 +244,92 @@ def test_unlock_examples_are_valid_configs(name) -> None:
     cfg = load_config(Path(__file__).resolve().parents[1] / "config" / f"unlock-{name}.yaml")
     action = cfg.unlock_action
     assert action is not None and action.payload and action.lock_payload and action.relock_after_s
+
+
+ESPHOME_HARNESS = r"""
+#include <iostream>
+#include <sstream>
+#include "facedoor_verify.h"
+// One command per line: key state id expires_ms sig fields now_ms (tab-separated) -> "ok" or why not.
+int main() {
+  std::string line;
+  while (std::getline(std::cin, line)) {
+    std::istringstream in(line);
+    std::string key, state, id, expires, sig, fields, now;
+    std::getline(in, key, '\t'); std::getline(in, state, '\t'); std::getline(in, id, '\t');
+    std::getline(in, expires, '\t'); std::getline(in, sig, '\t'); std::getline(in, fields, '\t');
+    std::getline(in, now, '\t');
+    const char *why = facedoor::check_unlock(key, state, id, std::stod(expires), sig, std::stoul(fields),
+                                             std::stod(now));
+    std::cout << (why ? why : "ok") << std::endl;
+  }
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def esphome_verifier(tmp_path_factory) -> Path:
+    """config/esphome/facedoor_verify.h (what the ESPHome example's lambda calls) built for this
+    machine against the same mbedtls API the ESP32 has, behind a line-per-command harness."""
+    import shutil
+    import subprocess
+
+    header = Path(__file__).resolve().parents[1] / "config" / "esphome" / "facedoor_verify.h"
+    gxx = shutil.which("g++")
+    if gxx is None or not Path("/usr/include/mbedtls/md.h").exists():
+        pytest.skip("needs g++ and mbedtls headers (Debian: apt-get install g++ libmbedtls-dev)")
+    work = tmp_path_factory.mktemp("esphome")
+    (work / "main.cpp").write_text(ESPHOME_HARNESS)
+    binary = work / "verify"
+    build = subprocess.run([gxx, "-std=c++17", "-Wall", "-Werror", "-I", str(header.parent), str(work / "main.cpp"),
+                            "-o", str(binary), "-lmbedcrypto"], capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr
+    return binary
+
+
+def test_the_esphome_example_opens_only_for_an_authentic_fresh_first_seen_unlock(esphome_verifier: Path) -> None:
+    import subprocess
+
+    key = KEY.decode()
+    now_ms = int(time.time() * 1000)
+
+    def line(payload: str | dict, now: int = now_ms, device_key: str = key) -> str:
+        body = json.loads(payload) if isinstance(payload, str) else payload
+        return "\t".join([device_key, str(body.get("state", "")), str(body.get("id", "")),
+                          str(body.get("expires_at_ms", 0)), str(body.get("sig", "")), str(len(body)), str(now)])
+
+    genuine = unlock_payload(UNLOCK, now_ms + 5000, KEY)  # exactly what the door publishes
+    body = json.loads(genuine)
+    far = unlock_payload(UNLOCK, now_ms + 3_600_000, KEY)  # a door clock an hour fast
+    cases = [
+        (line(genuine), "ok"),
+        (line(genuine), "replay"),
+        (line({**body, "expires_at_ms": now_ms + 9000}), "bad signature"),  # stretched
+        (line({"state": "UNLOCK", "expires_at_ms": now_ms + 5000, "id": str(uuid.uuid4()), "sig": "0" * 64}),
+         "bad signature"),  # forged
+        (line(unlock_payload(UNLOCK, now_ms + 5000)), "unexpected fields"),  # unsigned: no id, no sig
+        (line(unlock_payload(UNLOCK, now_ms + 5000, KEY), device_key="another-key-0123456789abcdef0123"),
+         "bad signature"),
+        (line(unlock_payload(UNLOCK, now_ms - 1, KEY)), "expired"),
+        (line(far), "too far ahead"),
+        (line(unlock_payload(UNLOCK, now_ms + 5000, KEY), now=0), "no valid time"),
+        (line(unlock_payload(UNLOCK, now_ms + 5000, KEY)), "ok"),  # a new command, a new id
+    ]
+    run = subprocess.run([str(esphome_verifier)], input="\n".join(c for c, _ in cases) + "\n",
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == [want for _, want in cases]
+
+
+def test_the_esphome_verifier_fails_closed_when_its_replay_memory_is_full(esphome_verifier: Path) -> None:
+    import subprocess
+
+    now_ms = int(time.time() * 1000)
+    commands = [json.loads(unlock_payload(UNLOCK, now_ms + 60_000, KEY)) for _ in range(17)]
+    lines = ["\t".join([KEY.decode(), c["state"], c["id"], str(c["expires_at_ms"]), c["sig"], "4", str(now_ms)])
+             for c in commands]
+    later = "\t".join([KEY.decode(), commands[16]["state"], commands[16]["id"], str(commands[16]["expires_at_ms"]),
+                       commands[16]["sig"], "4", str(now_ms + 59_000)])
+    run = subprocess.run([str(esphome_verifier)], input="\n".join([*lines, later]) + "\n", capture_output=True,
+                         text=True, timeout=60)
+    assert run.stdout.splitlines() == ["ok"] * 16 + ["replay cache full", "replay cache full"]

@@ -6,6 +6,15 @@ a background thread writes it, so a slow or full disk never delays a decision, a
 error (ENOSPC, EROFS, ...) is logged and the record dropped, never raised into the caller.
 Files are created 0600 and directories 0700 whatever the umask: they hold identities and faces.
 
+With `audit.required: true` the log is a precondition of every unlock, in this order: (1) the
+unlock decision is written synchronously as an `"audit_stage": "intent"` entry (appended with one
+write(2), not fsync'd); (2) only if that write succeeded is the decision published, and the relay
+driven behind it; (3) the usual entry with the outcome (delivered, refused, unlock_action...)
+follows through the queue. An unlock whose intent cannot be written is never sent (`delivery:
+unaudited`), `state` (and the health report's `audit`) is `failing` until a write works again,
+and the door refuses to start when the log cannot be written at all (AuditError, exit 2).
+Denies are never held back by the audit.
+
 The log is bounded twice: by size (the live file rotates into `audit.jsonl.1 .. .N`; all of
 them together stay under `max_bytes`) and by age (rotated files, lines and crops older than
 `max_age_days` are removed on start and then hourly).
@@ -32,9 +41,9 @@ from typing import Any
 
 import numpy as np
 
-from facedoor.config import AuditConfig, FacedoorConfig
+from facedoor.config import AuditConfig, ConfigError, FacedoorConfig
 from facedoor.events import DecisionEvent
-from facedoor.files import open_private, private_dir
+from facedoor.files import check_writable, open_private, private_dir
 from facedoor.formatting import iso_utc, table
 
 log = logging.getLogger(__name__)
@@ -45,6 +54,10 @@ BACKUPS = 3                   # rotated files kept beside the live one
 QUEUE_SIZE = 1024             # records waiting for the writer; beyond this they are dropped
 PRUNE_INTERVAL_S = 3600.0     # age pruning: on start, then at most this often
 _STOP = object()
+
+
+class AuditError(ConfigError):
+    """`audit.required` and the audit log cannot be written: the door does not start (exit 2)."""
 
 
 def audit_path(config: FacedoorConfig) -> Path:
@@ -83,10 +96,14 @@ class AuditLimits:
 class AuditLog:
     """Non-blocking writer: `record()` queues, a daemon thread appends, rotates and prunes."""
 
-    def __init__(self, path: Path, limits: AuditLimits, door_id: str = "front"):
+    def __init__(self, path: Path, limits: AuditLimits, door_id: str = "front", required: bool = False):
         self.path = Path(path)
         self.limits = limits
         self.door_id = door_id
+        self.required = required
+        if required:
+            self.check_writable()
+        self._write_lock = threading.Lock()  # the writer thread and write_ahead() append to one file
         self.crops_dir = self.path.parent / CROPS_DIR
         self.dropped = 0
         self.written = 0
@@ -101,7 +118,29 @@ class AuditLog:
         """The configured audit log, or None when `audit.enabled` is false."""
         if not config.audit.enabled:
             return None
-        return cls(audit_path(config), AuditLimits.from_config(config.audit), config.door_id)
+        return cls(audit_path(config), AuditLimits.from_config(config.audit), config.door_id, config.audit.required)
+
+    @property
+    def state(self) -> str:
+        """`ok`, or `failing` from a write error until a write works again."""
+        return "failing" if self._failing else "ok"
+
+    def check_writable(self) -> None:
+        """Raise AuditError unless the audit directory and file can be written (audit.required)."""
+        try:
+            private_dir(self.path.parent)
+            check_writable(self.path.parent)
+            os.close(open_private(self.path, os.O_WRONLY | os.O_APPEND))
+        except OSError as exc:
+            raise AuditError(f"audit.required: cannot write the audit log {self.path} "
+                             f"({exc.strerror or exc}); the door does not start without it") from None
+
+    def write_ahead(self, decision: Mapping[str, Any]) -> bool:
+        """Write DECISION now, as an `intent` entry, before it is sent (audit.required): False when
+        that failed, and then it must not be sent. Called from the frame loop; one append."""
+        entry = {**decision, "audit_stage": "intent"}
+        entry.setdefault("door", self.door_id)
+        return self._write(entry, [])
 
     # -- caller side (frame loop): never blocks, never raises ---------------------------------
     def on_decision(self, event: DecisionEvent) -> None:
@@ -174,7 +213,7 @@ class AuditLog:
             finally:
                 self._queue.task_done()
 
-    def _write(self, entry: dict[str, Any], crops: list[np.ndarray]) -> None:
+    def _write(self, entry: dict[str, Any], crops: list[np.ndarray]) -> bool:
         try:
             private_dir(self.path.parent)
             if crops:
@@ -182,19 +221,24 @@ class AuditLog:
             if crops[1:]:
                 entry["stranger_crops"] = [self._save_crop(entry, c, i) for i, c in enumerate(crops[1:], 1)]
             line = (json.dumps(entry, default=str, separators=(",", ":")) + "\n").encode()
-            self._rotate_if_needed(len(line))
-            _append_whole(self.path, line)
+            with self._write_lock:
+                self._rotate_if_needed(len(line))
+                _append_whole(self.path, line)
             self.written += 1
             if self._failing:
-                log.warning("audit log %s writable again", self.path)
+                log.warning("audit log %s writable again", self.path,
+                            extra={"fields": {"event": "audit_ok"}})
                 self._failing = False
+            return True
         except OSError as exc:
             self.dropped += 1
             if not self._failing:  # once per failure streak, not once per frame
                 hint = " (disk full)" if exc.errno == errno.ENOSPC else ""
-                log.error("cannot write audit log %s: %s%s; entries are dropped until it works again, "
-                          "the door keeps deciding", self.path, exc.strerror or exc, hint)
+                then = "no unlock is sent (audit.required)" if self.required else "the door keeps deciding"
+                log.error("cannot write audit log %s: %s%s; entries are dropped until it works again, %s",
+                          self.path, exc.strerror or exc, hint, then, extra={"fields": {"event": "audit_failing"}})
                 self._failing = True
+            return False
 
     def _save_crop(self, entry: Mapping[str, Any], crop: np.ndarray, index: int = 0) -> str | None:
         import cv2
@@ -362,6 +406,8 @@ def _fmt(value: Any, spec: str = "") -> str:
 def _decision_label(entry: Mapping[str, Any]) -> str:
     """`unlock`, `deny`, or `deny/unknown` for a face that matched nobody."""
     decision = _fmt(entry.get("decision"))
+    if entry.get("audit_stage") == "intent":
+        return f"{decision}/intent"  # written before it was sent (audit.required); its outcome follows
     return f"{decision}/unknown" if entry.get("reason") == "unknown" and decision != "unknown" else decision
 
 

@@ -63,13 +63,16 @@ def is_video_file(source: int | str) -> bool:
     return not source.startswith("/dev/")
 
 
-_SECRET_PARAM = re.compile(
-    r"([?&;][^=&;#]*(?:pass|pwd|token|key|secret|auth|sig|cred|session)[^=&;#]*=)[^&;#]*", re.IGNORECASE
-)
+_SECRET_WORDS = r"(?:pass|pwd|token|key|secret|auth|sig|cred|session)"
+_SECRET_PARAM = re.compile(rf"([?&;][^=&;#]*{_SECRET_WORDS}[^=&;#]*=)[^&;#]*", re.IGNORECASE)
+# Path-style credentials (XMEye/DVR: rtsp://host/user=admin_password=secret_channel=1_stream=0.sdp):
+# nothing marks the value's end (a password may hold '_' or '/'), so the rest of the path is masked.
+_SECRET_PATH = re.compile(rf"([/_][^=/_?#]*{_SECRET_WORDS}[^=/_?#]*=)[^?#]*", re.IGNORECASE)
 
 
 def describe(source: int | str) -> str:
-    """The source for logs with every credential masked: user:password@, token@, ?password=, &token=."""
+    """The source for logs with every credential masked: user:password@, token@, ?password=, &token=,
+    and path-style /user=admin_password=... (the rest of the path)."""
     text = str(source)
     scheme = _URL.match(text)
     if not scheme:
@@ -80,7 +83,8 @@ def describe(source: int | str) -> str:
         user, colon, _ = rest[:at].partition(":")
         masked = f"{user}:***" if colon and user and not any(ch in user for ch in "/?#") else "***"
         rest = masked + rest[at:]
-    return scheme.group(0) + _SECRET_PARAM.sub(r"\1***", rest)
+    path, query, fragment = re.match(r"([^?#]*)([^#]*)(.*)", rest, re.DOTALL).groups()  # type: ignore[union-attr]
+    return scheme.group(0) + _SECRET_PATH.sub(r"\1***", path) + _SECRET_PARAM.sub(r"\1***", query + fragment)
 
 
 class Camera:

@@ -21,6 +21,7 @@ DEFAULT_STATE_DIR = Path("/var/lib/facedoor")
 STORE_FILE = "store.db"
 MAX_CONFIG_BYTES = 1_000_000  # a door's config is a few KB; anything larger is a mistake or an attack
 SHOWN_INPUT_CHARS = 80        # an error message quotes at most this much of a bad value
+MAX_CONFIG_DEPTH = 32         # mappings/lists nested deeper than this are refused (a config needs 4)
 
 
 class ConfigError(ValueError):
@@ -255,11 +256,22 @@ class TLSConfig(_Section):
         return self
 
 
+def plain_topic(value: str) -> str:
+    """VALUE as a topic prefix: levels without wildcards ('+', '#'), NUL or empty levels ('a//b', '/a', 'a/')."""
+    if any(ch in value for ch in "+#\0") or "" in value.split("/"):
+        raise ValueError("must be a plain topic: no '+' or '#' wildcards, no NUL, no empty level "
+                         "(no leading, trailing or double '/')")
+    return value
+
+
 class DiscoveryConfig(_Section):
     """Home Assistant MQTT discovery: the door appears as a device (README "Home Assistant")."""
 
     enabled: bool = Field(True, description="publish the retained discovery message")
-    prefix: str = Field("homeassistant", min_length=1, description="Home Assistant's discovery prefix")
+    prefix: str = Field("homeassistant", min_length=1, description="Home Assistant's discovery prefix (a plain "
+                        "topic: no + or # wildcards, no empty level)")
+
+    _plain = field_validator("prefix")(plain_topic)
 
 
 class MQTTConfig(_Section):
@@ -294,12 +306,7 @@ class MQTTConfig(_Section):
     discovery: DiscoveryConfig = Field(DiscoveryConfig(), description="Home Assistant MQTT discovery: the door "
                                        "appears as a device (README \"Home Assistant\")")
 
-    @field_validator("topic_prefix")
-    @classmethod
-    def _no_wildcards(cls, value: str) -> str:
-        if any(ch in value for ch in "+#") or value.startswith("/") or value.endswith("/"):
-            raise ValueError("must be a plain topic without wildcards or leading/trailing '/'")
-        return value
+    _plain = field_validator("topic_prefix")(plain_topic)
 
     @model_validator(mode="after")
     def _no_plaintext_password(self) -> MQTTConfig:
@@ -333,7 +340,8 @@ def _is_loopback(host: str) -> bool:
 
 class UnlockActionConfig(_Section):
     """Optional: drive a lock or relay directly with each acknowledged unlock (QoS 1, never retained,
-    Message Expiry = the remaining TTL; a JSON payload gains expires_at_ms). See config/unlock-*.yaml."""
+    Message Expiry = the remaining TTL; a JSON payload gains expires_at_ms and, with
+    mqtt.signing_key_file, id and sig). See config/unlock-*.yaml."""
 
     topic: str = Field(..., min_length=1, description="e.g. zigbee2mqtt/front_door/set")
     payload: str = Field(..., description='sent with an unlock decision, e.g. {"state": "UNLOCK"}')
@@ -358,6 +366,16 @@ class AuditConfig(_Section):
     max_bytes: int = Field(50_000_000, ge=10_000, description="rotate the log beyond this size")
     max_age_days: float = Field(90.0, gt=0, description="drop entries (and crops) older than this")
     save_crops: bool = Field(False, description="also keep the face crops of each decision as JPEG files")
+    required: bool = Field(
+        False, description="fail closed on the audit: each unlock is written to the log before it is sent, and "
+        "not sent when that fails (health audit: failing); the door does not start when the log cannot be "
+        "written. Denies are never held back")
+
+    @model_validator(mode="after")
+    def _required_needs_enabled(self) -> AuditConfig:
+        if self.required and not self.enabled:
+            raise ValueError("audit.required needs audit.enabled: true")
+        return self
 
 
 class LoggingConfig(_Section):
@@ -477,7 +495,10 @@ def _describe(err: Any) -> str:
 
 
 class _NoAliasLoader(yaml.SafeLoader):
-    """SafeLoader that refuses anchors and aliases: a config never needs them, billion laughs does."""
+    """SafeLoader that refuses anchors and aliases (a config never needs them, billion laughs does)
+    and nesting deeper than MAX_CONFIG_DEPTH (the composer recurses once per level)."""
+
+    _depth = 0
 
     def compose_node(self, parent: Any, index: Any) -> Any:
         event = self.peek_event()
@@ -486,7 +507,25 @@ class _NoAliasLoader(yaml.SafeLoader):
                 None, None, "YAML anchors and aliases (&name, *name) are not allowed in a facedoor config",
                 event.start_mark,
             )
-        return super().compose_node(parent, index)
+        if self._depth >= MAX_CONFIG_DEPTH:
+            raise yaml.composer.ComposerError(
+                None, None, f"nested deeper than {MAX_CONFIG_DEPTH} levels; a facedoor config needs 4",
+                event.start_mark)
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def _yaml_error(path: Path, exc: yaml.YAMLError) -> str:
+    """One line: `FILE:LINE:COLUMN: not valid YAML: PROBLEM` (PyYAML's own report spans lines)."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+    problem = getattr(exc, "problem", None) or str(exc)
+    context = getattr(exc, "context", None)
+    text = f"{problem} ({context})" if context else str(problem)
+    return f"{where}: not valid YAML: {' '.join(text.split())[:4 * SHOWN_INPUT_CHARS]}"
 
 
 def parse_config(raw: Any, source: str = "<config>") -> FacedoorConfig:
@@ -519,5 +558,5 @@ def load_config(path: str | Path | None) -> FacedoorConfig:
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({str(exc)[:4 * SHOWN_INPUT_CHARS]})") from None
+        raise ConfigError(_yaml_error(path, exc)) from None
     return parse_config(raw, str(path))

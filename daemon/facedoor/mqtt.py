@@ -17,9 +17,16 @@ The delivery contract: **an unlock is never delivered late.**
   `ack_timeout_s`) is what the door decides on: a stall that begins unseen can catch at most the
   messages of that last second, and those carry `expires_at_ms` for their consumers to refuse.
 - `deliver()` publishes one QoS 1 message and waits (bounded by its remaining TTL and
-  `ack_timeout_s`) for its PUBACK: True means the broker has it *now*. The unlock action only
-  follows a decision that was delivered this way, and chases an unlock of its own that was not
-  acknowledged in time with the lock command (facedoor.unlock).
+  `ack_timeout_s`) for its PUBACK, and reads the PUBACK's reason code: only a success code
+  (below 0x80) is a `Delivery.DELIVERED`, meaning the broker has it *now*. A failure code (0x87
+  Not authorized from an ACL, 0x97 Quota exceeded, ...) is a `Delivery.REFUSED`: the message went
+  nowhere. The unlock action only follows a decision that was delivered this way, and chases an
+  unlock of its own that was not acknowledged in time with the lock command (facedoor.unlock).
+- Refused: every PUBACK's reason code is read (decisions, the relay command, health, the probe,
+  the status). A topic whose latest message was refused is listed in `refused` (topic -> reason)
+  until one is accepted there again; `condition` is then `refused` and the health report says so.
+  Only an *accepted* PUBACK proves the link live: a broker that refuses even the probe leaves the
+  door deciding nothing.
 - Message Expiry is the remaining TTL rounded *down* (a message that has under a second left is
   not sent); every TTL is measured on one monotonic clock from the frame's capture.
 
@@ -27,6 +34,7 @@ Hooks for the listeners (Home Assistant discovery, unlock action) are the `MqttH
 """
 from __future__ import annotations
 
+import enum
 import logging
 import math
 import os
@@ -49,6 +57,26 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[str, bytes], None]
 MAX_QUEUED = 64  # paho's own queue bound; everything in it is purged on reconnect anyway
+OUTCOME_KEEP_S = 60.0  # a PUBACK reason nobody claimed (an untracked publish) is forgotten after this
+
+
+class Delivery(enum.Enum):
+    """How a `deliver()` ended; truthy only for DELIVERED (the broker accepted it in time)."""
+
+    DELIVERED = "delivered"
+    REFUSED = "refused"                # PUBACK with a failure reason code (>= 0x80): it went nowhere
+    EXPIRED = "expired"                # under a second of its TTL left: not sent
+    DISCONNECTED = "disconnected"      # the link is down or stalled: not sent
+    UNACKNOWLEDGED = "unacknowledged"  # no PUBACK in time: a stall (a resumed broker may still deliver it)
+    UNAUDITED = "unaudited"            # audit.required and its audit entry could not be written: not sent
+
+    def __bool__(self) -> bool:
+        return self is Delivery.DELIVERED
+
+
+def is_refusal(reason: Any) -> bool:
+    """True for a PUBACK reason code that refuses the message (MQTT v5: 0x80 and above)."""
+    return bool(getattr(reason, "is_failure", False))
 
 
 class MqttHooks(Protocol):
@@ -62,7 +90,7 @@ class MqttHooks(Protocol):
     def publish(self, topic: str, payload: str | bytes, retain: bool = False,
                 expiry_s: float | None = None) -> bool: ...
     def deliver(self, topic: str, payload: str | bytes, captured_mono: float, ttl_s: float,
-                what: str) -> bool: ...
+                what: str) -> Delivery: ...
     def publish_lock(self, topic: str, payload: str | bytes) -> bool: ...
 
 
@@ -92,8 +120,11 @@ def expiry_interval(remaining_s: float) -> int | None:
 
 def publish_once(cfg: FacedoorConfig, topic: str, payload: bytes, *, retain: bool, timeout_s: float) -> bool:
     """Connect with a one-off client id (never the daemon's, which would kick it off the
-    broker), publish one QoS 1 message, wait for its PUBACK, disconnect. False on timeout."""
+    broker), publish one QoS 1 message, wait for its PUBACK, disconnect. False on timeout or
+    when the broker refused it (a failure reason code in the PUBACK)."""
     client = create_client(cfg, f"facedoor-{cfg.door_id}-cli-{os.getpid()}")
+    reasons: dict[int, Any] = {}
+    client.on_publish = lambda _c, _u, mid, reason, _p: reasons.__setitem__(mid, reason)
     m = cfg.mqtt
     try:
         client.connect(m.host, m.port, keepalive=m.keepalive_s)
@@ -104,6 +135,9 @@ def publish_once(cfg: FacedoorConfig, topic: str, payload: bytes, *, retain: boo
     try:
         info = client.publish(topic, payload, qos=1, retain=retain)
         info.wait_for_publish(timeout_s)
+        if info.is_published() and is_refusal(reasons.get(info.mid)):
+            log.warning("the broker refused the publish to %s (%s)", topic, reasons[info.mid])
+            return False
         return info.is_published()
     except (RuntimeError, ValueError) as exc:
         log.warning("publish to %s failed: %s", topic, exc)
@@ -141,7 +175,11 @@ class MqttLink:
         self._subscriptions: dict[str, tuple[Handler, SubscribeOptions]] = {}
         self._on_refused: dict[str, Callable[[str, str], object]] = {}
         self._pending_subs: dict[int, str] = {}  # SUBSCRIBE packet id -> topic, until its SUBACK
-        self._unacked: list[tuple[mqtt.MQTTMessageInfo, float]] = []  # our QoS 1 publishes and send times
+        self._unacked: list[tuple[mqtt.MQTTMessageInfo, float, str]] = []  # QoS 1 publishes: send time, topic
+        self._ack_lock = threading.Lock()  # never held while calling paho (its thread calls _on_publish)
+        self._outcomes: dict[int, tuple[Any, float]] = {}  # mid -> PUBACK reason code, arrival time
+        self.refused: dict[str, str] = {}  # topic -> reason, while the latest message there was refused
+        self.refusals = 0
         self._stop = threading.Event()
         self._monitor = threading.Thread(target=self._watch_acks, name="facedoor-mqtt-acks", daemon=True)
         self.connects = 0
@@ -192,6 +230,11 @@ class MqttLink:
         the door decides only then."""
         return self.connected and time.monotonic() - self.last_ack <= self.ack_timeout_s
 
+    @property
+    def condition(self) -> str:
+        """`state`, or `refused` while up and the broker refuses one of our topics (see `refused`)."""
+        return "refused" if self.state == "up" and self.refused else self.state
+
     def wait_connected(self, timeout_s: float) -> bool:
         return self._connected.wait(timeout_s)
 
@@ -234,33 +277,41 @@ class MqttLink:
         if self.state not in ("up", "stalled"):
             return False
         info = self._client.publish(topic, payload, qos=1, retain=False)
-        return info.rc == mqtt.MQTT_ERR_SUCCESS and self.connected
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            return False
+        self._track(info, topic)  # its PUBACK (or refusal) is read like any other
+        return self.connected
 
-    def deliver(self, topic: str, payload: str | bytes, captured_mono: float, ttl_s: float, what: str) -> bool:
-        """QoS 1, never retained, expiry = remaining TTL; True only once the broker acknowledged it
-        within `ack_timeout_s` (and the TTL). Otherwise False, and a missing PUBACK is a stall."""
+    def deliver(self, topic: str, payload: str | bytes, captured_mono: float, ttl_s: float,
+                what: str) -> Delivery:
+        """QoS 1, never retained, expiry = remaining TTL; DELIVERED only once the broker accepted it
+        (a PUBACK with a success reason code) within `ack_timeout_s` and the TTL. Otherwise why
+        not; a missing PUBACK is a stall, a failure reason code a refusal (`refused`)."""
         remaining = ttl_s - (time.monotonic() - captured_mono)
         expiry = expiry_interval(remaining)
         if expiry is None:
-            self._refused(what, "expired", f"{ttl_s - remaining:.2f}s old, TTL {ttl_s:.1f}s")
-            return False
-        info = self._send(topic, payload, False, expiry)
+            return self.drop(what, Delivery.EXPIRED, f"{ttl_s - remaining:.2f}s old, TTL {ttl_s:.1f}s")
+        info = self._send(topic, payload, False, expiry, track=False)  # its PUBACK is read here
         if info is None:
-            self._refused(what, "disconnected", f"broker {self.cfg.mqtt.host}:{self.cfg.mqtt.port} unreachable")
-            return False
+            return self.drop(what, Delivery.DISCONNECTED,
+                             f"broker {self.cfg.mqtt.host}:{self.cfg.mqtt.port} unreachable")
         try:
             info.wait_for_publish(max(0.0, min(self.ack_timeout_s, ttl_s - (time.monotonic() - captured_mono))))
         except (RuntimeError, ValueError):
             pass
-        if info.is_published():
-            return True
-        self._refused(what, "unacknowledged", f"no PUBACK within {self.ack_timeout_s:g}s; a broker that resumes "
-                      "may still deliver it, past its expires_at_ms (consumers refuse it); nothing follows it")
-        self._declare_stall(f"{what} not acknowledged")
-        return False
+        if not info.is_published():
+            self.drop(what, Delivery.UNACKNOWLEDGED, f"no PUBACK within {self.ack_timeout_s:g}s; a broker that "
+                      "resumes may still deliver it, past its expires_at_ms (consumers refuse it); nothing follows it")
+            self._declare_stall(f"{what} not acknowledged")
+            return Delivery.UNACKNOWLEDGED
+        reason = self._settle(info.mid, topic)
+        if reason is None or is_refusal(reason):
+            return self.drop(what, Delivery.REFUSED,
+                             f"the broker refused it on {topic} ({reason}); check its ACL for this door's user")
+        return Delivery.DELIVERED
 
-    def _send(self, topic: str, payload: str | bytes, retain: bool,
-              expiry_s: float | None) -> mqtt.MQTTMessageInfo | None:
+    def _send(self, topic: str, payload: str | bytes, retain: bool, expiry_s: float | None,
+              track: bool = True) -> mqtt.MQTTMessageInfo | None:
         if not self.connected:
             return None
         props = None
@@ -270,14 +321,37 @@ class MqttLink:
         info = self._client.publish(topic, payload, qos=1, retain=retain, properties=props)
         if info.rc != mqtt.MQTT_ERR_SUCCESS:
             return None
-        with self._lock:
-            self._unacked.append((info, time.monotonic()))
+        if track:
+            self._track(info, topic)
         return info
 
-    def _refused(self, what: str, reason: str, detail: str) -> None:
+    def _track(self, info: mqtt.MQTTMessageInfo, topic: str) -> None:
+        """Watch INFO for its PUBACK: late means a stall; its reason code is read by the watcher."""
+        with self._lock:
+            self._unacked.append((info, time.monotonic(), topic))
+
+    def _settle(self, mid: int, topic: str) -> Any:
+        """The PUBACK reason code of MID (None if unknown), noted against TOPIC in `refused`."""
+        with self._ack_lock:
+            reason = self._outcomes.pop(mid, (None, 0.0))[0]
+        if reason is None or is_refusal(reason):
+            self.refusals += 1
+            if self.refused.get(topic) is None:  # once per refusal streak of a topic, not once per message
+                log.error("MQTT: the broker refuses publishes to %s (%s): nothing sent there arrives; "
+                          "check the broker's ACL for this door's user", topic, reason,
+                          extra={"fields": {"event": "mqtt_publish_refused", "topic": topic, "reason": str(reason)}})
+            self.refused[topic] = str(reason)
+        elif self.refused.pop(topic, None) is not None:
+            log.info("MQTT: the broker accepts publishes to %s again", topic,
+                     extra={"fields": {"event": "mqtt_publish_accepted", "topic": topic}})
+        return reason
+
+    def drop(self, what: str, delivery: Delivery, detail: str) -> Delivery:
+        """Count and log a decision (or relay command) that is not delivered; returns DELIVERY."""
         self.dropped_decisions += 1
-        log.warning("%s not delivered (%s): %s; the door stays as it is", what, reason, detail,
-                    extra={"fields": {"event": "decision_dropped", "what": what, "reason": reason}})
+        log.warning("%s not delivered (%s): %s; the door stays as it is", what, delivery.value, detail,
+                    extra={"fields": {"event": "decision_dropped", "what": what, "reason": delivery.value}})
+        return delivery
 
     # --- stall detection ---------------------------------------------------------------------
     def _watch_acks(self) -> None:
@@ -288,8 +362,14 @@ class MqttLink:
         while not self._stop.wait(period):
             now = time.monotonic()
             with self._lock:
-                self._unacked = [(info, t) for info, t in self._unacked if not info.is_published()]
+                done = [entry[0].is_published() for entry in self._unacked]  # one look per message
+                settled = [(info.mid, topic) for (info, _, topic), d in zip(self._unacked, done) if d]
+                self._unacked = [entry for entry, d in zip(self._unacked, done) if not d]
                 oldest = self._unacked[0][1] if self._unacked else None
+            for mid, topic in settled:
+                self._settle(mid, topic)
+            with self._ack_lock:  # reasons of untracked publishes (the offline status) do not pile up
+                self._outcomes = {m: o for m, o in self._outcomes.items() if now - o[1] <= OUTCOME_KEEP_S}
             if self.stalled_since is not None and now - self.stalled_since >= self.ack_timeout_s:
                 self._drop_socket()
             elif oldest is not None and now - oldest > self.ack_timeout_s:
@@ -323,7 +403,13 @@ class MqttLink:
 
     # --- paho callbacks (paho's network thread) ----------------------------------------------
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, props: Any) -> None:
-        self.last_ack = time.monotonic()  # every publish of this link is QoS 1: this is a PUBACK
+        # Every publish of this link is QoS 1: this is a PUBACK. paho calls this before it marks the
+        # message published, so whoever waits on it finds the reason code here.
+        now = time.monotonic()
+        with self._ack_lock:
+            self._outcomes[mid] = (reason, now)
+        if not is_refusal(reason):
+            self.last_ack = now  # only an accepted message proves the link live
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         if reason.is_failure:
@@ -342,10 +428,11 @@ class MqttLink:
             self.last_outage_s = time.monotonic() - self.down_since
             self.down_since = None
         self.failed_attempts = 0
-        client.publish(self.status_topic, "online", qos=1, retain=True)
         with self._lock:
             self._unacked.clear()
             self._pending_subs.clear()
+        self._track(client.publish(self.status_topic, "online", qos=1, retain=True), self.status_topic)
+        with self._lock:
             for topic, (_, options) in self._subscriptions.items():
                 self._send_subscribe(topic, options)
         self.state = "up"

@@ -37,13 +37,14 @@ from facedoor.match import Gallery
 from facedoor.message import DecisionMessage
 from facedoor.models import Manifest
 from facedoor.motion import IdleGate
-from facedoor.mqtt import MqttLink
+from facedoor.mqtt import Delivery, MqttLink
 from facedoor.pipeline import sharpness
 from facedoor.sdnotify import Notifier, watchdog_interval_s
 from facedoor.signing import load_key
 from facedoor.store import StoreWatcher
 
 if TYPE_CHECKING:
+    from facedoor.audit import AuditLog
     from facedoor.fleet_sync import RosterSync
     from facedoor.pipeline import Face, FacePipeline
 
@@ -60,7 +61,10 @@ class RetractUndelivered:
         self.state = state
 
     def on_decision(self, event: DecisionEvent) -> None:
-        if not event.delivered:
+        # A refusal (the broker's ACL) or a failing required audit is no transient loss: retrying it
+        # every frame would only repeat it, so the cooldown or rate limit stands.
+        if not event.delivered and event.notes.get("delivery") not in (Delivery.REFUSED.value,
+                                                                       Delivery.UNAUDITED.value):
             self.state.retract(event.decision)
 
     def close(self) -> None:
@@ -74,7 +78,7 @@ class DoorService:
                  camera: Camera, link: MqttLink, notifier: Notifier, listeners: Sequence[DecisionListener] = (),
                  store_watcher: StoreWatcher | None = None, signing_key: bytes | None = None,
                  liveness: LivenessModel | None = None, roster: RosterSync | None = None,
-                 factors: FactorListener | None = None):
+                 audit: AuditLog | None = None, factors: FactorListener | None = None):
         self.cfg = cfg
         self.pipeline = pipeline
         self.load_gallery = load_gallery
@@ -85,6 +89,7 @@ class DoorService:
         self.store_watcher = store_watcher  # another process enrolled or removed someone: reload at once
         self.signing_key = signing_key
         self.liveness = liveness  # None: the gate is off (said at start)
+        self.audit = audit  # also among the listeners; with audit.required an unlock is written before it is sent
         self.factors = factors    # None: no second factor configured
         self.roster = roster  # a site roster (facedoor.fleet_sync): no decision while it is unknown
         self._roster_generation = roster.generation if roster is not None else 0
@@ -240,8 +245,8 @@ class DoorService:
     def publish_decision(self, decision: Decision, frame: Frame, faces: Sequence[Face] = ()) -> bool:
         """Deliver DECISION (acknowledged within its TTL, or dropped), log it, tell the listeners."""
         message = self.message(decision, frame)
-        delivered = self.link.deliver(self.link.decision_topic, json.dumps(message.payload()), frame.t_mono,
-                                      message.ttl_s, f"decision {message.id} ({decision.decision})")
+        delivery = self.deliver(message, frame)
+        delivered = bool(delivery)
         if delivered:
             self.counts[decision.decision] += 1
             self._latencies_ms.append(message.latency_ms)
@@ -250,14 +255,25 @@ class DoorService:
             "identity": decision.identity, "distance": message.distance, "threshold": decision.threshold,
             "factor": message.factor, "factor_detail": message.factor_detail,
             "frames": f"{decision.frames}/{decision.window}", "faces": decision.faces,
-            "latency_ms": message.latency_ms, "delivered": delivered}})
+            "latency_ms": message.latency_ms, "delivered": delivered, "delivery": delivery.value}})
         event = DecisionEvent(decision, message, delivered, frame, faces)
+        event.notes["delivery"] = delivery.value
         for listener in self.listeners:
             try:
                 listener.on_decision(event)
             except Exception:
                 log.exception("decision listener %s failed for decision %s", type(listener).__name__, message.id)
         return delivered
+
+    def deliver(self, message: DecisionMessage, frame: Frame) -> Delivery:
+        """Publish MESSAGE on the decision topic. With `audit.required`, an unlock is first written to
+        the audit log (synchronously); if that fails it is not sent (UNAUDITED): audit, then act."""
+        what = f"decision {message.id} ({message.decision})"
+        payload = message.payload()
+        if message.decision == "unlock" and self.audit is not None and self.cfg.audit.required \
+                and not self.audit.write_ahead(payload):
+            return self.link.drop(what, Delivery.UNAUDITED, "audit.required and its audit entry could not be written")
+        return self.link.deliver(self.link.decision_topic, json.dumps(payload), frame.t_mono, message.ttl_s, what)
 
     # --- housekeeping ------------------------------------------------------------------------
     def reload_gallery(self) -> None:
@@ -313,7 +329,9 @@ class DoorService:
             "last_frame_age_s": finite(self.camera.last_frame_age(), 3),
             "camera_reopens": self.camera.reopens,
             "camera_failures": self.camera.failures,
-            "broker": self.link.state,
+            "broker": self.link.condition,
+            "refused": dict(self.link.refused),  # topic -> reason: the broker refuses what the door sends there
+            "audit": self.audit.state if self.audit is not None else "off",
             "broker_reconnects": self.link.reconnects,
             "broker_stalls": self.link.stalls,
             "last_broker_outage_s": finite(self.link.last_outage_s, 1),
@@ -386,7 +404,7 @@ def build_service(cfg: FacedoorConfig, pipeline: FacePipeline, *, source: int | 
         factors.attach(link)
         listeners.append(factors)  # spends the PIN of a delivered unlock
     if cfg.unlock_action is not None:
-        listeners.append(UnlockAction(cfg.unlock_action, link, cfg.decision_ttl_s))
+        listeners.append(UnlockAction(cfg.unlock_action, link, cfg.decision_ttl_s, key))
     if cfg.policy.door_templates > 0:
         listeners.append(DoorTemplates(cfg.store, pipeline.encoder_sha256, cfg.policy.door_templates,
                                        on_stored=(lambda name: roster.publish_local([name])) if roster else None))
@@ -398,7 +416,7 @@ def build_service(cfg: FacedoorConfig, pipeline: FacePipeline, *, source: int | 
     if roster is not None:
         roster.start()
     return DoorService(cfg, pipeline, load_gallery, camera, link, notifier or Notifier(), listeners,
-                       store_watcher=watcher, signing_key=key, liveness=liveness, roster=roster,
+                       store_watcher=watcher, signing_key=key, liveness=liveness, roster=roster, audit=audit,
                        factors=factors)
 
 

@@ -38,6 +38,7 @@ import hashlib
 import hmac
 import json
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal
@@ -170,6 +171,53 @@ class ReplayCache:
                 return "replay-cache-full"  # fail closed rather than forget an id that is still valid
         self._expiry[message_id] = expires_at_ms
         return None
+
+
+class DiskReplayCache(ReplayCache):
+    """A ReplayCache in a small SQLite file (0600), so a verifier that restarts still refuses a
+    replay: same bound (MAX_ENTRIES ids not yet expired), expired ids pruned on each add, each
+    accepted id committed (durably) before the message is let through. Processes may share it."""
+
+    def __init__(self, path: str | Path, max_entries: int = REPLAY_CACHE_SIZE):
+        import sqlite3
+
+        from facedoor.files import open_private, private_dir
+
+        super().__init__(max_entries)
+        self.path = Path(path)
+        try:
+            private_dir(self.path.parent)
+            os.close(open_private(self.path, os.O_RDWR))
+            self._db = sqlite3.connect(self.path, timeout=10.0, isolation_level=None)
+            self._db.execute("CREATE TABLE IF NOT EXISTS seen (id TEXT PRIMARY KEY, expires_at_ms INTEGER NOT NULL)")
+            self._db.execute("CREATE INDEX IF NOT EXISTS seen_expiry ON seen (expires_at_ms)")
+        except (OSError, sqlite3.Error) as exc:
+            raise ConfigError(f"replay cache {self.path}: cannot open ({exc}); pass another --seen FILE") from None
+
+    def __len__(self) -> int:
+        return int(self._db.execute("SELECT count(*) FROM seen").fetchone()[0])
+
+    def add(self, message_id: str, expires_at_ms: int, now_ms: int) -> str | None:
+        """Remember MESSAGE_ID on disk; the reason it cannot be accepted ("replay", "replay-cache-full") or None."""
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")  # one writer at a time: two verifiers never both accept an id
+        try:
+            db.execute("DELETE FROM seen WHERE expires_at_ms < ?", (now_ms,))
+            if db.execute("SELECT 1 FROM seen WHERE id = ?", (message_id,)).fetchone():
+                refused: str | None = "replay"
+            elif db.execute("SELECT count(*) FROM seen").fetchone()[0] >= self.max_entries:
+                refused = "replay-cache-full"  # fail closed rather than forget an id that is still valid
+            else:
+                db.execute("INSERT INTO seen VALUES (?, ?)", (message_id, expires_at_ms))
+                refused = None
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return refused
+
+    def close(self) -> None:
+        self._db.close()
 
 
 @dataclass(frozen=True)

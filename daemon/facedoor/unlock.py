@@ -5,7 +5,15 @@ its PUBACK came back within `mqtt.ack_timeout_s`, so the link was proven live ju
 only then, `unlock_action.payload` goes to `unlock_action.topic`: QoS 1, never retained, Message
 Expiry = the decision's remaining TTL rounded down, measured on the monotonic clock from the
 frame's capture. A JSON-object payload also carries `expires_at_ms` (capture time + TTL, epoch ms)
-so a device can refuse it when late.
+so a device can refuse it when late and, with `mqtt.signing_key_file`, a fresh `id` and `sig`: the
+same canonical-JSON HMAC as the decisions (facedoor.signing), so a device that holds the key can
+tell the door's command from a forged or replayed one. A payload that is not a JSON object (Tasmota's
+`ON`) cannot carry either: such a relay relies on the broker's ACL alone. The lock payload is
+never signed (locking is the safe direction; a forged lock is a nuisance, not a break-in).
+
+A relay command the broker refuses (a PUBACK with a failure reason code, e.g. 0x87 Not
+authorized: the ACL does not let the door publish there) reached nobody: it is not "sent", the
+audit entry says `unlock_action_delivery: refused` and the health report lists the topic.
 
 If the unlock's own PUBACK does not come back within `ack_timeout_s`, the broker stalled between
 the two messages: the lock payload is published at once behind it (same connection, same order),
@@ -22,33 +30,40 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import uuid
 from typing import Any
 
 from facedoor.config import UnlockActionConfig
 from facedoor.events import DecisionEvent
-from facedoor.mqtt import MqttHooks
+from facedoor.mqtt import Delivery, MqttHooks
+from facedoor.signing import sign
 
 log = logging.getLogger(__name__)
 
 
-def unlock_payload(template: str, expires_at_ms: int) -> str:
-    """TEMPLATE with `expires_at_ms` added when it is a JSON object; other payloads as they are."""
+def unlock_payload(template: str, expires_at_ms: int, key: bytes | None = None) -> str:
+    """TEMPLATE with `expires_at_ms` added when it is a JSON object and, with KEY, a fresh `id` and
+    its `sig` (facedoor.signing); other payloads as they are (they cannot carry fields)."""
     try:
         body = json.loads(template)
     except ValueError:
         return template
     if not isinstance(body, dict):
         return template
-    return json.dumps({**body, "expires_at_ms": expires_at_ms})
+    command = {**body, "expires_at_ms": expires_at_ms}
+    if key is not None:
+        command = sign({**command, "id": str(uuid.uuid4())}, key)
+    return json.dumps(command)
 
 
 class UnlockAction:
     """Publishes the configured unlock (and later lock) payload for acknowledged unlock decisions."""
 
-    def __init__(self, cfg: UnlockActionConfig, link: MqttHooks, ttl_s: float):
+    def __init__(self, cfg: UnlockActionConfig, link: MqttHooks, ttl_s: float, signing_key: bytes | None = None):
         self.cfg = cfg
         self.link = link
         self.ttl_s = ttl_s
+        self.signing_key = signing_key
         self.sent_unlocks = 0
         self.chased = 0
         self._lock = threading.Lock()
@@ -64,11 +79,14 @@ class UnlockAction:
         if not event.delivered:
             event.notes["unlock_action"] = False
             return
-        payload = unlock_payload(self.cfg.payload, m.expires_at_ms)
-        sent = self.link.deliver(self.cfg.topic, payload, event.frame.t_mono, self.ttl_s,
-                                 f"unlock action for decision {m.id}")
-        event.notes["unlock_action"] = sent
-        if not sent:
+        payload = unlock_payload(self.cfg.payload, m.expires_at_ms, self.signing_key)
+        delivery = self.link.deliver(self.cfg.topic, payload, event.frame.t_mono, self.ttl_s,
+                                     f"unlock action for decision {m.id}")
+        event.notes["unlock_action"] = bool(delivery)
+        event.notes["unlock_action_delivery"] = delivery.value
+        if delivery is Delivery.REFUSED:  # nothing reached the relay: nothing to chase
+            return
+        if not delivery:
             self._send_lock("chasing an unacknowledged unlock")
             self.chased += 1
             return

@@ -26,7 +26,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 from facedoor.config import DEFAULT_CONFIG_PATH, ConfigError, FacedoorConfig, load_config
 from facedoor.models import ModelError
@@ -102,9 +102,9 @@ class CliContext:
 
         return Manifest.load(self.config.models).entry(self.config.recognition.encoder).sha256
 
-    def emit(self, record: dict[str, Any], text: str) -> None:
-        """Report one result: RECORD as a JSON line with --json, else the human TEXT."""
-        print(json.dumps(record, sort_keys=False) if self.json else text, flush=True)
+    def emit(self, record: dict[str, Any], text: str, file: TextIO | None = None) -> None:
+        """Report one result: RECORD as a JSON line with --json, else the human TEXT (on FILE, default stdout)."""
+        print(json.dumps(record, sort_keys=False) if self.json else text, file=file or sys.stdout, flush=True)
 
     def close(self) -> None:
         if self._store is not None:
