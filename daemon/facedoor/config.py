@@ -76,6 +76,119 @@ class RecognitionConfig(_Section):
         return self
 
 
+FactorMode = Literal["none", "presence", "pin", "presence_or_pin"]
+MAX_TOPIC_CHARS = 512
+MAX_FACTOR_MEMBERS = 1000
+
+
+def _exact_topic(value: str) -> str:
+    """An MQTT topic to subscribe to exactly: no wildcards (another device must never match), no NUL."""
+    if not value or any(ch in value for ch in "+#\0") or len(value) > MAX_TOPIC_CHARS:
+        raise ValueError(f"must be one exact topic of 1-{MAX_TOPIC_CHARS} characters: no '+' or '#' wildcards "
+                         "(a wildcard would let another device's messages count), no NUL")
+    return value
+
+
+def _member_name(name: str) -> str:
+    """A member name as the store allows it (1-64 characters, no surrounding spaces)."""
+    if not name or name != name.strip() or len(name) > 64:
+        raise ValueError(f"member name {_shown(name)}: 1-64 characters without surrounding spaces")
+    return name
+
+
+class PresenceFactorConfig(_Section):
+    """The member's phone or tag near the door, as an MQTT presence topic reports it (ESPresense, Home Assistant)."""
+
+    topics: dict[str, str] = Field(
+        ..., min_length=1, max_length=MAX_FACTOR_MEMBERS,
+        description="member -> the exact topic reporting their phone or tag, e.g. ESPresense "
+        "`espresense/devices/<device-id>/<room of the door's node>` (JSON with `distance`) or a Home Assistant "
+        "device_tracker state topic (`home` / `not_home`)")
+    max_age_s: float = Field(
+        20.0, gt=0, le=3600, description="presence counts when last reported within this many seconds of the face "
+        "(the door's receive time; retained messages never count)")
+    max_distance_m: float | None = Field(
+        None, gt=0, le=100, description="ESPresense: the reported distance must be at most this (None: any distance)")
+
+    @field_validator("topics")
+    @classmethod
+    def _distinct_exact_topics(cls, value: dict[str, str]) -> dict[str, str]:
+        seen: dict[str, str] = {}
+        for member, topic in value.items():
+            _member_name(member)
+            try:
+                _exact_topic(topic)
+            except ValueError as exc:
+                raise ValueError(f"{member}: {exc}") from None
+            if topic in seen:
+                raise ValueError(f"{_shown(topic)} is given for {seen[topic]} and {member}: a phone proves one member")
+            seen[topic] = member
+        return value
+
+
+class PinFactorConfig(_Section):
+    """A PIN typed on a keypad near the door (e.g. an ESPHome keypad publishing the code on a topic)."""
+
+    topic: str = Field(..., description="the exact topic the keypad publishes each entered code on "
+                       "(payload: the digits, or JSON with `code` or `pin`)")
+    file: Path = Field(..., description="member:hash lines made by `facedoor pin-hash` (scrypt); owner-only (0600)")
+    window_s: float = Field(30.0, gt=0, le=600, description="a correct PIN counts within this many seconds of the face")
+    max_wrong: int = Field(5, ge=1, le=100, description="wrong PINs within `lockout_s` before the keypad is locked out")
+    lockout_s: float = Field(
+        300.0, gt=0, le=86400, description="the window counting wrong PINs, and how long every PIN is ignored after "
+        "`max_wrong` of them (a locked-out keypad opens nothing, even with the right PIN)")
+
+    @field_validator("topic")
+    @classmethod
+    def _exact(cls, value: str) -> str:
+        return _exact_topic(value)
+
+
+class SecondFactorConfig(_Section):
+    """A second factor besides the face, for doors where a photo must never be enough (facedoor.factors)."""
+
+    mode: FactorMode = Field(
+        "none", description="what every member needs besides the face: none, presence (phone/tag near the door), "
+        "pin (keypad), presence_or_pin")
+    members: dict[str, FactorMode] = Field(
+        default_factory=dict, max_length=MAX_FACTOR_MEMBERS, description="member -> mode, overriding `mode`")
+    wait_s: float = Field(
+        10.0, ge=0, le=600, description="how long a recognised member's face waits for the factor before the door "
+        "sends a deny with reason second_factor (the face still unlocks if the factor comes while it is in view)")
+    presence: PresenceFactorConfig | None = Field(
+        None, description="the members' phones or tags near the door (needed by mode presence)")
+    pin: PinFactorConfig | None = Field(None, description="a keypad near the door (needed by mode pin)")
+
+    @field_validator("members")
+    @classmethod
+    def _member_names(cls, value: dict[str, FactorMode]) -> dict[str, FactorMode]:
+        for member in value:
+            _member_name(member)
+        return value
+
+    def mode_of(self, member: str) -> FactorMode:
+        """The second factor MEMBER needs (`members` overrides `mode`)."""
+        return self.members.get(member, self.mode)
+
+    @property
+    def enabled(self) -> bool:
+        """True when anyone needs a second factor."""
+        return self.mode != "none" or any(m != "none" for m in self.members.values())
+
+    @model_validator(mode="after")
+    def _sources_for_modes(self) -> SecondFactorConfig:
+        modes = {self.mode, *self.members.values()}
+        if "presence" in modes and self.presence is None:
+            raise ValueError("mode presence needs second_factor.presence (topics per member)")
+        if "pin" in modes and self.pin is None:
+            raise ValueError("mode pin needs second_factor.pin (keypad topic and PIN file)")
+        if "presence_or_pin" in modes and self.presence is None and self.pin is None:
+            raise ValueError("mode presence_or_pin needs second_factor.presence or second_factor.pin")
+        if self.presence is not None and self.pin is not None and self.pin.topic in self.presence.topics.values():
+            raise ValueError(f"pin.topic {_shown(self.pin.topic)} is also a presence topic")
+        return self
+
+
 class PolicyConfig(_Section):
     """The door decides per visit, on face tracks (facedoor.judge): a track unlocks when its fused
     embedding is strictly below the threshold for one member AND most of its good frames were
@@ -104,6 +217,8 @@ class PolicyConfig(_Section):
     cohort_margin: float = Field(
         0.2, ge=0, le=2.0, description="with a cohort stored (`facedoor cohort DIR`): an unlock needs the visit "
         "nearer its member than any cohort face by this much, else a deny with reason lookalike")
+    second_factor: SecondFactorConfig = Field(
+        default_factory=SecondFactorConfig, description="a phone nearby or a PIN besides the face (default: none)")
 
 
 class TrackingConfig(_Section):

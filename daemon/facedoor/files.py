@@ -8,8 +8,11 @@ checked for writability before any slow work.
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from pathlib import Path
+
+from facedoor.config import ConfigError
 
 FILE_MODE = 0o600
 DIR_MODE = 0o700
@@ -38,6 +41,28 @@ def open_private(path: Path, flags: int) -> int:
         return os.open(path, flags | os.O_CLOEXEC)
     os.fchmod(fd, FILE_MODE)
     return fd
+
+
+def read_secret(path: Path, setting: str, max_bytes: int, error: type[ConfigError] = ConfigError) -> bytes:
+    """The bytes of a secret file (a key, PIN hashes): a regular file readable by its owner only, at most
+    MAX_BYTES; else ERROR (a ConfigError) naming SETTING and PATH."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise error(f"{setting}: cannot read {path} ({exc.strerror})") from None
+    with os.fdopen(fd, "rb") as fh:
+        mode = os.fstat(fh.fileno()).st_mode
+        if not stat.S_ISREG(mode):
+            raise error(f"{setting}: {path} is not a regular file")
+        if mode & 0o077:
+            raise error(
+                f"{setting}: {path} has mode {stat.S_IMODE(mode):04o}; it must be readable by its "
+                f"owner only (chmod 600 {path}, owned by the user the door runs as)"
+            )
+        data = fh.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise error(f"{setting}: {path} is longer than {max_bytes} bytes")
+    return data
 
 
 class NotWritableError(OSError):

@@ -22,8 +22,10 @@ The rules of one frame, in order:
    that is still alive (`tracking.max_gap_s`).
 5. Each near track's decision: unknown (a rate-limited deny), look-alike (deny; the track decides
    nothing more), a majority that disagrees or a cooldown (nothing yet), spoof (deny), liveness
-   undecided (nothing yet), a companion (deny with `policy.companions: deny`), else unlock (then
-   `policy.cooldown_s` for that person). A new rule is one more step here, with its test in
+   undecided (nothing yet), a companion (deny with `policy.companions: deny`), the member's second
+   factor (`facedoor.factors.check_second_factor` on what the door heard: "wait" decides nothing
+   yet, "missing" is a deny with reason second_factor), else unlock (then `policy.cooldown_s` for
+   that person). A new rule is one more step here, with its test in
    tests/test_judge.py.
 """
 from __future__ import annotations
@@ -35,11 +37,12 @@ from typing import Literal
 import numpy as np
 
 from facedoor.config import FacedoorConfig, LivenessConfig, PolicyConfig, QualityConfig, TrackingConfig
+from facedoor.factors import FactorCheck, FactorEvidence, check_second_factor
 from facedoor.liveness import Cues, LivenessState, TrackLiveness, configured_rule
 from facedoor.match import Gallery
 from facedoor.track import Sighting, Track, Tracker
 
-DenyReason = Literal["unknown", "lookalike", "spoof", "companion"]
+DenyReason = Literal["unknown", "lookalike", "spoof", "companion", "second_factor"]
 LiveEvidence = Callable[[int], Cues]  # face index in the frame -> its liveness cues (evaluated only when needed)
 
 
@@ -60,11 +63,13 @@ class Seen:
 
 @dataclass(frozen=True)
 class FrameSightings:
-    """Every face of one frame (captured at T), and its liveness evidence when the gate is on."""
+    """Every face of one frame (captured at T), its liveness evidence when the gate is on, and what the
+    door heard of second factors by then (None: nothing)."""
 
     t: float
     faces: Sequence[Seen]
     live: LiveEvidence | None = None
+    factors: FactorEvidence | None = None
 
 
 @dataclass(frozen=True)
@@ -86,10 +91,11 @@ class Rules:
 
 @dataclass(frozen=True)
 class Decision:
-    """An event to publish: an unlock for an identity, or a deny (unknown face, look-alike, spoof, companion)."""
+    """An event to publish: an unlock for an identity, or a deny (unknown face, look-alike, spoof, companion,
+    second factor missing)."""
 
     decision: Literal["unlock", "deny"]
-    reason: Literal["match", "unknown", "lookalike", "spoof", "companion"]
+    reason: Literal["match", "unknown", "lookalike", "spoof", "companion", "second_factor"]
     identity: str | None       # the matched person (also for a look-alike, spoof or companion deny)
     distance: float            # of the track's fused embedding to the nearest enrolled one (inf: nobody)
     threshold: float
@@ -105,6 +111,7 @@ class Decision:
     live_score: float | None = None   # the track's liveness score (None: gate off or no evidence)
     liveness: Literal["on", "off"] = "off"  # whether the liveness gate ran
     template: bool = False     # a confident unlock whose embedding may be stored as a door template
+    second_factor: FactorCheck | None = None  # unlock: the factor that did it; second_factor deny: what was missing
 
 
 @dataclass(frozen=True)
@@ -201,7 +208,7 @@ def _verdict(track: Track, face: int, near: bool, memory: _Memory, gallery: Gall
 
 
 def _decide(v: TrackVerdict, track: Track, memory: _Memory, state: JudgeState, rules: Rules, t: float,
-            faces: int, companions: tuple[int, ...]) -> Decision | None:
+            faces: int, companions: tuple[int, ...], factors: FactorEvidence | None) -> Decision | None:
     """The decision of one near track, if it supports one now."""
     fused = track.embedding
     if v.good < rules.policy.min_good_frames or fused is None or memory.lookalike:
@@ -209,18 +216,19 @@ def _decide(v: TrackVerdict, track: Track, memory: _Memory, state: JudgeState, r
     score = v.liveness.score if v.liveness is not None else None
 
     def make(decision: Literal["unlock", "deny"], reason: Literal["match"] | DenyReason, identity: str | None,
-             frames: int, template: bool = False) -> Decision:
+             frames: int, template: bool = False, factor: FactorCheck | None = None) -> Decision:
         return Decision(decision=decision, reason=reason, identity=identity, distance=v.distance,
                         threshold=rules.threshold, frames=frames, window=track.frames, faces=faces, t=t,
                         track=track.id, face=v.face, embedding=fused, unknown_near=len(companions),
                         companions=tuple(i for i in companions if i >= 0), live_score=score,
-                        liveness="on" if rules.liveness_on else "off", template=template)
+                        liveness="on" if rules.liveness_on else "off", template=template, second_factor=factor)
 
-    def deny(reason: DenyReason, identity: str | None, frames: int) -> Decision | None:
+    def deny(reason: DenyReason, identity: str | None, frames: int, factor: FactorCheck | None = None
+             ) -> Decision | None:
         if t < state.next_deny.get(reason, float("-inf")):
             return None
         state.next_deny[reason] = t + rules.policy.unknown_interval_s
-        return make("deny", reason, identity, frames)
+        return make("deny", reason, identity, frames, factor=factor)
 
     if v.nearest is None or not v.distance < rules.threshold:
         return deny("unknown", None, v.good)
@@ -237,9 +245,14 @@ def _decide(v: TrackVerdict, track: Track, memory: _Memory, state: JudgeState, r
         return None
     if companions and rules.policy.companions == "deny":
         return deny("companion", name, votes)
+    factor = check_second_factor(name, t, track.t_first, factors, rules.policy.second_factor)
+    if factor.state == "wait":
+        return None
+    if factor.state == "missing":
+        return deny("second_factor", name, votes, factor)
     state.cooldown_until[name] = t + rules.policy.cooldown_s
     template = rules.policy.door_templates > 0 and v.distance < rules.policy.door_template_below
-    return make("unlock", "match", name, votes, template)
+    return make("unlock", "match", name, votes, template, factor)
 
 
 def judge(frame: FrameSightings, state: JudgeState, gallery: Gallery | None, rules: Rules) -> Judgement:
@@ -271,7 +284,8 @@ def judge(frame: FrameSightings, state: JudgeState, gallery: Gallery | None, rul
         if not v.near:
             continue
         companions = tuple(i for key, i in strangers.items() if key != v.track) + tuple(missed)
-        decision = _decide(v, track, state.memory[track.id], state, rules, frame.t, len(faces), companions)
+        decision = _decide(v, track, state.memory[track.id], state, rules, frame.t, len(faces), companions,
+                           frame.factors)
         if decision is not None:
             decisions.append(decision)
     return Judgement(tuple(verdicts), tuple(decisions))

@@ -28,9 +28,10 @@ class DecisionMessage(BaseModel):
     id: str = Field(min_length=1, description="unique id of this decision (a UUID4); a consumer acts on an id once")
     door: str = Field(description="the door that decided (`door_id`)")
     decision: Literal["unlock", "deny"] = Field(description="unlock only for a member; everything else is deny")
-    reason: Literal["match", "unknown", "lookalike", "spoof", "companion"] = Field(
+    reason: Literal["match", "unknown", "lookalike", "spoof", "companion", "second_factor"] = Field(
         description="match (unlock), unknown face, look-alike of a member (cohort), spoof (liveness gate), "
-        "companion (a stranger near the door beside the member)")
+        "companion (a stranger near the door beside the member), second_factor (the member's second factor "
+        "is missing: see `factor`)")
     identity: str | None = Field(description="the member (also named in a look-alike, spoof or companion deny)")
     distance: float | None = Field(description="L2 distance of the visit's fused embedding to the member's "
                                    "template, cut (not rounded) to 4 decimals; null when nobody is enrolled")
@@ -41,6 +42,11 @@ class DecisionMessage(BaseModel):
     unknown_near: int = Field(ge=0, description="faces near the door beside the deciding one that match no member")
     live_score: float | None = Field(description="the track's liveness score in [0, 1]; null when the gate is off")
     liveness: Literal["on", "off"] = Field(description="whether the liveness gate ran for this decision")
+    factor: Literal["presence", "pin", "presence_or_pin"] | None = Field(
+        None, description="unlock: the second factor that completed it (null: none needed); second_factor deny: "
+        "the factor the member needs and did not have")
+    factor_detail: str | None = Field(
+        None, description="second_factor deny: what the door heard, e.g. `presence 42.0s old; wrong PIN`")
     ts: str = Field(description="capture time of the deciding frame, ISO 8601 UTC with milliseconds")
     ts_ms: int = Field(description="the same, milliseconds since the Unix epoch")
     ttl_s: float = Field(gt=0, description="seconds the decision stays valid from its capture")

@@ -49,6 +49,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from facedoor.config import FacedoorConfig
 
@@ -84,7 +85,8 @@ class MqttHooks(Protocol):
     @property
     def connected(self) -> bool: ...
     def add_on_connect(self, callback: Callable[[], object]) -> None: ...
-    def subscribe(self, topic: str, handler: Handler, qos: int = 1) -> None: ...
+    def subscribe(self, topic: str, handler: Handler, qos: int = 1, *, retained: bool = True,
+                  on_refused: Callable[[str, str], object] | None = None) -> None: ...
     def publish(self, topic: str, payload: str | bytes, retain: bool = False,
                 expiry_s: float | None = None) -> bool: ...
     def deliver(self, topic: str, payload: str | bytes, captured_mono: float, ttl_s: float,
@@ -166,10 +168,13 @@ class MqttLink:
         self._client.on_connect_fail = self._on_connect_fail
         self._client.on_message = self._on_message
         self._client.on_publish = self._on_publish
+        self._client.on_subscribe = self._on_subscribe
         self._lock = threading.Lock()
         self._connected = threading.Event()
         self._on_connect_hooks: list[Callable[[], object]] = []
-        self._subscriptions: dict[str, tuple[Handler, int]] = {}
+        self._subscriptions: dict[str, tuple[Handler, SubscribeOptions]] = {}
+        self._on_refused: dict[str, Callable[[str, str], object]] = {}
+        self._pending_subs: dict[int, str] = {}  # SUBSCRIBE packet id -> topic, until its SUBACK
         self._unacked: list[tuple[mqtt.MQTTMessageInfo, float, str]] = []  # QoS 1 publishes: send time, topic
         self._ack_lock = threading.Lock()  # never held while calling paho (its thread calls _on_publish)
         self._outcomes: dict[int, tuple[Any, float]] = {}  # mid -> PUBACK reason code, arrival time
@@ -240,12 +245,25 @@ class MqttLink:
         if self.connected:
             callback()
 
-    def subscribe(self, topic: str, handler: Handler, qos: int = 1) -> None:
-        """Route messages on TOPIC to HANDLER(topic, payload); renewed on every reconnect."""
+    def subscribe(self, topic: str, handler: Handler, qos: int = 1, *, retained: bool = True,
+                  on_refused: Callable[[str, str], object] | None = None) -> None:
+        """Route messages on TOPIC to HANDLER(topic, payload); renewed on every reconnect. RETAINED
+        False: retained messages (of unknown age) are neither asked for nor handed to HANDLER.
+        ON_REFUSED(topic, reason) is called (paho's thread) when the broker refuses the subscription."""
+        options = SubscribeOptions(qos=qos, retainHandling=SubscribeOptions.RETAIN_SEND_ON_SUBSCRIBE if retained
+                                   else SubscribeOptions.RETAIN_DO_NOT_SEND)
         with self._lock:
-            self._subscriptions[topic] = (handler, qos)
-        if self.connected:
-            self._client.subscribe(topic, qos)
+            self._subscriptions[topic] = (handler, options)
+            if on_refused is not None:
+                self._on_refused[topic] = on_refused
+            if self.connected:
+                self._send_subscribe(topic, options)
+
+    def _send_subscribe(self, topic: str, options: SubscribeOptions) -> None:
+        """SUBSCRIBE now, remembering its packet id for the SUBACK (call with self._lock held)."""
+        rc, mid = self._client.subscribe(topic, options=options)
+        if rc == mqtt.MQTT_ERR_SUCCESS and mid is not None:
+            self._pending_subs[mid] = topic
 
     def publish(self, topic: str, payload: str | bytes, retain: bool = False,
                 expiry_s: float | None = None) -> bool:
@@ -412,10 +430,11 @@ class MqttLink:
         self.failed_attempts = 0
         with self._lock:
             self._unacked.clear()
-            subs = list(self._subscriptions.items())
+            self._pending_subs.clear()
         self._track(client.publish(self.status_topic, "online", qos=1, retain=True), self.status_topic)
-        for topic, (_, qos) in subs:
-            client.subscribe(topic, qos)
+        with self._lock:
+            for topic, (_, options) in self._subscriptions.items():
+                self._send_subscribe(topic, options)
         self.state = "up"
         self.last_ack = time.monotonic()  # the CONNACK just now
         self._connected.set()
@@ -449,10 +468,26 @@ class MqttLink:
                         self.failed_attempts, self.cfg.mqtt.reconnect_max_s,
                         extra={"fields": {"event": "mqtt_unreachable"}})
 
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: list[Any], props: Any) -> None:
+        with self._lock:
+            topic = self._pending_subs.pop(mid, None)
+            callback = self._on_refused.get(topic) if topic is not None else None
+        refused = [r for r in reasons if getattr(r, "is_failure", False)]
+        if topic is None or not refused:
+            return
+        log.error("MQTT: the broker refused the subscription to %s (%s)", topic, refused[0],
+                  extra={"fields": {"event": "mqtt_subscribe_refused", "topic": topic, "reason": str(refused[0])}})
+        if callback is not None:
+            try:
+                callback(topic, str(refused[0]))
+            except Exception:
+                log.exception("MQTT subscription-refused hook for %s failed", topic)
+
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         with self._lock:
-            handlers = [h for topic, (h, _) in self._subscriptions.items()
-                        if mqtt.topic_matches_sub(topic, message.topic)]
+            handlers = [h for topic, (h, options) in self._subscriptions.items()
+                        if mqtt.topic_matches_sub(topic, message.topic)
+                        and not (message.retain and options.retainHandling == SubscribeOptions.RETAIN_DO_NOT_SEND)]
         for handler in handlers:
             try:
                 handler(message.topic, bytes(message.payload))

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from facedoor.camera import Camera, CameraState, Frame, describe
 from facedoor.config import FacedoorConfig
 from facedoor.events import DecisionEvent, DecisionListener
+from facedoor.factors import FactorListener
 from facedoor.formatting import distance, finite, iso_utc
 from facedoor.judge import Decision, FrameSightings, JudgeState, Rules, Seen, judge
 from facedoor.liveness import LivenessModel, load_liveness
@@ -77,7 +78,7 @@ class DoorService:
                  camera: Camera, link: MqttLink, notifier: Notifier, listeners: Sequence[DecisionListener] = (),
                  store_watcher: StoreWatcher | None = None, signing_key: bytes | None = None,
                  liveness: LivenessModel | None = None, roster: RosterSync | None = None,
-                 audit: AuditLog | None = None):
+                 audit: AuditLog | None = None, factors: FactorListener | None = None):
         self.cfg = cfg
         self.pipeline = pipeline
         self.load_gallery = load_gallery
@@ -89,6 +90,7 @@ class DoorService:
         self.signing_key = signing_key
         self.liveness = liveness  # None: the gate is off (said at start)
         self.audit = audit  # also among the listeners; with audit.required an unlock is written before it is sent
+        self.factors = factors    # None: no second factor configured
         self.roster = roster  # a site roster (facedoor.fleet_sync): no decision while it is unknown
         self._roster_generation = roster.generation if roster is not None else 0
         self.rules = Rules.from_config(cfg, liveness_on=liveness is not None)
@@ -107,6 +109,7 @@ class DoorService:
         self.counts = {"frames": 0, "errors": 0, "skipped_offline": 0, "skipped_idle": 0, "skipped_roster": 0,
                        "unlock": 0, "deny": 0}
         self.store_error: str | None = None
+        self.exit_code = 0
         link.add_on_connect(self._health_due.set)
 
     # --- wiring ------------------------------------------------------------------------------
@@ -123,7 +126,8 @@ class DoorService:
 
     # --- the loop ----------------------------------------------------------------------------
     def run(self) -> int:
-        """Process frames until stopped or the video ends; 0 on a clean stop."""
+        """Process frames until stopped or the video ends; 0 on a clean stop, 2 when the broker refuses
+        a second factor's subscription (the door cannot check the factor)."""
         watchdog = watchdog_interval_s()
         ping_every = min(1.0, watchdog / 2) if watchdog else None
         last_ping = last_health = last_store_check = 0.0
@@ -143,6 +147,11 @@ class DoorService:
                 self._reload.clear()
                 self.reload_gallery()
             self._track_camera_state()
+            if self.factors is not None and self.factors.refused is not None:
+                log.error("second factor: %s; stopping (exit 2)", self.factors.refused,
+                          extra={"fields": {"event": "second_factor_refused"}})
+                self.exit_code = 2  # a configuration fault: systemd does not restart the door
+                break
             if frame is not None:
                 self.process(frame)
             elif self.camera.ended:
@@ -156,7 +165,7 @@ class DoorService:
                 self._health_due.clear()
                 self.publish_health()
                 last_health = now
-        return 0
+        return self.exit_code
 
     def process(self, frame: Frame) -> None:
         """The per-frame path: idle gate -> pipeline (detect, encode) -> judge -> deliver."""
@@ -210,7 +219,8 @@ class DoorService:
                      f.embedding) for f in faces]
         model = self.liveness
         live = (lambda i: model.observe(frame.image, faces[i])) if model is not None else None
-        return FrameSightings(frame.t_mono, seen, live)
+        heard = self.factors.snapshot() if self.factors is not None else None
+        return FrameSightings(frame.t_mono, seen, live, heard)
 
     def reset_evidence(self) -> None:
         """Forget every face track (camera or broker gap, store change, error): evidence never spans one."""
@@ -219,12 +229,15 @@ class DoorService:
     def message(self, decision: Decision, frame: Frame) -> DecisionMessage:
         """The message for DECISION taken on FRAME: valid for `decision_ttl_s` from the capture, signed when set."""
         ttl = self.cfg.decision_ttl_s
+        check = decision.second_factor
         message = DecisionMessage(
             id=str(uuid.uuid4()), door=self.cfg.door_id, decision=decision.decision, reason=decision.reason,
             identity=decision.identity, distance=distance(decision.distance), threshold=decision.threshold,
             frames=decision.frames, window=decision.window, faces=decision.faces,
             unknown_near=decision.unknown_near, live_score=finite(decision.live_score, 3),
-            liveness=decision.liveness, ts=iso_utc(frame.t_wall), ts_ms=int(frame.t_wall * 1000), ttl_s=ttl,
+            liveness=decision.liveness, factor=check.factor if check is not None else None,
+            factor_detail=check.detail if check is not None and check.detail else None,
+            ts=iso_utc(frame.t_wall), ts_ms=int(frame.t_wall * 1000), ttl_s=ttl,
             expires_at_ms=int((frame.t_wall + ttl) * 1000),
             latency_ms=round((time.monotonic() - frame.t_mono) * 1000, 1))
         return message.signed(self.signing_key) if self.signing_key is not None else message
@@ -240,6 +253,7 @@ class DoorService:
         log.info("decision %s %s", decision.decision, decision.identity or decision.reason, extra={"fields": {
             "event": "decision", "id": message.id, "decision": decision.decision, "reason": decision.reason,
             "identity": decision.identity, "distance": message.distance, "threshold": decision.threshold,
+            "factor": message.factor, "factor_detail": message.factor_detail,
             "frames": f"{decision.frames}/{decision.window}", "faces": decision.faces,
             "latency_ms": message.latency_ms, "delivered": delivered, "delivery": delivery.value}})
         event = DecisionEvent(decision, message, delivered, frame, faces)
@@ -328,6 +342,7 @@ class DoorService:
             "store_error": self.store_error,
             "latency_ms_median": finite(lat[len(lat) // 2], 1) if lat else None,
             "roster": self.roster.health(now) if self.roster is not None else None,
+            **({"second_factor": dict(self.factors.counts)} if self.factors is not None else {}),
             **{k: v for k, v in self.counts.items()},
         }
 
@@ -370,6 +385,7 @@ def build_service(cfg: FacedoorConfig, pipeline: FacePipeline, *, source: int | 
 
     liveness = load_liveness(Manifest.load(cfg.models), cfg.liveness.enabled)  # first: a gate asked for, or no door
     key = load_key(cfg.mqtt.signing_key_file) if cfg.mqtt.signing_key_file is not None else None
+    factors = FactorListener.from_config(cfg.policy.second_factor)  # a PIN file it cannot use: ConfigError
     link = MqttLink(cfg)
     roster = None
     if cfg.fleet is not None:  # the site key is checked (exit 2) and a new door's empty store created here
@@ -384,6 +400,9 @@ def build_service(cfg: FacedoorConfig, pipeline: FacePipeline, *, source: int | 
 
     HomeAssistantDiscovery(cfg, link).attach()
     listeners: list[DecisionListener] = []
+    if factors is not None:
+        factors.attach(link)
+        listeners.append(factors)  # spends the PIN of a delivered unlock
     if cfg.unlock_action is not None:
         listeners.append(UnlockAction(cfg.unlock_action, link, cfg.decision_ttl_s, key))
     if cfg.policy.door_templates > 0:
@@ -397,7 +416,8 @@ def build_service(cfg: FacedoorConfig, pipeline: FacePipeline, *, source: int | 
     if roster is not None:
         roster.start()
     return DoorService(cfg, pipeline, load_gallery, camera, link, notifier or Notifier(), listeners,
-                       store_watcher=watcher, signing_key=key, liveness=liveness, roster=roster, audit=audit)
+                       store_watcher=watcher, signing_key=key, liveness=liveness, roster=roster, audit=audit,
+                       factors=factors)
 
 
 def run_daemon(cfg: FacedoorConfig, source: int | str | None = None, loop: bool | None = None) -> int:
@@ -419,6 +439,12 @@ def run_daemon(cfg: FacedoorConfig, source: int | str | None = None, loop: bool 
     if service.gallery is not None and not service.gallery.identities:
         log.warning("nobody is enrolled in %s: every face will be denied (enrol with `facedoor enroll`)",
                     cfg.store, extra={"fields": {"event": "empty_store"}})
+    stuck = service.factors.without_source(service.gallery.identities) \
+        if service.factors is not None and service.gallery is not None else []
+    if stuck:
+        log.warning("second factor: %s need a factor they have no presence topic or PIN for: they are always "
+                    "denied", ", ".join(stuck), extra={"fields": {"event": "second_factor_unreachable",
+                                                                   "members": stuck}})
     signal.signal(signal.SIGTERM, service.request_stop)
     signal.signal(signal.SIGINT, service.request_stop)
     signal.signal(signal.SIGHUP, service.request_reload)

@@ -39,7 +39,6 @@ import hmac
 import json
 import math
 import os
-import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal
@@ -47,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from facedoor.config import ConfigError
+from facedoor.files import read_secret
 
 SIG_FIELD = "sig"
 MIN_KEY_BYTES = 32
@@ -64,23 +64,7 @@ class SigningKeyError(ConfigError):
 def load_key(path: str | Path, setting: str = "mqtt.signing_key_file") -> bytes:
     """The key from PATH (the file SETTING names), refused when short or group/world-accessible
     (it authorises unlocks; the site key of facedoor.fleet is loaded the same way)."""
-    path = Path(path)
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError as exc:
-        raise SigningKeyError(f"{setting}: cannot read {path} ({exc.strerror})") from None
-    with os.fdopen(fd, "rb") as fh:
-        mode = os.fstat(fh.fileno()).st_mode
-        if not stat.S_ISREG(mode):
-            raise SigningKeyError(f"{setting}: {path} is not a regular file")
-        if mode & 0o077:
-            raise SigningKeyError(
-                f"{setting}: {path} has mode {stat.S_IMODE(mode):04o}; it must be readable by its "
-                f"owner only (chmod 600 {path}, owned by the user the door runs as)"
-            )
-        key = fh.read(MAX_KEY_BYTES + 1).strip()
-    if len(key) > MAX_KEY_BYTES:
-        raise SigningKeyError(f"{setting}: {path} is longer than {MAX_KEY_BYTES} bytes; not a key file")
+    key = read_secret(Path(path), setting, MAX_KEY_BYTES, SigningKeyError).strip()
     if len(key) < MIN_KEY_BYTES:
         raise SigningKeyError(
             f"{setting}: {path} holds {len(key)} bytes, at least {MIN_KEY_BYTES} are needed "

@@ -50,6 +50,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "facedoor.cli.fleet",
     "facedoor.cli.reference",
     "facedoor.cli.web",
+    "facedoor.cli.factors",
 )
 
 EXIT_OK, EXIT_NO_MATCH, EXIT_ERROR, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
