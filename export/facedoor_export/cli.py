@@ -139,15 +139,13 @@ def encoder_choice(choice: str | None) -> str:
 
 def _parse_only(values: Sequence[str] | None, encoder: str | None = None) -> list[ModelGroup]:
     """The groups to run, in order: --only's (else the defaults, with the INT8 FaceNet where --encoder
-    resolves to int8), plus the group of an explicit --encoder."""
+    resolves to int8), plus the INT8 FaceNet when `--encoder int8` asks for it."""
     by_name = {g.name: g for g in GROUPS}
     names = [n.strip() for v in values or () for n in v.split(",") if n.strip()]
     if not values:
         names = [g.name for g in GROUPS if g.default]
-        if encoder_choice(encoder) == "int8":
-            names.append(ENCODERS["int8"])
-    if encoder in ENCODERS:
-        names.append(ENCODERS[encoder])
+    if encoder == "int8" or (not values and encoder_choice(encoder) == "int8"):
+        names.append(ENCODERS["int8"])
     unknown = [n for n in names if n not in by_name]
     if unknown:
         raise ExportError(f"unknown model group {', '.join(unknown)} in --only "
@@ -233,11 +231,13 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
                 models[name] = entry
             built.add(group.name)
             print(f"{group.name}: done in {time.monotonic() - started:.1f} s")
+        encoder = default()
+        if choice in ENCODERS and encoder not in models:
+            raise ExportError(f"--encoder {choice}: {encoder} is not in {out} (build it with --only {encoder})")
         ctx.commit()
     finally:
         ctx.discard()
-    path = manifest.write_manifest(out, models, ctx.opset, default())
-    encoder = default()
+    path = manifest.write_manifest(out, models, ctx.opset, encoder)
     print(f"manifest: {path} ({', '.join(sorted(models))}); default encoder: "
           f"{encoder if encoder in models else 'none'}")
     return models

@@ -194,3 +194,104 @@ def test_real_facenet_int8(real_models: Path, shared_dir: Path, tmp_path: Path, 
     q = Manifest.load(out).entry("facenet_int8").extra("quantization")
     print(f"\nreal FaceNet INT8 vs float: median L2 {q['l2_median']:.4f}, max {q['l2_max']:.4f} "
           f"over {q['check_crops']} held-out LFW crops")
+
+
+def test_default_calibration_is_the_celebrity_set(export_cli, float_models: Path, celebrity_dir: Path,
+                                                  tmp_path: Path) -> None:
+    """Without --calibration-dir a fresh machine calibrates on the 5-celebrity set of the FaceNet sdist:
+    train/ augmented (mirror, 1/2 and 1/3 resolution, light), val/ augmented alike as the check set."""
+    from facedoor.models import Manifest
+    from facedoor_export import quantize
+
+    out = tmp_path / "models"
+    shutil.copytree(float_models, out)
+    code, stdout, err = export_cli("--out", out, "--only", "facenet_int8")
+    assert code == 0, err
+    assert "5-celebrity set" in stdout
+    q = Manifest.load(out).entry("facenet_int8").extra("quantization")
+    train = sum(1 for _ in (celebrity_dir / "train").glob("*/*.jpg"))
+    assert q["calibration_set"] == quantize.CELEBRITIES
+    assert q["calibration_crops"] % 5 == 0 and 0.8 * train <= q["calibration_crops"] / 5 <= train
+    assert q["check_crops"] % 5 == 0 and q["check_crops"] > 0
+    code, stdout, _ = export_cli("--out", out, "--only", "facenet_int8")
+    assert code == 0 and "up to date" in stdout
+    # another calibration set is another model: rebuilt, and recorded
+    code, stdout, err = _quantize(export_cli, out, float_models.parent / "missing")
+    assert code == 2 and "calibration photos not found" in err
+
+
+def test_augmentation_keeps_the_crops_and_adds_four_views() -> None:
+    from facedoor_export.quantize import augment
+
+    crops = np.random.default_rng(0).integers(0, 256, (3, 160, 160, 3), dtype=np.uint8)
+    out = augment(crops, seed=0)
+    assert out.shape == (15, 160, 160, 3) and out.dtype == np.uint8
+    np.testing.assert_array_equal(out[:3], crops)
+    np.testing.assert_array_equal(out[3:6], crops[:, :, ::-1])
+    np.testing.assert_array_equal(augment(crops, seed=0), out)  # deterministic
+    assert not np.array_equal(augment(crops, seed=1)[12:], out[12:])
+
+
+@pytest.mark.parametrize(("dot_product", "expected"), [(True, ["facenet", "mtcnn", "facenet_int8"]),
+                                                        (False, ["facenet", "mtcnn"])])
+def test_default_build_adds_int8_where_the_cpu_has_a_dot_product(monkeypatch: pytest.MonkeyPatch, dot_product: bool,
+                                                                 expected: list[str]) -> None:
+    from facedoor_export import cli
+
+    monkeypatch.setattr(cli, "int8_dot_product", lambda: dot_product)
+    assert [g.name for g in cli._parse_only(None)] == expected
+    assert [g.name for g in cli._parse_only(None, "float")] == ["facenet", "mtcnn"]
+    assert [g.name for g in cli._parse_only(None, "int8")] == ["facenet", "mtcnn", "facenet_int8"]
+    assert [g.name for g in cli._parse_only(["mtcnn"])] == ["mtcnn"]  # --only is what runs
+
+
+def test_encoder_choice_is_the_manifest_default_and_the_store_pins_it(
+        export_cli, float_models: Path, shared_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--encoder int8 makes the INT8 encoder what a config without recognition.encoder runs; a store
+    enrolled with the float one then refuses, saying what to do; --encoder float goes back."""
+    from facedoor.cli import main as facedoor
+    from facedoor.models import Manifest
+
+    out = tmp_path / "models"
+    shutil.copytree(float_models, out)
+    assert Manifest.load(out).encoder_name(None) == "facenet"  # a manifest without default_encoder
+    photos = sorted(str(p) for p in (shared_dir / "data/faces/lfw10/Colin_Powell").glob("*.jpg"))[:3]
+    base = ["--models", str(out), "--store", str(tmp_path / "door.db")]
+    assert facedoor([*base, "enroll", "colin", *photos]) == 0
+
+    code, stdout, err = _quantize(export_cli, out, shared_dir / "data/faces/lfw-devtrain", "--encoder", "int8")
+    assert code == 0, err
+    assert "default encoder: facenet_int8" in stdout
+    manifest = Manifest.load(out)
+    assert manifest.default_encoder == "facenet_int8" and manifest.encoder_name(None) == "facenet_int8"
+    assert manifest.encoder_name("facenet") == "facenet"
+    code, _, _ = export_cli("--out", out, "--only", "mtcnn")  # a later run without --encoder keeps it
+    assert code == 0 and Manifest.load(out).default_encoder == "facenet_int8"
+
+    capsys.readouterr()
+    assert facedoor([*base, "identify", photos[0]]) == 2
+    err = capsys.readouterr().err
+    assert "another encoder" in err and "--replace" in err and "--encoder float" in err
+
+    code, stdout, err = export_cli("--out", out, "--only", "mtcnn", "--encoder", "float")
+    assert code == 0 and Manifest.load(out).default_encoder == "facenet"
+    assert facedoor([*base, "identify", photos[0]]) == 0
+
+
+def test_encoder_choice_needs_its_model(export_cli, float_models: Path, tmp_path: Path) -> None:
+    out = tmp_path / "models"
+    out.mkdir()
+    code, _, err = export_cli("--out", out, "--only", "mtcnn", "--encoder", "float")
+    assert code == 2 and "--encoder float: facenet is not in" in err
+    assert not (out / "manifest.json").exists()
+
+
+def test_manifest_default_encoder_must_be_one_of_its_models(float_models: Path, tmp_path: Path) -> None:
+    from facedoor.models import Manifest, ModelError
+
+    out = tmp_path / "models"
+    shutil.copytree(float_models, out)
+    raw = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps({**raw, "default_encoder": "facenet_int8"}))
+    with pytest.raises(ModelError, match="default_encoder 'facenet_int8' is not one of its models"):
+        Manifest.load(out)
