@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -166,17 +167,19 @@ def print_table(title: str, results: dict[str, dict[str, list[float]]], baseline
         print("vs face_rec | " + " | ".join(f"{base / stats(results[n]['total'])[0]:21.1f}x" for n in names))
 
 
-def timed_command(cmd: list[str], expect: int) -> float:
-    """Wall seconds of CMD as a fresh process (its start-up included); it must print at least EXPECT result
-    lines (face_recognition prints one per face it finds)."""
+def timed_command(cmd: list[str], expect: int) -> tuple[float, float]:
+    """(wall seconds, CPU seconds: user + system, all its threads) of CMD as a fresh process, start-up
+    included; it must print at least EXPECT result lines (face_recognition prints one per face)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
     seconds = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
     if proc.returncode not in (0, 1) or len(lines) < expect:
         raise RuntimeError(f"{cmd[:4]}... exit {proc.returncode}, {len(lines)} of {expect} results: "
                            f"{proc.stderr[-500:]}")
-    return seconds
+    return seconds, after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
 
 
 def command_comparison(models: Path, count: int, rounds: int) -> None:
@@ -197,25 +200,27 @@ def command_comparison(models: Path, count: int, rounds: int) -> None:
         store = ["--store", str(root / "door.db")]
         subprocess.run([*facedoor, *store, "enroll", member.name, *map(str, photos)], check=True, capture_output=True)
         frames = sorted(str(p) for p in (root / "frames").iterdir())
-        runs: dict[str, list[float]] = {"identify": [], "identify, 1 frame": [], "face_recognition": []}
+        runs: dict[str, list[tuple[float, float]]] = {"identify": [], "identify, 1 frame": [], "face_recognition": []}
         for _ in range(rounds):
             runs["identify"].append(timed_command([*facedoor, *store, "identify", "--json", *frames], count))
             runs["identify, 1 frame"].append(timed_command([*facedoor, *store, "identify", frames[0]], 1))
             if has_fr:
                 runs["face_recognition"].append(timed_command([*fr_cli, str(root / "known"), str(root / "frames")],
                                                               count))
-    base = float(np.median(runs["face_recognition"])) if has_fr else None
     print(f"\n# the commands, {count} frame files {FRAME_W}x{FRAME_H}, one face each, {rounds} run(s) each taking "
-          f"turns, {os.cpu_count()} CPUs; facedoor on its defaults (encoder {encoder}, ORT threads = CPUs); "
-          "face_recognition: its CLI, 1 process; wall seconds, median")
-    print("command              | seconds | ms per frame | vs face_recognition")
+          f"turns, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; facedoor on its defaults (encoder "
+          f"{encoder}, ORT threads = CPUs); face_recognition: its CLI, 1 process; medians of wall and of CPU "
+          "seconds (user + system, every thread: facedoor's ORT workers spin while a run lasts)")
+    base = {k: float(np.median([r[k] for r in runs["face_recognition"]])) for k in (0, 1)} if has_fr else None
+    print("command              | wall s | ms per frame | vs face_recognition | CPU s | CPU ms per frame | vs f_r")
     for name, samples in runs.items():
         if not samples:
             continue
-        seconds = float(np.median(samples))
-        frames_n = 1 if name.endswith("1 frame") else count
-        ratio = f"{base / seconds:.1f}x" if base and frames_n == count else "-"
-        print(f"{name:20} | {seconds:7.2f} | {1000 * seconds / frames_n:12.1f} | {ratio:>19}")
+        wall, cpu = (float(np.median([r[k] for r in samples])) for k in (0, 1))
+        n = 1 if name.endswith("1 frame") else count
+        ratio = [f"{base[k] / v:.1f}x" if base and n == count else "-" for k, v in ((0, wall), (1, cpu))]
+        print(f"{name:20} | {wall:6.2f} | {1000 * wall / n:12.1f} | {ratio[0]:>19} | {cpu:5.2f} | "
+              f"{1000 * cpu / n:16.1f} | {ratio[1]:>6}")
     if not has_fr:
         print("(face_recognition is not installed: no comparison; see the docstring to add it)")
 

@@ -107,17 +107,14 @@ def say(text: str) -> None:
 
 # -- 1. models --------------------------------------------------------------------------------
 def ensure_models(models: Path) -> Path:
-    """MODELS if it holds what a fresh `facedoor-export` builds on this CPU (facenet + mtcnn, and the INT8
-    FaceNet as the default encoder where the CPU has an 8-bit dot product), else build that there."""
-    from facedoor.models import int8_dot_product
-
+    """MODELS if it holds facenet + mtcnn (the demo then runs its default encoder, as a door would), else
+    build there what a fresh `facedoor-export` builds on this CPU (with the INT8 FaceNet as the default
+    encoder where the CPU has an 8-bit dot product)."""
     manifest = models / "manifest.json"
     if manifest.is_file():
-        raw = json.loads(manifest.read_text())
-        names = set(raw.get("models", {}))
-        int8_ready = "facenet_int8" in names and "default_encoder" in raw
-        if all(n in names for n in REQUIRED_MODELS) and (int8_ready or not int8_dot_product()):
-            say(f"[1/6] models: {models} (facenet{' + facenet_int8' if 'facenet_int8' in names else ''} + mtcnn)")
+        names = set(json.loads(manifest.read_text()).get("models", {}))
+        if all(n in names for n in REQUIRED_MODELS):
+            say(f"[1/6] models: {models} ({' + '.join(n for n in ('facenet', 'facenet_int8') if n in names)} + mtcnn)")
             return models
     missing = [m for m in ("tensorflow", "tf2onnx") if importlib.util.find_spec(m) is None]
     if missing:
@@ -417,7 +414,8 @@ def run_demo(out: Path, models: Path, threshold: float, stranger_dir: Path | Non
     say(f"contact sheet: {sheet}")
     say(f"took {time.monotonic() - t0:.0f} s")
     results = {
-        "ok": right == len(outcomes), "threshold": threshold, "outcomes": [asdict(o) for o in outcomes],
+        "ok": right == len(outcomes), "threshold": threshold, "encoder": pipeline.encoder.name,
+        "outcomes": [asdict(o) for o in outcomes],
         "decisions": [{**s.payload, "video_s": round(s.video_s, 2), "delivered": s.delivered} for s in seen],
         "contact_sheet": str(sheet), "audit_log": str(audit_file), "video": str(video), **extras,
     }
