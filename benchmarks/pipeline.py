@@ -7,8 +7,15 @@ fewer cores); when the `face_recognition` package (dlib HOG + ResNet, single-thr
 installed, the same frames go through it too and the speed-up of each column is printed. Every
 configuration processes each frame in turn (interleaved), so a busy machine slows them alike.
 Then: identify against 100,000 stored embeddings. Medians and 95th percentiles in milliseconds.
+The column of the manifest's default encoder (what a fresh `facedoor-export` makes the door run)
+is marked `*`.
 
-    .venv/bin/python benchmarks/pipeline.py [--models models] [--rounds 3] [--threads 2,1]
+`--command N`: the commands a user runs, end to end, on N such frames written as JPEG files:
+`facedoor identify` (one process, start-up included, the models' defaults) against
+`face_recognition`'s own command line (`face_recognition KNOWN UNKNOWN`, dlib HOG + ResNet, one
+process), both with one person enrolled, taking turns; and a one-frame `identify` for its start-up.
+
+    .venv/bin/python benchmarks/pipeline.py [--models models] [--rounds 3] [--threads 2,1] [--command 200]
 
 `face_recognition` for the comparison (not a facedoor dependency):
     .venv/bin/pip install dlib-bin face_recognition_models && .venv/bin/pip install --no-deps face_recognition
@@ -17,7 +24,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -157,6 +167,64 @@ def print_table(title: str, results: dict[str, dict[str, list[float]]], baseline
         print("vs face_rec | " + " | ".join(f"{base / stats(results[n]['total'])[0]:21.1f}x" for n in names))
 
 
+def timed_command(cmd: list[str], expect: int) -> tuple[float, float]:
+    """(wall seconds, CPU seconds: user + system, all its threads) of CMD as a fresh process, start-up
+    included; it must print at least EXPECT result lines (face_recognition prints one per face)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+    seconds = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    if proc.returncode not in (0, 1) or len(lines) < expect:
+        raise RuntimeError(f"{cmd[:4]}... exit {proc.returncode}, {len(lines)} of {expect} results: "
+                           f"{proc.stderr[-500:]}")
+    return seconds, after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+
+
+def command_comparison(models: Path, count: int, rounds: int) -> None:
+    """`facedoor identify` vs `face_recognition`'s command line on COUNT frame files, ROUNDS turns each."""
+    facedoor = [str(Path(sys.executable).with_name("facedoor")), "--models", str(models)]
+    fr_cli = [sys.executable, "-c", "from face_recognition.face_recognition_cli import main; main()"]
+    has_fr = face_recognition_step(np.zeros((1, 128))) is not None
+    encoder = Manifest.load(models).default_encoder
+    with tempfile.TemporaryDirectory(prefix="facedoor-bench-") as tmp:
+        root = Path(tmp)
+        (root / "frames").mkdir()
+        (root / "known").mkdir()
+        for i, data in enumerate(make_frames(count, seed=5)):
+            (root / "frames" / f"frame{i:04d}.jpg").write_bytes(data)
+        member = sorted((SHARED / "data/faces/lfw10").iterdir())[0]
+        photos = sorted(member.glob("*.jpg"))[:3]
+        (root / "known" / f"{member.name}.jpg").write_bytes(photos[0].read_bytes())
+        store = ["--store", str(root / "door.db")]
+        subprocess.run([*facedoor, *store, "enroll", member.name, *map(str, photos)], check=True, capture_output=True)
+        frames = sorted(str(p) for p in (root / "frames").iterdir())
+        runs: dict[str, list[tuple[float, float]]] = {"identify": [], "identify, 1 frame": [], "face_recognition": []}
+        for _ in range(rounds):
+            runs["identify"].append(timed_command([*facedoor, *store, "identify", "--json", *frames], count))
+            runs["identify, 1 frame"].append(timed_command([*facedoor, *store, "identify", frames[0]], 1))
+            if has_fr:
+                runs["face_recognition"].append(timed_command([*fr_cli, str(root / "known"), str(root / "frames")],
+                                                              count))
+    print(f"\n# the commands, {count} frame files {FRAME_W}x{FRAME_H}, one face each, {rounds} run(s) each taking "
+          f"turns, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; facedoor on its defaults (encoder "
+          f"{encoder}, ORT threads = CPUs); face_recognition: its CLI, 1 process; medians of wall and of CPU "
+          "seconds (user + system, every thread: facedoor's ORT workers spin while a run lasts)")
+    base = {k: float(np.median([r[k] for r in runs["face_recognition"]])) for k in (0, 1)} if has_fr else None
+    print("command              | wall s | ms per frame | vs face_recognition | CPU s | CPU ms per frame | vs f_r")
+    for name, samples in runs.items():
+        if not samples:
+            continue
+        wall, cpu = (float(np.median([r[k] for r in samples])) for k in (0, 1))
+        n = 1 if name.endswith("1 frame") else count
+        ratio = [f"{base[k] / v:.1f}x" if base and n == count else "-" for k, v in ((0, wall), (1, cpu))]
+        print(f"{name:20} | {wall:6.2f} | {1000 * wall / n:12.1f} | {ratio[0]:>19} | {cpu:5.2f} | "
+              f"{1000 * cpu / n:16.1f} | {ratio[1]:>6}")
+    if not has_fr:
+        print("(face_recognition is not installed: no comparison; see the docstring to add it)")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", type=Path, default=REPO / "models")
@@ -166,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cpu-clock", action="store_true",
                     help="1 thread everywhere (ORT, OpenCV), timed by this thread's CPU time: on a shared, busy "
                          "machine this is close to what an idle one would take; wall time counts others' work")
+    ap.add_argument("--command", type=int, default=0, metavar="N",
+                    help="also time `facedoor identify` against face_recognition's CLI on N frame files")
     args = ap.parse_args(argv)
     global CLOCK
     if args.cpu_clock:
@@ -194,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
         big.identify(q)
     samples = [timed(lambda q=q: big.identify(q))[1] for q in queries]
     print("\nidentify against 100,000 stored embeddings: {:.2f} ms median, {:.2f} ms p95".format(*stats(samples)))
+    if args.command:
+        command_comparison(args.models, args.command, args.rounds)
     return 0
 
 

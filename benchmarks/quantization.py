@@ -1,19 +1,25 @@
 """Float vs INT8 FaceNet on the LFW DevTrain pairs: embedding shift, FAR/FRR and speed, side by side.
 
-Every photo of `../shared/data/faces/lfw-devtrain/pairsDevTrain.txt` (1,100 genuine + 1,100
-impostor pairs) is detected once (MTCNN), aligned (similarity) and encoded by both encoders from
-the same crop, as a camera frame is encoded (one pass). Prints the per-crop L2 distance between
-the float and INT8 embeddings, FAR/FRR at thresholds around 0.7, the pairs whose decision at 0.7
-flips, the rule for making INT8 the default (FAR does not rise, FRR rises by < 0.5 points) and
-the encoder time per face at 2 threads and 1 thread (alternating calls, medians).
-The calibration set of `facedoor-export --only facenet_int8` holds no person of these pairs.
+Two INT8 encoders are built from the float `facenet` of `--models` (into temporary copies, with
+`facedoor-export --only facenet_int8`): the default one, calibrated on the 5-celebrity set of the
+FaceNet source archive with augmentation (what a fresh machine builds), and one calibrated on LFW
+DevTrain people who are in none of the pairs (`--calibration-dir`). Every photo of
+`../shared/data/faces/lfw-devtrain/pairsDevTrain.txt` (1,100 genuine + 1,100 impostor pairs) is
+detected once (MTCNN), aligned (similarity) and encoded by the three encoders from the same crop,
+as a camera frame is encoded (one pass). Prints the per-crop L2 distance between the float and
+each INT8 embedding, FAR/FRR at thresholds around 0.7, the pair decisions at 0.7 that flip, the
+rule for a default (FAR does not rise, FRR rises by < 0.5 points) of each INT8 encoder against the
+float one and of the default calibration against the LFW one, and the encoder time per face at 2
+threads and 1 thread (alternating calls, medians).
 
-    .venv/bin/python benchmarks/quantization.py [--models models] [--limit N]
+    .venv/bin/python benchmarks/quantization.py [--models models] [--limit N] [--int8-weights auto|int8|uint8]
 """
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -83,63 +89,98 @@ def encoder_speed(models: Path, names: list[str], threads: int, crops: np.ndarra
     return {n: float(np.median(v)) for n, v in times.items()}
 
 
+def build_int8(models: Path, target: Path, weights: str, calibration: Path | None) -> Path:
+    """TARGET: a copy of MODELS' float FaceNet and MTCNN with `facenet_int8` built by the exporter."""
+    from facedoor_export.cli import main as export
+
+    target.mkdir()
+    for entry in Manifest.load(models).entries.values():
+        shutil.copy(models / entry.file, target / entry.file)
+    shutil.copy(models / "manifest.json", target / "manifest.json")
+    args = ["--out", str(target), "--only", "facenet_int8", "--force", "--int8-weights", weights]
+    if export([*args, *(["--calibration-dir", str(calibration)] if calibration else [])]) != 0:
+        raise SystemExit(f"building the INT8 encoder in {target} failed")
+    return target
+
+
+def rule(base: tuple[float, float], other: tuple[float, float]) -> str:
+    """The rule for a default: FAR (%) does not rise and FRR (%) rises by under half a point."""
+    (af, rf), (aq, rq) = base, other
+    ok = aq <= af and rq - rf < 0.5
+    return f"FAR {af:.2f} -> {aq:.2f}, FRR {rf:.2f} -> {rq:.2f} ({rq - rf:+.2f} points): {'passes' if ok else 'FAILS'}"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", type=Path, default=REPO / "models")
+    ap.add_argument("--models", type=Path, default=REPO / "models", help="models directory with facenet + mtcnn")
     ap.add_argument("--lfw", type=Path, default=LFW, help="LFW DevTrain directory with pairsDevTrain.txt")
     ap.add_argument("--limit", type=int, default=None, help="first N pairs of each kind (quick runs)")
+    ap.add_argument("--int8-weights", choices=("auto", "int8", "uint8"), default="auto",
+                    help="weight type of both INT8 encoders (default auto: int8 where this CPU has VNNI/dotprod)")
     args = ap.parse_args(argv)
 
-    if "facenet_int8" not in Manifest.load(args.models).entries:
-        print(f"(no facenet_int8 in {args.models}/manifest.json: build it with "
-              f"`facedoor-export --out {args.models} --only facenet_int8`)")
-        return 0
     if not (args.lfw / "pairsDevTrain.txt").is_file():
         print(f"(LFW DevTrain pairs not found at {args.lfw}: see ../shared/README.md)")
         return 0
     genuine, impostor = read_pairs(args.lfw)
     genuine, impostor = genuine[: args.limit], impostor[: args.limit]
-    pipeline = FacePipeline.from_config(parse_config({"models": str(args.models)}))
-    int8 = Encoder(Manifest.load(args.models), "facenet_int8")
-    paths = sorted({p for pair in genuine + impostor for p in pair})
-    t0 = time.perf_counter()
-    crops = crops_of(pipeline, paths)
-    keys = list(crops)
-    stack = np.stack([crops[k] for k in keys])
-    emb_f, emb_q = embed(pipeline.encoder, stack), embed(int8, stack)
-    row = {k: i for i, k in enumerate(keys)}
-    shift = np.linalg.norm(emb_f - emb_q, axis=1)
-    print(f"# LFW DevTrain pairs: {len(paths)} photos, {len(paths) - len(keys)} without a face, "
-          f"{time.perf_counter() - t0:.0f} s; MTCNN + similarity alignment, one encoder pass per photo")
-    print(f"per-crop L2(float, INT8) over {len(keys)} crops: median {np.median(shift):.4f}, "
-          f"p95 {np.percentile(shift, 95):.4f}, max {shift.max():.4f}")
+    with tempfile.TemporaryDirectory(prefix="facedoor-quant-bench-") as tmp:
+        built = {"INT8 (celebrities)": build_int8(args.models, Path(tmp) / "default", args.int8_weights, None),
+                 "INT8 (LFW)": build_int8(args.models, Path(tmp) / "lfw", args.int8_weights, args.lfw)}
+        pipeline = FacePipeline.from_config(parse_config({"models": str(args.models),
+                                                          "recognition": {"encoder": "facenet"}}))
+        encoders = {"float": pipeline.encoder, **{name: Encoder(Manifest.load(d), "facenet_int8")
+                                                  for name, d in built.items()}}
+        q = {name: Manifest.load(d).entry("facenet_int8").extra("quantization") for name, d in built.items()}
+        paths = sorted({p for pair in genuine + impostor for p in pair})
+        t0 = time.perf_counter()
+        crops = crops_of(pipeline, paths)
+        keys = list(crops)
+        stack = np.stack([crops[k] for k in keys])
+        emb = {name: embed(enc, stack) for name, enc in encoders.items()}
+        row = {k: i for i, k in enumerate(keys)}
+        print(f"# LFW DevTrain pairs: {len(paths)} photos, {len(paths) - len(keys)} without a face, "
+              f"{time.perf_counter() - t0:.0f} s; MTCNN + similarity alignment, one encoder pass per photo")
+        for name, info in q.items():
+            print(f"{name}: {info['weights']} weights, {info['calibration_crops']} calibration crops of "
+                  f"{info['calibration_set']}; export check: median L2 {info['l2_median']:.4f}, "
+                  f"max {info['l2_max']:.4f}")
 
-    def distances(pairs: list[tuple[Path, Path]], emb: np.ndarray) -> np.ndarray:
-        kept = [(row[a], row[b]) for a, b in pairs if a in row and b in row]
-        ia, ib = np.array(kept).T
-        return np.linalg.norm(emb[ia] - emb[ib], axis=1)
+        def distances(pairs: list[tuple[Path, Path]], e: np.ndarray) -> np.ndarray:
+            kept = [(row[a], row[b]) for a, b in pairs if a in row and b in row]
+            ia, ib = np.array(kept).T
+            return np.linalg.norm(e[ia] - e[ib], axis=1)
 
-    g_f, i_f = distances(genuine, emb_f), distances(impostor, emb_f)
-    g_q, i_q = distances(genuine, emb_q), distances(impostor, emb_q)
-    print(f"\n## {len(g_f)} genuine / {len(i_f)} impostor pairs with both faces found -- FAR % / FRR %")
-    print("threshold |      float FAR / FRR |       INT8 FAR / FRR")
-    for t in THRESHOLDS:
-        (af, rf), (aq, rq) = rates(g_f, i_f, t), rates(g_q, i_q, t)
-        print(f"{t:9.1f} | {af:8.2f} / {rf:9.2f} | {aq:8.2f} / {rq:9.2f}")
-    pair_shift = np.abs(np.concatenate([g_f - g_q, i_f - i_q]))
-    flips = int(np.sum((g_f < DECISION) != (g_q < DECISION)) + np.sum((i_f < DECISION) != (i_q < DECISION)))
-    print(f"pair distance |float - INT8|: median {np.median(pair_shift):.4f}, max {pair_shift.max():.4f}; "
-          f"decisions at {DECISION} that differ: {flips} of {len(pair_shift)}")
-    (af, rf), (aq, rq) = rates(g_f, i_f, DECISION), rates(g_q, i_q, DECISION)
-    verdict = "INT8 may be the default" if aq <= af and rq - rf < 0.5 else "INT8 stays an option (float default)"
-    print(f"rule at {DECISION}: FAR {af:.2f} -> {aq:.2f}, FRR {rf:.2f} -> {rq:.2f} "
-          f"(FRR {rq - rf:+.2f} points): {verdict}")
+        g = {name: distances(genuine, e) for name, e in emb.items()}
+        i = {name: distances(impostor, e) for name, e in emb.items()}
+        for name in built:
+            shift = np.linalg.norm(emb["float"] - emb[name], axis=1)
+            pair_shift = np.abs(np.concatenate([g["float"] - g[name], i["float"] - i[name]]))
+            flips = int(np.sum((g["float"] < DECISION) != (g[name] < DECISION))
+                        + np.sum((i["float"] < DECISION) != (i[name] < DECISION)))
+            print(f"{name}: per-crop L2 to float over {len(keys)} crops: median {np.median(shift):.4f}, "
+                  f"p95 {np.percentile(shift, 95):.4f}, max {shift.max():.4f}; pair distance shift median "
+                  f"{np.median(pair_shift):.4f}, max {pair_shift.max():.4f}; decisions at {DECISION} that differ: "
+                  f"{flips} of {len(pair_shift)}")
+        names = list(emb)
+        print(f"\n## {len(g['float'])} genuine / {len(i['float'])} impostor pairs with both faces found "
+              "-- FAR % / FRR %")
+        print("threshold | " + " | ".join(f"{n:>22}" for n in names))
+        for t in THRESHOLDS:
+            cells = [f"{'{:8.2f} / {:8.2f}'.format(*rates(g[n], i[n], t)):>22}" for n in names]
+            print(f"{t:9.1f} | " + " | ".join(cells))
+        at = {n: rates(g[n], i[n], DECISION) for n in names}
+        print(f"\nrule at {DECISION} (FAR not up, FRR up by < 0.5 points):")
+        for name in built:
+            print(f"  {name} vs float: {rule(at['float'], at[name])}")
+        print(f"  INT8 (celebrities) vs INT8 (LFW): {rule(at['INT8 (LFW)'], at['INT8 (celebrities)'])}")
 
-    sample = stack[:: max(1, len(stack) // 40)][:40]
-    for threads in (2, 1):
-        ms = encoder_speed(args.models, ["facenet", "facenet_int8"], threads, sample)
-        print(f"encoder, one face, {threads} thread(s): float {ms['facenet']:.1f} ms, INT8 {ms['facenet_int8']:.1f} ms "
-              f"median ({ms['facenet'] / ms['facenet_int8']:.2f}x)")
+        sample = stack[:: max(1, len(stack) // 40)][:40]
+        default = built["INT8 (celebrities)"]
+        for threads in (2, 1):
+            ms = encoder_speed(default, ["facenet", "facenet_int8"], threads, sample)
+            print(f"encoder, one face, {threads} thread(s): float {ms['facenet']:.1f} ms, INT8 "
+                  f"{ms['facenet_int8']:.1f} ms median ({ms['facenet'] / ms['facenet_int8']:.2f}x)")
     return 0
 
 

@@ -51,7 +51,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from tqdm import tqdm
 
-from facedoor.demo import datasets
+from facedoor import sources
 from facedoor.demo.broker import PrivateBroker, mosquitto_binary
 from facedoor.demo.walkup import Visitor, write_walkup
 
@@ -151,7 +151,7 @@ def facedoor_cli(door_models: Path, store: Path, *args: str) -> subprocess.Compl
 
 def train_photos(name: str) -> list[str]:
     """NAME's 5-celebrity train/ photos, sorted."""
-    return sorted(str(p) for p in (datasets.celebrity_faces_dir() / "train" / name).glob("*.jpg"))
+    return sorted(str(p) for p in (sources.celebrity_faces_dir() / "train" / name).glob("*.jpg"))
 
 
 def enroll(models: Path, store: Path, name: str, count: int | None = None) -> None:
@@ -182,7 +182,7 @@ def prepare_door(work: Path, models: Path, visit_s: float = 8.0) -> Door:
     store = work / "store.db"
     for name in ENROLLED:
         enroll(models, store, name, count=ENROL_PHOTOS)
-    val = [p for name in ENROLLED for p in sorted((datasets.celebrity_faces_dir() / "val" / name).glob("*.jpg"))]
+    val = [p for name in ENROLLED for p in sorted((sources.celebrity_faces_dir() / "val" / name).glob("*.jpg"))]
     found = facedoor_cli(models, store, "identify", "--json", *map(str, val))
     hits = [(r["distance"], r["identity"], Path(r["image"])) for r in map(json.loads, found.stdout.splitlines())
             if r["identity"] is not None and r["identity"] == Path(r["image"]).parent.name]
@@ -355,7 +355,7 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[s
 
 def find_models(given: Path | None) -> Path:
     """The models directory: GIVEN, ./models, or the test cache; exits when there is none."""
-    found = given or next((p for p in (Path("models"), datasets.cache_dir() / "test-models")
+    found = given or next((p for p in (Path("models"), sources.cache_dir() / "test-models")
                            if (p / "manifest.json").is_file()), None)
     if found is None:
         sys.exit("no models: run `facedoor-export --out models --only facenet,mtcnn` first")

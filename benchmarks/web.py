@@ -36,7 +36,7 @@ from pathlib import Path
 
 import httpx
 
-from facedoor.demo import datasets
+from facedoor import sources
 from facedoor.demo.broker import PrivateBroker, Subscriber
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -158,11 +158,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--entries", type=int, default=100_000)
     parser.add_argument("--requests", type=int, default=60, help="timed requests per row (default 60)")
-    parser.add_argument("--models", type=Path, default=datasets.cache_dir() / "test-models")
+    parser.add_argument("--models", type=Path, default=sources.cache_dir() / "test-models")
     parser.add_argument("--door", type=float, default=0.0, metavar="S",
                         help="also measure the door's latency for S seconds with the console closed and open")
     args = parser.parse_args()
-    celeb = datasets.celebrity_faces_dir()
+    celeb = sources.celebrity_faces_dir()
     work = Path(tempfile.mkdtemp(prefix="facedoor-web-bench-"))
     state = work / "state"
     state.mkdir()

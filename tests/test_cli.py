@@ -189,6 +189,24 @@ def test_bad_input_is_one_line_exit_2(real_models: Path, tmp_path: Path, photos,
     assert_clean_error(code, err, "no one enrolled")
 
 
+def test_identify_reads_ahead_and_reports_in_order(real_models: Path, tmp_path: Path, photos, capsys) -> None:
+    """Photos are decoded ahead by a small thread pool while one is encoded: results and errors still
+    come one per photo, in the order given, and a bad photo costs nothing but its own line."""
+    base = ["--models", str(real_models), "--store", str(tmp_path / "s.db")]
+    assert main([*base, "enroll", "tony", str(photos["good"])]) == 0
+    order = [photos["good"], photos["text"], photos["good2"], tmp_path, photos["missing"], photos["blank"],
+             photos["good2"], photos["good"]]
+    code, rows, err = run(capsys, *base, "identify", *map(str, order))
+    assert code == 2
+    assert [r["image"] for r in rows] == [str(p) for p in order if p in (photos["good"], photos["good2"])]
+    assert all(r["identity"] == "tony" for r in rows if r["image"] == str(photos["good"]))  # the enrolled photo
+    errors = [line for line in err.splitlines() if line.strip()]
+    assert len(errors) == 4 and "Traceback" not in err
+    for line, bad, reason in zip(errors, [photos["text"], tmp_path, photos["missing"], photos["blank"]],
+                                 ["not a readable image", "is a directory", "cannot read", "no face found"]):
+        assert str(bad) in line and reason in line, line
+
+
 def test_corrupt_store_is_reported_not_overwritten(real_models: Path, tmp_path: Path, photos, capsys) -> None:
     store = tmp_path / "s.db"
     store.write_bytes(b"\x00garbage" * 100)

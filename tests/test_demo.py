@@ -9,6 +9,7 @@ import pytest
 
 from facedoor.cli import main
 from facedoor.demo.runner import format_table
+from facedoor.models import Manifest
 
 
 @pytest.mark.slow
@@ -39,6 +40,9 @@ def test_demo_lets_enrolled_people_in_and_keeps_strangers_out(real_models: Path,
     sheet = cv2.imread(results["contact_sheet"])
     assert sheet is not None and sheet.shape[0] > 300 and sheet.shape[1] > 300
     assert "VISITOR" in printed and "strangers kept out" in printed
+    # it says which encoder the door ran: the models' default
+    encoder = Manifest.load(real_models).default_encoder
+    assert results["encoder"] == encoder and f"encoder: {encoder} (" in printed and "the models' default" in printed
 
 
 def test_demo_table_marks_wrong_outcomes() -> None:

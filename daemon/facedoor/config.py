@@ -56,9 +56,10 @@ class RecognitionConfig(_Section):
     threshold: float = Field(
         0.7, gt=0, lt=2.0, description="a face matches a member when the L2 distance between embeddings is "
         "STRICTLY below this; lower = stricter (embeddings are unit vectors: 2.0 would match everyone)")
-    encoder: Literal["facenet", "facenet_int8", "openface"] = Field(
-        "facenet", description="encoder from the models manifest: facenet (160x160), facenet_int8 (the same "
-        "network quantised to 8 bits, faster: README \"Speed\") or openface (96x96)")
+    encoder: Literal["facenet", "facenet_int8", "openface"] | None = Field(
+        None, description="face encoder: facenet (160x160), facenet_int8 (the same network quantised to 8 bits, "
+        "faster: README \"Speed\") or openface (96x96); null: the models' default_encoder, set by "
+        "`facedoor-export --encoder`; the store pins it")
     detector: Literal["mtcnn", "yunet"] = Field(
         "mtcnn", description="face detector: mtcnn (exported with the models) or yunet (needs yunet_model)")
     yunet_model: Path | None = Field(None, description="YuNet ONNX file for detector: yunet")

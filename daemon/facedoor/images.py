@@ -128,8 +128,17 @@ def image_size(data: bytes) -> tuple[int, int] | None:
 
 def read_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, str]:
     """PATH decoded as BGR with its SHA-256; refused before decoding when its header is too large."""
-    import cv2
+    data = _checked_bytes(path, max_pixels)
+    return _decode(path, data), hashlib.sha256(data).hexdigest()
 
+
+def decode_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """PATH decoded as BGR, checked as `read_image` checks it, without hashing it (`identify`)."""
+    return _decode(path, _checked_bytes(path, max_pixels))
+
+
+def _checked_bytes(path: str | Path, max_pixels: int) -> bytes:
+    """PATH's bytes, once its size and header show an image of at most MAX_PIXELS in a known format."""
     try:
         with open(path, "rb") as fh:
             if os.fstat(fh.fileno()).st_size > MAX_FILE_BYTES:
@@ -153,7 +162,13 @@ def read_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> tuple[np.ndarr
             f"{path}: {width}x{height} pixels ({width * height / 1e6:.0f} MP) is above the limit of "
             f"{max_pixels / 1e6:.0f} MP; refused without decoding (scale the photo down)"
         )
+    return data
+
+
+def _decode(path: str | Path, data: bytes) -> np.ndarray:
+    import cv2
+
     image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
     if image is None:
         raise ImageError(f"{path}: not a readable image (expected {FORMATS})")
-    return image, hashlib.sha256(data).hexdigest()
+    return image

@@ -75,7 +75,7 @@ class FacePipeline:
         manifest = Manifest.load(cfg.models)
         # ONNX Runtime's own default can be a single thread on a VM; use every CPU unless capped.
         threads = rec.threads or os.cpu_count() or 1
-        encoder = Encoder(manifest, rec.encoder, threads)
+        encoder = Encoder(manifest, manifest.encoder_name(rec.encoder), threads)
         detector = create_detector(rec, cfg.quality.min_detect_score, manifest, threads)
         log.info(
             "face pipeline: detector %s, align %s, encoder %s (%s..., %d-D), threshold %.3f",

@@ -541,8 +541,11 @@ class EmbeddingStore:
             names = ", ".join(n for (n,) in stale)
             raise StoreError(
                 f"{self.path} holds embeddings from another encoder than the loaded one "
-                f"(identities: {names}); re-enrol them with `facedoor enroll --replace NAME IMAGE...` "
-                "or remove them: embeddings of different models are never mixed"
+                f"(identities: {names}; loaded encoder sha256 {self.encoder_sha256[:12]}...): "
+                "embeddings of different models are never mixed. Re-enrol them with `facedoor enroll --replace "
+                "NAME IMAGE...` (or remove them), or run the encoder they were enrolled with: set "
+                "recognition.encoder (facenet or facenet_int8), or re-export with `facedoor-export --out MODELS "
+                "--encoder float` (the models' default became facenet_int8 if this CPU has an 8-bit dot product)"
             )
         dims = {dim for _, _, dim, _ in rows}
         if len(dims) > 1 or any(len(blob) != 4 * dim for _, blob, dim, _ in rows):

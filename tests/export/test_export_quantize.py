@@ -194,3 +194,121 @@ def test_real_facenet_int8(real_models: Path, shared_dir: Path, tmp_path: Path, 
     q = Manifest.load(out).entry("facenet_int8").extra("quantization")
     print(f"\nreal FaceNet INT8 vs float: median L2 {q['l2_median']:.4f}, max {q['l2_max']:.4f} "
           f"over {q['check_crops']} held-out LFW crops")
+
+
+def test_default_calibration_is_the_celebrity_set(export_cli, float_models: Path, celebrity_dir: Path,
+                                                  tmp_path: Path) -> None:
+    """Without --calibration-dir a fresh machine calibrates on the 5-celebrity set of the FaceNet sdist:
+    train/ photos and their mirror images; val/ photos and theirs are the check set."""
+    from facedoor.models import Manifest
+    from facedoor_export import quantize
+
+    out = tmp_path / "models"
+    shutil.copytree(float_models, out)
+    code, stdout, err = export_cli("--out", out, "--only", "facenet_int8")
+    assert code == 0, err
+    assert "5-celebrity set" in stdout
+    q = Manifest.load(out).entry("facenet_int8").extra("quantization")
+    train = sum(1 for _ in (celebrity_dir / "train").glob("*/*.jpg"))
+    assert q["calibration_set"] == quantize.CELEBRITIES
+    assert q["calibration_crops"] % 2 == 0 and 0.8 * train <= q["calibration_crops"] / 2 <= train
+    assert q["check_crops"] % 2 == 0 and q["check_crops"] > 0
+    code, stdout, _ = export_cli("--out", out, "--only", "facenet_int8")
+    assert code == 0 and "up to date" in stdout
+    # another calibration set is another model: rebuilt, and recorded
+    code, stdout, err = _quantize(export_cli, out, float_models.parent / "missing")
+    assert code == 2 and "calibration photos not found" in err
+
+
+@pytest.mark.parametrize(("dot_product", "calibrated", "expected"), [
+    (True, True, ["facenet", "mtcnn", "facenet_int8"]), (True, False, ["facenet", "mtcnn"]),
+    (False, True, ["facenet", "mtcnn"])])
+def test_default_build_adds_int8_where_the_cpu_has_a_dot_product_and_real_calibration(
+        monkeypatch: pytest.MonkeyPatch, dot_product: bool, calibrated: bool, expected: list[str]) -> None:
+    """INT8 becomes the default only where it pays (VNNI, dotprod) and was calibrated on the operator's
+    photos: calibrated on the 5-celebrity set alone it missed the accuracy rule (README "Speed")."""
+    from facedoor_export import cli
+
+    monkeypatch.setattr(cli, "int8_dot_product", lambda: dot_product)
+    assert [g.name for g in cli._parse_only(None, None, calibrated)] == expected
+    assert [g.name for g in cli._parse_only(None, "float")] == ["facenet", "mtcnn"]
+    assert [g.name for g in cli._parse_only(None, "int8")] == ["facenet", "mtcnn", "facenet_int8"]
+    assert [g.name for g in cli._parse_only(["mtcnn"])] == ["mtcnn"]  # --only is what runs
+
+
+def test_encoder_choice_is_the_manifest_default_and_the_store_pins_it(
+        export_cli, float_models: Path, shared_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--encoder int8 makes the INT8 encoder what a config without recognition.encoder runs; a store
+    enrolled with the float one then refuses, saying what to do; --encoder float goes back."""
+    from facedoor.cli import main as facedoor
+    from facedoor.models import Manifest
+
+    out = tmp_path / "models"
+    shutil.copytree(float_models, out)
+    assert Manifest.load(out).encoder_name(None) == "facenet"  # a manifest without default_encoder
+    photos = sorted(str(p) for p in (shared_dir / "data/faces/lfw10/Colin_Powell").glob("*.jpg"))[:3]
+    base = ["--models", str(out), "--store", str(tmp_path / "door.db")]
+    assert facedoor([*base, "enroll", "colin", *photos]) == 0
+
+    code, stdout, err = _quantize(export_cli, out, shared_dir / "data/faces/lfw-devtrain", "--encoder", "int8")
+    assert code == 0, err
+    assert "default encoder: facenet_int8" in stdout
+    manifest = Manifest.load(out)
+    assert manifest.default_encoder == "facenet_int8" and manifest.encoder_name(None) == "facenet_int8"
+    assert manifest.encoder_name("facenet") == "facenet"
+    code, _, _ = export_cli("--out", out, "--only", "mtcnn")  # a later run without --encoder keeps it
+    assert code == 0 and Manifest.load(out).default_encoder == "facenet_int8"
+
+    capsys.readouterr()
+    assert facedoor([*base, "identify", photos[0]]) == 2
+    err = capsys.readouterr().err
+    assert "another encoder" in err and "--replace" in err and "--encoder float" in err
+
+    code, stdout, err = export_cli("--out", out, "--only", "mtcnn", "--encoder", "float")
+    assert code == 0 and Manifest.load(out).default_encoder == "facenet"
+    assert facedoor([*base, "identify", photos[0]]) == 0
+
+
+def test_encoder_choice_needs_its_model(export_cli, float_models: Path, tmp_path: Path) -> None:
+    out = tmp_path / "models"
+    out.mkdir()
+    code, _, err = export_cli("--out", out, "--only", "mtcnn", "--encoder", "float")
+    assert code == 2 and "--encoder float: facenet is not in" in err
+    assert not (out / "manifest.json").exists()
+
+
+def test_manifest_default_encoder_must_be_one_of_its_models(float_models: Path, tmp_path: Path) -> None:
+    from facedoor.models import Manifest, ModelError
+
+    out = tmp_path / "models"
+    shutil.copytree(float_models, out)
+    raw = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps({**raw, "default_encoder": "facenet_int8"}))
+    with pytest.raises(ModelError, match="default_encoder 'facenet_int8' is not one of its models"):
+        Manifest.load(out)
+
+
+def test_default_build_keeps_float_when_int8_fails_its_check(
+        export_cli, float_models: Path, shared_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The INT8 FaceNet that `auto` adds by itself is an optimisation: when it fails the float check the
+    export still succeeds, says so, and leaves the float encoder the default (nothing INT8 written)."""
+    from facedoor.models import Manifest
+    from facedoor_export import cli, quantize
+
+    out = tmp_path / "models"
+    shutil.copytree(float_models, out)
+    int8_group = next(g for g in cli.GROUPS if g.name == "facenet_int8")
+    # the default build's INT8 step
+    monkeypatch.setattr(cli, "_parse_only", lambda only, encoder=None, calibrated=False: [int8_group])
+    monkeypatch.setattr(cli, "int8_dot_product", lambda: True)
+    monkeypatch.setattr(quantize, "TOLERANCE_MEDIAN", 0.0)
+    code, stdout, err = export_cli("--out", out, "--calibration-dir", shared_dir / "data/faces/lfw-devtrain",
+                                   "--calibration-images", "64")
+    assert code == 0, err
+    assert "warning" in err and "INT8 embeddings differ" in err and "float facenet stays the default" in err
+    assert "default encoder: facenet" in stdout and not list(out.glob("*int8*"))
+    assert Manifest.load(out).default_encoder == "facenet"
+    # asked for explicitly, the same failure is an error
+    code, _, err = export_cli("--out", out, "--encoder", "int8", "--calibration-dir",
+                              shared_dir / "data/faces/lfw-devtrain", "--calibration-images", "64")
+    assert code == 2 and "INT8 embeddings differ" in err

@@ -28,7 +28,7 @@ def _encode(session, entry, path: Path) -> np.ndarray:
 
 
 def test_real_facenet_manifest_and_parity(real_models):
-    from facedoor.demo.datasets import FACENET_SHA256
+    from facedoor.sources import FACENET_SHA256
 
     body = json.loads((real_models / "manifest.json").read_text())["models"]["facenet"]
     assert body["weights"]["sha256"] == FACENET_SHA256 and body["weights"]["untrained"] is False

@@ -101,7 +101,8 @@ class CliContext:
             return self._pipeline.encoder_sha256
         from facedoor.models import Manifest
 
-        return Manifest.load(self.config.models).entry(self.config.recognition.encoder).sha256
+        manifest = Manifest.load(self.config.models)
+        return manifest.entry(manifest.encoder_name(self.config.recognition.encoder)).sha256
 
     def emit(self, record: dict[str, Any], text: str, file: TextIO | None = None) -> None:
         """Report one result: RECORD as a JSON line with --json, else the human TEXT (on FILE, default stdout)."""

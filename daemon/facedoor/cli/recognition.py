@@ -23,20 +23,52 @@ if TYPE_CHECKING:
     from facedoor.pipeline import Face
 
 
-def _largest_face(ctx: CliContext, path: Path) -> tuple[Face, int]:
-    """The largest face of the photo at PATH, encoded, and the number of faces; no face is bad input."""
+READ_AHEAD = 2  # photos decoded while the current one is encoded: overlap without holding many decoded photos
+
+
+def _largest_face(ctx: CliContext, path: Path, image: np.ndarray | None = None) -> tuple[Face, int]:
+    """The largest face of the photo at PATH (decoded as IMAGE when given), encoded, and the number
+    of faces; no face is bad input."""
     from facedoor.images import ImageError, read_image
 
     pipeline = ctx.pipeline()
-    try:
-        image, _ = read_image(path)
-    except ImageError as exc:
-        raise CliError(str(exc)) from None
+    if image is None:
+        try:
+            image, _ = read_image(path)
+        except ImageError as exc:
+            raise CliError(str(exc)) from None
     faces = pipeline.detect_still(image)  # largest first
     if not faces:
         raise CliError(f"{path}: no face found")
     pipeline.encode(image, faces[:1])
     return faces[0], len(faces)
+
+
+def _decoded(paths: list[Path]) -> Iterator[tuple[Path, np.ndarray | CliError]]:
+    """Each of PATHS with its decoded image (or the error that refused it), in order, decoded by a
+    small thread pool READ_AHEAD photos ahead (OpenCV's decoder releases the GIL, so decoding the next
+    photos overlaps encoding this one; at most READ_AHEAD + 1 decoded photos are held)."""
+    from collections import deque
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    from facedoor.images import ImageError, decode_image
+
+    def read(path: Path) -> np.ndarray | CliError:
+        try:
+            return decode_image(path)
+        except ImageError as exc:
+            return CliError(str(exc))
+
+    with ThreadPoolExecutor(max_workers=READ_AHEAD, thread_name_prefix="decode") as pool:
+        pending: deque[tuple[Path, Future[np.ndarray | CliError]]] = deque()
+        for path in paths:
+            pending.append((path, pool.submit(read, path)))
+            if len(pending) > READ_AHEAD:
+                done, future = pending.popleft()
+                yield done, future.result()
+        while pending:
+            done, future = pending.popleft()
+            yield done, future.result()
 
 
 # -- enroll ---------------------------------------------------------------------------------
@@ -237,10 +269,13 @@ def _verify(args: argparse.Namespace, ctx: CliContext) -> int:
 
 def _identify(args: argparse.Namespace, ctx: CliContext) -> int:
     gallery = _gallery(ctx)
+    ctx.pipeline()  # models load before the first photo is decoded
     failed = 0
-    for path in args.images:
+    for path, image in _decoded(args.images):
         try:
-            face, count = _largest_face(ctx, path)
+            if isinstance(image, CliError):
+                raise image
+            face, count = _largest_face(ctx, path, image)
         except CliError as exc:
             failed += 1
             print(f"facedoor identify: error: {exc}", file=sys.stderr)

@@ -96,7 +96,8 @@ class Console:
         self.index = VisitIndex(self.audit_file, cfg.state_dir / INDEX_FILE)
         if encoder_sha256 is None:
             try:
-                encoder_sha256 = Manifest.load(cfg.models).entry(cfg.recognition.encoder).sha256
+                manifest = Manifest.load(cfg.models)
+                encoder_sha256 = manifest.entry(manifest.encoder_name(cfg.recognition.encoder)).sha256
             except ModelError as exc:
                 raise ConsoleError(str(exc)) from None
         self.actions = Actions(cfg, config_path, self.audit_file, encoder_sha256)

