@@ -677,7 +677,7 @@ def video_benchmark(pipeline: FacePipeline, tcfg: TrackingConfig, pcfg: PolicyCo
                 continue
             face = faces[0]
             sharp = sharpness(frame, face)
-            if face.size < max(ENROL_MIN_FACE, tcfg.min_face_size) or sharp < ENROL_MIN_SHARPNESS:
+            if face.size < max(ENROL_MIN_FACE, DEFAULTS.quality.min_face_size) or sharp < ENROL_MIN_SHARPNESS:
                 continue
             cands.append(pipeline.enrolment_embedding(frame, face))
             quality.append(face.size * sharp)
