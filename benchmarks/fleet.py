@@ -140,9 +140,9 @@ class Site:
                 enrol(store, name)
             publish_changes(cfg, store, names)
 
-    def revoke(self, name: str, doors: list[str], timeout: float) -> tuple[float, float, float, int]:
+    def revoke(self, name: str, doors: list[str], timeout: float) -> tuple[float, float, float, int, str]:
         """`facedoor remove NAME`: (command -> last door, tombstone at broker -> last door, command seconds,
-        tombstone bytes)."""
+        tombstone bytes, where the command's publish spent its time)."""
         topic = f"facedoor/site/{SITE}/entry/{self.keys.person_key(name)}"
         watch = Subscriber(self.pub_broker.host, self.pub_broker.port, topic)
         watch.wait_count(topic, 1, 5)  # the current (enrolment) entry, retained
@@ -157,7 +157,7 @@ class Site:
         tomb = messages[1]
         times = self.wait_current(doors, target, timeout)
         last = max(times.values())
-        return last - t0, last - tomb["recv"], took, len(tomb["raw"])
+        return last - t0, last - tomb["recv"], took, len(tomb["raw"]), publish_phases(done.stderr)
 
     def memory(self) -> tuple[float, float]:
         mem = [memory_kb(a.proc.pid) for a in self.agents.values() if a.proc.poll() is None]
@@ -170,6 +170,16 @@ class Site:
             agent.stop()
         self.agents.clear()
         self.records.stop()
+
+
+def publish_phases(stderr: str) -> str:
+    """The seconds per step that `publish_changes` logged (connect, read, entries, manifest)."""
+    for line in stderr.splitlines():
+        if '"roster_published"' in line:
+            fields = json.loads(line)
+            return ", ".join(f"{k} {fields[k]}" for k in ("connect_s", "read_s", "entries_s", "manifest_s",
+                                                          "manifest_tries") if k in fields)
+    return "no roster_published log line"
 
 
 def log_time(agent: Agent, event: str) -> float:
@@ -249,6 +259,7 @@ def measure(site: Site, n: int, revocations: int, with_catch_up: int) -> dict[st
         "cmd_p50": pct([r[0] for r in rows], 50), "cmd_p99": pct([r[0] for r in rows], 99),
         "pub_p50": pct([r[1] for r in rows], 50), "pub_p99": pct([r[1] for r in rows], 99),
         "cmd_s": statistics.median(r[2] for r in rows),
+        "slowest": f"{max(r[2] for r in rows):.2f} s ({max(rows, key=lambda r: r[2])[4]})",
         "change_bytes": tomb + manifest, "rss_mb": rss, "pss_mb": pss,
     }
     if with_catch_up:
@@ -329,6 +340,8 @@ def main() -> int:
         print(f"full roster of {args.people} people (3 photos each): {size / 1e6:.2f} MB retained "
               f"({size / args.people:.0f} B per person), published in {publish_s:.2f} s; a new door applied it "
               f"{from_start:.2f} s from its start, {from_connect:.2f} s from its connect")
+    for setup, r in results:
+        print(f"slowest `facedoor remove`, {setup}, {r['doors']} doors: {r['slowest']}")
     print(f"(`facedoor remove` itself took a median {statistics.median(float(r['cmd_s']) for _, r in results):.2f} s "
           "wall, Python start-up included)")
     return 0

@@ -190,6 +190,7 @@ def test_this_is_x_lets_x_in_at_the_next_walk_up_and_this_was_not_x_denies_that_
     page.click("button:has-text('Enrol this face')")
     page.wait_for_selector(".flash.ok")
     assert "enrolled elton" in page.inner_text(".flash")
+    assert "the visit's fused view (1 new)" in page.inner_text(".flash")  # the door's own view of the visit
 
     unlock = decision_after(site, t_enrolled)
     assert unlock["decision"] == "unlock" and unlock["identity"] == "elton", unlock

@@ -360,10 +360,14 @@ def publish_changes(cfg: FacedoorConfig, store: EmbeddingStore, names: Sequence[
     if cfg.fleet is None:
         return None
     keys, topics = SiteKeys.load(cfg.fleet), Topics(cfg)
+    started = time.monotonic()
+    phases: dict[str, float] = {}  # seconds per step, in the log: a slow publish says where it waited
     with _Bus(cfg, cfg.fleet.publish_timeout_s) as bus:
+        phases["connect_s"] = time.monotonic() - started
         filters = [topics.entries] if everything else \
             [topics.entry(keys.person_key(n)) for n in names] + ([topics.entry(COHORT_KEY)] if cohort else [])
         retained = bus.read([topics.manifest, *filters])
+        phases["read_s"] = time.monotonic() - started - sum(phases.values())
         manifest = _verified(keys, retained.pop(topics.manifest, None), "manifest", MANIFEST_KEY)
         listed = manifest_entries(manifest) if manifest is not None else {}
         on_broker = {s.key: s.rank for t, p in retained.items()
@@ -393,10 +397,13 @@ def publish_changes(cfg: FacedoorConfig, store: EmbeddingStore, names: Sequence[
             published[name] = rank
         store.apply_roster({}, None, rows)  # ledger first: a publish that fails is re-sent by the next one
         bus.publish(messages)
+        phases["entries_s"] = time.monotonic() - started - sum(phases.values())
         held = {**ledger_entries(ledger), **{r.key: (r.version, r.origin) for r in rows}}
         known = max(manifest.rank if manifest else NO_RANK,
                     (ledger[MANIFEST_KEY].version, ledger[MANIFEST_KEY].origin) if MANIFEST_KEY in ledger else NO_RANK)
+        tries = 0
         for _ in range(MANIFEST_TRIES):
+            tries += 1
             merged = dict(listed)
             for key, rank in held.items():
                 merged[key] = max(rank, merged.get(key, NO_RANK))
@@ -416,9 +423,11 @@ def publish_changes(cfg: FacedoorConfig, store: EmbeddingStore, names: Sequence[
             raise FleetError(f"the roster manifest kept being overwritten ({MANIFEST_TRIES} tries); "
                              "run `facedoor fleet publish` again")
         store.apply_roster({}, None, [RosterRow(MANIFEST_KEY, "", mrank[0], mrank[1], digest, False)])
+        phases["manifest_s"] = time.monotonic() - started - sum(phases.values())
     log.info("roster published: %d entr%s, manifest v%d", len(rows), "y" if len(rows) == 1 else "ies", mrank[0],
              extra={"fields": {"event": "roster_published", "site": cfg.fleet.site, "entries": len(rows),
-                               "manifest_version": mrank[0], "restored": restored}})
+                               "manifest_version": mrank[0], "restored": restored, "manifest_tries": tries,
+                               **{k: round(v, 3) for k, v in phases.items()}}})
     return PublishReport(cfg.fleet.site, published, mrank, restored)
 
 

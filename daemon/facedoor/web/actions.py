@@ -12,6 +12,7 @@ Every change is one store transaction; the running door's StoreWatcher reloads w
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -139,12 +140,26 @@ class Actions:
             raise ActionError(f"{exc}; nothing was stored") from None
 
     def this_is(self, visit: Visit, name: str, crop: Path | None, user: str) -> EnrolResult:
-        """Enrol the face crop of a visit denied as unknown for NAME (the enrolment gates apply)."""
+        """Enrol a visit denied as unknown for NAME: its face crop (the enrolment gates apply), then
+        the visit's fused embedding, which is the door's own view of that face over the visit's
+        frames (one re-detected crop alone can sit near the threshold from the next walk-up)."""
         if visit["decision"] != "deny" or visit["reason"] != "unknown":
             raise ActionError("only a visit denied as unknown can be enrolled as someone")
         if crop is None:
             raise ActionError("this visit has no face crop (turn on audit.save_crops, or the crop was removed)")
-        return self.enrol(name, [Upload(crop.name, crop)], user, source="visit", visit=visit["id"])
+        result = self.enrol(name, [Upload(crop.name, crop)], user, source="visit", visit=visit["id"])
+        text = visit["embedding"]
+        if not result.ok or not isinstance(text, str):
+            return result
+        try:
+            vector = decode_embedding(text)
+            with EmbeddingStore(self.cfg.store, self.encoder_sha256, create=False) as store:
+                new = store.enroll(name, vector[None, :], [hashlib.sha256(vector.tobytes()).hexdigest()])
+                self._publish(store, [name])
+        except (ValueError, StoreError) as exc:
+            return EnrolResult(False, f"{result.message}; the visit's fused embedding was NOT added ({exc})",
+                               [], result.seconds)
+        return EnrolResult(True, f"{result.message} + the visit's fused view ({new} new)", [], result.seconds)
 
     # -- negative feedback ----------------------------------------------------------------------
     def was_not(self, visit: Visit, user: str) -> int:
