@@ -27,6 +27,7 @@ from facedoor.fleet import (
     publish_changes,
     seal,
 )
+from facedoor.models import Manifest
 from facedoor.store import EmbeddingStore
 from fleet_support import (
     ROSTER_ENCODER,
@@ -393,6 +394,57 @@ def test_cohort_travels_with_the_roster(tmp_path: Path, site, mosquitto) -> None
         with EmbeddingStore(load_config(front).store, ROSTER_ENCODER, readonly=True) as store:
             assert store.cohort()[0] == ["x1", "x2"] and COHORT_KEY in store.roster()
     finally:
+        agent.stop()
+        recs.stop()
+
+
+def test_a_door_template_and_the_cohort_command_reach_the_other_doors(door, tmp_path: Path,  # noqa: F811
+                                                                       mosquitto) -> None:
+    """End to end: the real daemon unlocks a member and stores a door template, which it publishes;
+    `facedoor cohort DIR` at the office publishes the cohort; a roster-only door applies both."""
+    from facedoor.demo.walkup import write_walkup
+
+    key = site_key(tmp_path / "site.key")
+    video = tmp_path / "member.avi"
+    write_walkup(video, [door.known], visit_s=4.0, gap_s=0.3)
+    office = site_config(tmp_path, "office", door.models, mosquitto.port, key)
+    shutil.copy(door.store, load_config(office).store)
+    assert cli(office, "fleet", "publish").returncode == 0
+    version = manifest_version(office)
+    front = site_config(tmp_path, "front", door.models, mosquitto.port, key,
+                        policy={"door_templates": 2, "door_template_below": 0.69})
+    shutil.copy(door.store, load_config(front).store)
+    back = site_config(tmp_path, "back", door.models, mosquitto.port, key)
+    recs = records(mosquitto, key)
+    agent = Agent(back)
+    daemon = Daemon(front, str(video), "--loop")
+
+    manifest = Manifest.load(door.models)
+    encoder = manifest.entries[manifest.encoder_name(None)].sha256
+
+    def back_holds() -> dict[str, int]:
+        with EmbeddingStore(load_config(back).store, encoder, readonly=True) as store:
+            return {i.name: i.door_templates for i in store.identities()}
+
+    def cohort_at(config: Path) -> list[str]:
+        with EmbeddingStore(load_config(config).store, encoder, readonly=True) as store:
+            return store.cohort()[0]
+    try:
+        current(recs, ("back",), version)
+        assert back_holds().get(door.known.name) == 0
+        wait_until(lambda: back_holds().get(door.known.name, 0) >= 1, 120,
+                   f"the front door's template of {door.known.name} at the back door")
+        assert daemon.events("door_template"), daemon.log()[-3000:]
+
+        people = tmp_path / "cohort" / "double"
+        people.mkdir(parents=True)
+        shutil.copy(door.stranger.photo, people / "double.jpg")
+        made = cli(office, "cohort", str(tmp_path / "cohort"))
+        assert made.returncode == 0, made.stderr
+        wait_until(lambda: cohort_at(back) == ["double"] and cohort_at(front) == ["double"], 60,
+                   "the office's cohort at the back and front doors")
+    finally:
+        daemon.kill()
         agent.stop()
         recs.stop()
 
