@@ -146,10 +146,10 @@ def build_pipelines(models: Path, threads: int) -> dict[str, FacePipeline]:
     detectors = {}
     for name in ("mtcnn", "yunet"):
         cfg = parse_config({"models": str(models), "recognition": {"detector": name, "yunet_model": str(YUNET)}})
-        detectors[name] = create_detector(cfg.recognition, manifest, threads)
-    rec = parse_config({}).recognition
-    return {f"{d}/{e}": FacePipeline(det, Aligner(rec.align, enc.size), enc, rec.threshold, rec.min_face_size,
-                                     rec.max_faces, rec.encode_ratio)
+        detectors[name] = create_detector(cfg.recognition, cfg.quality.min_detect_score, manifest, threads)
+    cfg = parse_config({})
+    return {f"{d}/{e}": FacePipeline(det, Aligner(cfg.recognition.align, enc.size), enc, cfg.quality.min_face_size,
+                                     cfg.recognition.max_faces, cfg.policy.near_ratio)
             for d, det in detectors.items() for e, enc in encoders.items()}
 
 
