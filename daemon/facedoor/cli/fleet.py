@@ -39,7 +39,7 @@ def publish_after(ctx: CliContext, names: Sequence[str], *, cohort: bool = False
                        "is back") from None
     assert report is not None
     print(f"facedoor: published to site {report.site} (manifest v{report.manifest[0]}"
-          f"{', the whole roster restored' if report.restored else ''})", file=sys.stderr)
+          f"{', the whole roster restored' if report.restored else ''}) in {report.timing()}", file=sys.stderr)
 
 
 def _status(args: argparse.Namespace, ctx: CliContext) -> int:
