@@ -182,3 +182,13 @@ def test_a_topic_prefix_with_wildcards_or_empty_levels_is_refused(key: str, valu
 def test_audit_required_needs_the_audit_enabled() -> None:
     assert "audit.required needs audit.enabled" in _error({"audit": {"enabled": False, "required": True}})
     assert parse_config({"audit": {"required": True}}).audit.required
+
+
+def test_anchor_doors_must_be_other_doors_that_can_beat_within_the_roster_age() -> None:
+    fleet = {"site": "home", "key_file": "/etc/facedoor/site.key"}
+    assert "lists this door itself (front)" in _error({"fleet": {**fleet, "anchor_doors": ["front"]}})
+    assert "at least 3 mqtt.health_interval_s" in _error(
+        {"fleet": {**fleet, "anchor_doors": ["office"], "max_roster_age_s": 20}})
+    assert "fleet.anchor_doors.0" in _error({"fleet": {**fleet, "anchor_doors": ["no/slash"]}})
+    cfg = parse_config({"fleet": {**fleet, "anchor_doors": ["office"], "max_roster_age_s": 30}})
+    assert cfg.fleet is not None and cfg.fleet.anchor_doors == ["office"]

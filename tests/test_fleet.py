@@ -35,6 +35,7 @@ from fleet_support import (
     Agent,
     CuttableLink,
     DoorRecords,
+    bridged_pair,
     cli,
     roster_models,
     site_config,
@@ -330,6 +331,37 @@ def test_cut_off_door_keeps_its_roster_for_max_age_then_denies(tmp_path: Path, s
         link.stop()
         roster.close()
         link_proxy.close()
+
+
+def test_a_bridge_that_is_down_is_bounded_by_max_roster_age_with_anchor_doors(tmp_path: Path, site) -> None:
+    """Two sites bridged; the back door (site B) lists the office (site A) as its anchor. Site A's
+    broker goes away: the back door's own broker stays up, yet after max_roster_age_s it denies
+    everyone, while a door without anchors keeps deciding; with the bridge back it decides again."""
+    key, models = site
+    a, b = bridged_pair(tmp_path)
+    a.start()
+    b.start()
+    beat = {"mqtt": {"health_interval_s": 0.5}}
+    office = site_config(tmp_path, "office", models, a.port, key, **beat)
+    back = site_config(tmp_path, "back", models, b.port, key, fleet={"anchor_doors": ["office"],
+                                                                     "max_roster_age_s": 3}, **beat)
+    side = site_config(tmp_path, "side", models, b.port, key, fleet={"max_roster_age_s": 3}, **beat)
+    enrol(office, "alice")
+    recs = DoorRecords(b.host, b.port, SiteKeys.derive(SITE, key.read_bytes().strip()))
+    agents = [Agent(c) for c in (office, back, side)]
+    try:
+        current(recs, ("office", "back", "side"), 1)
+        a.stop()  # site A is gone: the bridge is down, site B's broker is up
+        latest = recs.wait(lambda r: not r["back"].meta["ready"] and "anchor" in str(r["back"].meta["reason"]), 30)
+        assert latest["side"].meta["ready"], latest["side"].meta  # without anchors: trusts its own broker
+        a.start()  # same port: the bridge and the office come back
+        recs.wait(lambda r: r["back"].meta["ready"], 60)
+    finally:
+        for agent in agents:
+            agent.stop()
+        recs.stop()
+        b.stop()
+        a.stop()
 
 
 def test_a_door_offline_during_a_revocation_never_lets_that_person_in(door, tmp_path: Path,  # noqa: F811

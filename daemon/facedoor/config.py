@@ -9,10 +9,19 @@ from __future__ import annotations
 import ipaddress
 import reprlib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from facedoor.models import default_models_dir
 
@@ -468,6 +477,12 @@ class FleetConfig(_Section):
         "confirmed roster this long, then denies everyone (a revocation it missed is honoured at most this late)")
     publish_timeout_s: float = Field(
         5.0, gt=0, le=60, description="how long a publisher (enroll, remove, cohort) waits for the broker")
+    anchor_doors: list[Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]] = Field(
+        default_factory=list, max_length=16, description="doors whose roster records this door must keep hearing "
+        "(each door publishes one every mqtt.health_interval_s), e.g. the doors of the main site seen across a "
+        "bridge: with none heard for max_roster_age_s the roster counts as unconfirmed and the door denies "
+        "everyone, as when its own broker is gone (a bridge that is down cannot hide a revocation for longer). "
+        "Default: none (a connected door trusts its own broker's roster)")
 
 
 class FacedoorConfig(_Section):
@@ -502,6 +517,18 @@ class FacedoorConfig(_Section):
         if isinstance(data, dict) and "store" not in data:
             data = {**data, "store": Path(data.get("state_dir") or DEFAULT_STATE_DIR) / STORE_FILE}
         return data
+
+    @model_validator(mode="after")
+    def _anchors_are_other_doors(self) -> FacedoorConfig:
+        """A door cannot vouch for its own roster, and anchors must be able to beat within the age."""
+        if self.fleet is not None and self.fleet.anchor_doors:
+            if self.door_id in self.fleet.anchor_doors:
+                raise ValueError(f"fleet.anchor_doors lists this door itself ({self.door_id}): list other doors")
+            if self.fleet.max_roster_age_s < 3 * self.mqtt.health_interval_s:
+                raise ValueError(f"fleet.max_roster_age_s ({self.fleet.max_roster_age_s:g}s) must be at least 3 "
+                                 f"mqtt.health_interval_s ({self.mqtt.health_interval_s:g}s) with anchor_doors: "
+                                 "the anchors publish their records at that interval")
+        return self
 
     def topic(self, leaf: str) -> str:
         """`<topic_prefix>/<door_id>/<leaf>`, e.g. facedoor/front/decision."""

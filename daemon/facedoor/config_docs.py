@@ -78,7 +78,7 @@ def _emit(model: type[BaseModel], values: dict[str, Any] | None, indent: str, ou
             _emit(optional, None, indent, out, commented=True)
         else:
             shown = "<required>" if values is None and info.is_required() else _scalar(
-                value if values is not None else info.get_default(call_default_factory=False))
+                value if values is not None else info.get_default(call_default_factory=True))
             out.append(f"{indent}{lead}{name}: {shown}")
 
 

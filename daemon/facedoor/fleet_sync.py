@@ -11,6 +11,10 @@ a reason until the retained manifest has arrived on this connection and every en
 applied at (at least) its version. A manifest older than the one the store applied is refused
 (a stale re-publish or a replay) and the door waits. Cut off from the broker, the door keeps its
 last confirmed roster for `fleet.max_roster_age_s`, then is blocked too (it denies everyone).
+With `fleet.anchor_doors` the same bound holds when the door's own broker is up but cut off from
+the rest of the site (a bridge that is down): the roster counts as confirmed only while a fresh
+record of an anchor door keeps arriving (a newer timestamp than that door's last one, so a
+retained record re-delivered on reconnect is no proof).
 `generation` counts applied changes, so the door can tell its gallery is behind the roster.
 
 The door publishes its state retained and sealed on `<prefix>/site/<site>/door/<door_id>`:
@@ -72,6 +76,9 @@ class RosterSync:
         self._confirmed: float | None = None
         self._reason = "waiting for the site roster manifest"
         self._manifest: Sealed | None = None
+        self._anchors = set(cfg.fleet.anchor_doors)
+        self._anchor_ts: dict[str, int] = {}     # newest record timestamp of each anchor door
+        self._anchor_heard = time.monotonic()    # last fresh anchor record; the start counts as one
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._work, name="facedoor-roster", daemon=True)
         ledger = self.store.roster()
@@ -84,6 +91,8 @@ class RosterSync:
         """Subscribe (renewed on every reconnect) and start applying; call before `link.start()`."""
         self.link.subscribe(self.topics.manifest, self._on_manifest)  # first: it arrives before the entries
         self.link.subscribe(self.topics.entries, self._on_entry)
+        if self._anchors:
+            self.link.subscribe(self.topics.doors, self._on_door)
         self.link.add_on_connect(self._on_connect)
         self._thread.start()
 
@@ -100,10 +109,15 @@ class RosterSync:
         connection, not fully applied, or, cut off from the broker, older than max_roster_age_s."""
         with self._lock:
             if self.link.connected:
-                if self._synced and self._synced_epoch == self.link.connects:
-                    self._confirmed = now
-                    return None
-                return self._reason
+                if not (self._synced and self._synced_epoch == self.link.connects):
+                    return self._reason
+                silent = now - self._anchor_heard
+                if self._anchors and silent > self.fleet.max_roster_age_s:
+                    return (f"no record from anchor door(s) {', '.join(sorted(self._anchors))} for {silent:.0f}s, "
+                            f"over fleet.max_roster_age_s ({self.fleet.max_roster_age_s:g}s): the link to them "
+                            "(a bridge?) is down; everyone is denied until one is heard")
+                self._confirmed = now
+                return None
             if self._confirmed is None:
                 return f"broker unreachable and no roster confirmed since start ({self._reason})"
             age = now - self._confirmed
@@ -128,6 +142,7 @@ class RosterSync:
                 "entries": len(self._ledger),
                 "drift": manifest is not None and manifest.meta.get("digest") != roster_digest(self._ledger),
                 "roster_age_s": None if self._confirmed is None else round(now - self._confirmed, 1),
+                "anchor_silent_s": round(now - self._anchor_heard, 1) if self._anchors else None,
                 "refused": dict(self.refused),
             }
 
@@ -158,6 +173,22 @@ class RosterSync:
     def _on_manifest(self, topic: str, payload: bytes) -> None:
         if payload:
             self._verify(payload, "manifest", MANIFEST_KEY)
+
+    def _on_door(self, topic: str, payload: bytes) -> None:
+        """An anchor door's record newer than its last one proves the path to it is up now."""
+        door = topic.rsplit("/", 1)[-1]
+        if door not in self._anchors or not payload:
+            return
+        try:
+            record = open_sealed(self.keys, payload, "door", door)
+        except Refused as exc:
+            self._refuse(exc.reason, f"door record {door}: {exc}")
+            return
+        with self._lock:
+            last = self._anchor_ts.get(door)
+            self._anchor_ts[door] = max(record.ts_ms, last or record.ts_ms)
+            if last is not None and record.ts_ms > last:
+                self._anchor_heard = time.monotonic()
 
     def _verify(self, payload: bytes, kind: str, key: str) -> None:
         try:
