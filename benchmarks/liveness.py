@@ -306,6 +306,10 @@ def print_challenge(sequences: dict[str, list[tuple[str, str, list[Cues | None]]
         print(f"{kind:20s} {n:6d} {pct(sum(a == 'passed' for a, _ in answers), n):>14s} "
               f"{pct(sum(a == 'wrong' for a, _ in answers), n):>14s} "
               f"{pct(sum(a == 'timeout' for a, _ in answers), n):>14s} {when:>17s}")
+    jitter = [abs(f.pose.yaw - first.pose.yaw) for v, frames in rows if v.attack.startswith("still")
+              for first in frames[:1] if first.pose is not None for f in frames if f.pose is not None]
+    print(f"the head pose's jitter on stills (landmark noise): p99 |yaw change| {np.percentile(jitter, 99):.2f}, "
+          f"max {max(jitter):.2f} degrees")
     live = [(v, f) for v, f in rows if v.live]
     added, doubtful = [], 0
     for v, f in live:
