@@ -21,7 +21,17 @@ Cost for members: seconds from a live visit's first frame to its "live" verdict 
 how many live visits contain no blink (eye-aspect-ratio dip of a third). Time per face: the gate's
 models on one core (MiniFASNet x2, face mesh, iris x2), detection excluded.
 
-    .venv/bin/python benchmarks/liveness.py --models DIR [--fit-all]
+The active challenge (`liveness.challenge`, `facedoor.challenge`): every video visit (and every
+still), now challenge_timeout_s + 1 s long, is asked each direction at its first frame with a mesh,
+and the door's own `TrackChallenge` says whether the head poses answer it (passed, wrong,
+timeout) and when. Nobody in these videos was asked anything: a live row says how often a
+person's natural movement alone would answer (a member who follows the instruction answers more
+often, which these videos cannot show), a replay row how often a replay's recorded movement does
+(its luck), a still row that nothing answers. The time it adds to a live unlock is the answer's
+time beyond the gate's own verdict (`always`), and `on_doubt` asks only the live visits the gate has
+not called live within challenge_after_s.
+
+    .venv/bin/python benchmarks/liveness.py --models DIR [--fit-all] [--challenge-only]
 
 DIR holds the mtcnn, antispoof and landmarks exports (`facedoor-export --only mtcnn,antispoof,landmarks
 --antispoof-dir ../shared/models/antispoof`). Per-frame cues are cached in benchmarks/results/
@@ -41,7 +51,10 @@ import cv2
 import numpy as np
 from scipy.optimize import minimize
 
+from facedoor.challenge import Answer, Ask, Direction, TrackChallenge
+from facedoor.config import LivenessConfig
 from facedoor.detect import MTCNNDetector
+from facedoor.landmarks import head_pose
 from facedoor.liveness import (
     DEFAULT_RULE,
     FEATURES,
@@ -255,6 +268,65 @@ def fit_rule(train: list[tuple[Visit, list[FrameEvidence], np.ndarray]], base: F
     return replace(rule, passive_threshold=passive_t, motion_threshold=motion_t)
 
 
+def challenge_answer(frames: list[FrameEvidence], fps: float, direction: Direction, cfg: LivenessConfig
+                     ) -> tuple[Answer, float | None]:
+    """The door's challenge (`TrackChallenge`) asked for DIRECTION at the visit's first frame with a pose:
+    its answer and the seconds from that frame to it (None: no answer)."""
+    start = next((i for i, f in enumerate(frames) if f.pose is not None), None)
+    if start is None:
+        return "timeout", None
+    reference = frames[start].pose
+    assert reference is not None
+    challenge = TrackChallenge(Ask("benchmark", 0, direction, start / fps, cfg.challenge_timeout_s, reference))
+    for i in range(start + 1, len(frames)):
+        state = challenge.see(i / fps, frames[i].pose, cfg.challenge_directions, cfg.challenge_degrees)
+        if state != "pending":
+            return state, (i - start) / fps if state != "timeout" else None
+    return "timeout", None
+
+
+def print_challenge(sequences: dict[str, list[tuple[str, str, list[Cues | None]]]], args: argparse.Namespace) -> None:
+    """The challenge table (see the module doc)."""
+    cfg = LivenessConfig(challenge="always", challenge_degrees=args.challenge_degrees,
+                         challenge_timeout_s=args.challenge_timeout)
+    long = argparse.Namespace(**{**vars(args), "visit_s": cfg.challenge_timeout_s + 1.0})
+    rows = [(v, evidence(v)) for v in visits(sequences, long) if v.source not in ("nuaa",)]
+    print(f"\nchallenge, asked at each visit's first frame ({cfg.challenge_degrees:g} degrees held 2 frames, "
+          f"timeout {cfg.challenge_timeout_s:g} s, directions {'/'.join(cfg.challenge_directions)}; "
+          "nobody was actually asked)")
+    print(f"{'visits':20s} {'asked':>6s} {'passed':>14s} {'wrong':>14s} {'timeout':>14s} {'answer s med/p95':>17s}")
+    for kind in ("live", "replay", "still", "still+noise"):
+        answers = [challenge_answer(f, v.fps, d, cfg) for v, f in rows if v.attack == kind
+                   for d in cfg.challenge_directions]
+        if not answers:
+            continue
+        n = len(answers)
+        times = [t for a, t in answers if a == "passed" and t is not None]
+        when = f"{np.median(times):.2f}/{np.percentile(times, 95):.2f}" if times else "-"
+        print(f"{kind:20s} {n:6d} {pct(sum(a == 'passed' for a, _ in answers), n):>14s} "
+              f"{pct(sum(a == 'wrong' for a, _ in answers), n):>14s} "
+              f"{pct(sum(a == 'timeout' for a, _ in answers), n):>14s} {when:>17s}")
+    jitter = [abs(f.pose.yaw - first.pose.yaw) for v, frames in rows if v.attack.startswith("still")
+              for first in frames[:1] if first.pose is not None for f in frames if f.pose is not None]
+    print(f"the head pose's jitter on stills (landmark noise): p99 |yaw change| {np.percentile(jitter, 99):.2f}, "
+          f"max {max(jitter):.2f} degrees")
+    live = [(v, f) for v, f in rows if v.live]
+    added, doubtful = [], 0
+    for v, f in live:
+        verdict = run_visit(f, DEFAULT_RULE)
+        live_t = (verdict + 1) / v.fps if verdict is not None else None
+        doubtful += live_t is None or live_t > cfg.challenge_after_s
+        for d in cfg.challenge_directions:
+            answered, t = challenge_answer(f, v.fps, d, cfg)
+            if answered == "passed" and t is not None and live_t is not None:
+                added.append(max(0.0, t - live_t))
+    if added:
+        print(f"time added to a live unlock that answered (always): median {np.median(added):.2f} s, "
+              f"p95 {np.percentile(added, 95):.2f} s, over {len(added)} answers")
+    print(f"on_doubt: {pct(doubtful, len(live))} live visits not called live within {cfg.challenge_after_s:g} s "
+          "would be asked")
+
+
 def blinked(frames: list[FrameEvidence]) -> bool:
     """The visit holds an eye-aspect-ratio dip of BLINK_DIP below its median."""
     ears = np.array([f.ear for f in frames if f.ear is not None])
@@ -277,14 +349,14 @@ def time_per_face(args: argparse.Namespace) -> list[tuple[str, float]]:
     faces = [(f, d[0]) for f, d in faces if d]
     assert model.mesh is not None
     parts: dict[str, list[float]] = {"MiniFASNet V2 + V1SE": [], "face mesh + 2 iris": [], "face mesh only": [],
-                                     "whole gate (observe + add)": []}
+                                     "whole gate (observe + add)": [], "head pose (challenge)": []}
     acc = TrackLiveness()
     iris = model.mesh.iris
     for image, face in faces * 2:
         t0 = time.process_time()
         model.score(image, face.box)
         t1 = time.process_time()
-        model.mesh.mesh(image, face.box, face.landmarks[:2])
+        mesh = model.mesh.mesh(image, face.box, face.landmarks[:2])
         t2 = time.process_time()
         model.mesh.iris = None
         model.mesh.mesh(image, face.box, face.landmarks[:2])
@@ -292,7 +364,10 @@ def time_per_face(args: argparse.Namespace) -> list[tuple[str, float]]:
         t3 = time.process_time()
         acc.add(model.observe(image, face))
         t4 = time.process_time()
-        for key, dt in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+        for _ in range(100):
+            head_pose(mesh.points)
+        t5 = time.process_time()
+        for key, dt in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, (t5 - t4) / 100)):
             parts[key].append(dt * 1000)
     return [(k, float(np.median(v))) for k, v in parts.items()]
 
@@ -308,6 +383,9 @@ def main() -> int:
     parser.add_argument("--fit-all", action="store_true", help="print the rule fitted on every source")
     parser.add_argument("--no-timing", action="store_true", help="skip the time per face")
     parser.add_argument("--timing-only", action="store_true", help="only the time per face (on a quiet machine)")
+    parser.add_argument("--challenge-only", action="store_true", help="only the challenge table")
+    parser.add_argument("--challenge-degrees", type=float, default=LivenessConfig().challenge_degrees)
+    parser.add_argument("--challenge-timeout", type=float, default=LivenessConfig().challenge_timeout_s)
     args = parser.parse_args()
     if not args.data.is_dir():
         print(f"no data at {args.data}", file=sys.stderr)
@@ -315,8 +393,12 @@ def main() -> int:
     if args.timing_only:
         print_timing(args)
         return 0
+    sequences = collect(args)
+    if args.challenge_only:
+        print_challenge(sequences, args)
+        return 0
     base = DEFAULT_RULE
-    all_visits = [(v, f, prefix_features(f, base)) for v in visits(collect(args), args) for f in [evidence(v)]]
+    all_visits = [(v, f, prefix_features(f, base)) for v in visits(sequences, args) for f in [evidence(v)]]
     sources = sorted({v.source for v, _, _ in all_visits})
     counts = ", ".join(f"{s} {sum(v.source == s for v, _, _ in all_visits)}" for s in sources)
     print(f"visits: {len(all_visits)} ({counts})")
@@ -351,6 +433,7 @@ def main() -> int:
         print(f"\nfitted on every source: weights={tuple(round(w, 4) for w in rule.weights)} "
               f"bias={rule.bias:.4f} passive_threshold={rule.passive_threshold:.3f} "
               f"motion_threshold={rule.motion_threshold:.3f}")
+    print_challenge(sequences, args)
     if not args.no_timing:
         print_timing(args)
     return 0
@@ -363,7 +446,7 @@ def print_timing(args: argparse.Namespace) -> None:
     print(f"\ngate CPU time per face, one thread (median ms; load average {os.getloadavg()[0]:.1f} "
           f"on {os.cpu_count()} CPUs)")
     for name, ms in time_per_face(args):
-        print(f"  {name:28s} {ms:7.1f}")
+        print(f"  {name:28s} {ms:7.2f}")
 
 
 if __name__ == "__main__":

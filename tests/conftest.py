@@ -91,6 +91,18 @@ def gate_models(real_models: Path, shared_dir: Path, tmp_path_factory: pytest.Te
     return out
 
 
+@pytest.fixture(scope="session")
+def gate_door(gate_models: Path, shared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The gate's models and a store with apfol enrolled at the door from the first 6 s of his live webcam video."""
+    store = tmp_path_factory.mktemp("gate-door") / "door.db"
+    live = shared_dir / "data/antispoof/videos/apfol_live.webm"
+    facedoor = Path(sys.executable).with_name("facedoor")
+    proc = subprocess.run([str(facedoor), "--models", str(gate_models), "--store", str(store), "enroll", "apfol",
+                           "--video", str(live), "--seconds", "6"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return gate_models, store
+
+
 @pytest.fixture
 def mosquitto(tmp_path: Path) -> Iterator[PrivateBroker]:
     """A running private broker for one test: `.host`, `.port`, `.stop()`, `.start()` (same port)."""

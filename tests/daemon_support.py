@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,28 @@ class Daemon:
             self.proc.kill()
             self.proc.wait()
         self._log.close()
+
+
+def run_gate_until(config: Path, video: Path, broker: Any, done: Callable[[dict[str, Any]], bool],
+                   timeout: float = 240.0) -> tuple[list[dict[str, Any]], Daemon, list[dict[str, Any]]]:
+    """The daemon with the liveness gate on VIDEO (looped, paced like a camera) until a decision satisfies
+    DONE or TIMEOUT runs out; then SIGTERM (exit 0). Returns every decision received, the daemon and every
+    message it published (as `Subscriber` records); its health reports and decisions must say the gate is on."""
+    sub = Subscriber(broker.host, broker.port, "facedoor/front/#")
+    daemon = Daemon(config, str(video), "--loop")
+    try:
+        sub.wait_for(lambda m: m["topic"].endswith("/decision") and done(json.loads(m["payload"])), timeout)
+        assert daemon.terminate() == 0, daemon.log()[-3000:]
+        delivered = sum(1 for e in daemon.events("decision") if e.get("delivered"))
+        decisions = [json.loads(m["payload"]) for m in sub.wait_count("facedoor/front/decision", delivered, 10.0)]
+        health = [json.loads(m["payload"]) for m in sub.on("health")]
+        messages = list(sub.messages)
+    finally:
+        daemon.kill()
+        sub.stop()
+    assert health and all(h["liveness"] == "on" for h in health), health
+    assert decisions and all(d["liveness"] == "on" for d in decisions), daemon.log()[-3000:]
+    return decisions, daemon, messages
 
 
 class MjpegCamera:

@@ -5,6 +5,7 @@ import json
 import time
 from pathlib import Path
 
+import jinja2
 import pytest
 import yaml
 
@@ -79,6 +80,23 @@ def test_discovery_payload_shape(mosquitto, tmp_path, discovery_link) -> None:
     liveness = by_uid["facedoor_front_liveness"]
     assert liveness["state_topic"] == "facedoor/front/health" and liveness["options"] == ["on", "off"]
     assert liveness["entity_category"] == "diagnostic"
+
+
+def test_the_challenge_is_an_event_entity_only_when_it_is_on() -> None:
+    """With liveness.challenge on, a fifth entity: an event per challenge, its type the direction, the text
+    to speak an attribute (README's automation speaks it); none with the challenge off."""
+    from facedoor.homeassistant import discovery_payload
+
+    assert "facedoor_front_challenge" not in discovery_payload(parse_config({"door_id": "front"}))["cmps"]
+    cfg = parse_config({"door_id": "front", "liveness": {"challenge": "on_doubt",
+                                                         "challenge_directions": ["left", "right", "up"]}})
+    challenge = discovery_payload(cfg)["cmps"]["facedoor_front_challenge"]
+    assert challenge["p"] == "event" and challenge["state_topic"] == "facedoor/front/challenge"
+    assert challenge["event_types"] == ["left", "right", "up"]
+    message = {"id": "00000000000000aa", "door": "front", "track": 4, "direction": "up", "text": "Please look up",
+               "timeout_s": 5.0, "ts": "2026-12-03T18:00:00.120Z", "ts_ms": 1, "expires_at_ms": 5001}
+    rendered = json.loads(jinja2.Environment().from_string(challenge["value_template"]).render(value_json=message))
+    assert rendered == {"event_type": "up", "text": "Please look up", "id": "00000000000000aa", "expires_at_ms": 5001}
 
 
 def test_reannounce_on_home_assistant_birth(mosquitto, tmp_path, discovery_link) -> None:

@@ -1,17 +1,21 @@
 """The judge on exact timelines: fused evidence, majority, cooldown, rate-limited denies, liveness,
-companions (encoded, unencoded and missed), look-alikes, and one gallery match per deciding track."""
+companions (encoded, unencoded and missed), look-alikes, one gallery match per deciding track, and the
+active challenge."""
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import numpy as np
 import pytest
 
+from facedoor.challenge import Ask, Outcome
 from facedoor.config import FacedoorConfig, parse_config
 from facedoor.judge import Decision, FrameSightings, Judgement, JudgeState, Rules, Seen, judge
 from facedoor.landmarks import Mesh
 from facedoor.liveness import Cues, configured_rule
 from facedoor.match import Gallery, Match
+from pose_support import head_meshes
 
 T = 0.7
 DT = 0.1
@@ -234,3 +238,82 @@ def test_each_frame_votes_for_the_nearest_member_of_each_encoded_face() -> None:
     (v,) = out.verdicts
     assert (v.face, v.near, v.good, v.majority, v.member) == (0, True, 1, ("bob", 1), None)
     assert judge(FrameSightings(0.1, [seen(unit(0.3, 1), 0)]), state, None, r).verdicts[0].majority == ("bob", 1)
+
+
+# -- the active challenge (liveness.challenge) -------------------------------------------------------
+
+
+def challenged(yaws: Sequence[float], mode: str = "always", picks: Sequence[int] = (1, 0),
+               pitches: Sequence[float] | None = None, liveness_on: bool = True) -> tuple[list[Decision], list[Ask]]:
+    """Alice's visit with the challenge MODE on, one frame DT apart per yaw of her head (degrees to her left;
+    PITCHES default: a nod, the motion the gate wants); the judge draws from PICKS (1, 0: id 1, left)."""
+    r = Rules.from_config(parse_config({"liveness": {"challenge": mode}}), liveness_on)
+    state = JudgeState(r.tracking, r.quality, picks=itertools.cycle(picks))
+    decisions: list[Decision] = []
+    asks: list[Ask] = []
+    meshes = head_meshes(list(yaws), None if pitches is None else list(pitches))
+    for i, (e, mesh) in enumerate(zip(alice_frames(len(yaws)), meshes)):
+        out = judge(FrameSightings(i * DT, [seen(e)], lambda _i, m=mesh: Cues(0.9, m)), state, GALLERY, r)
+        decisions += out.decisions
+        asks += out.asks
+    return decisions, asks
+
+
+def outcome(d: Decision) -> tuple[str, str, str | None]:
+    return d.decision, d.reason, d.challenge.answer if d.challenge is not None else None
+
+
+def test_a_member_who_turns_as_asked_is_let_in_once_the_gate_says_live() -> None:
+    """Asked on the track's first member frame (always), once; the turn answers two frames later, the
+    unlock waits for the gate's own verdict (its 10th frame of evidence)."""
+    decisions, asks = challenged([0] * 6 + [25] * 20)
+    (ask,) = asks
+    assert (ask.id, ask.direction, ask.t, ask.timeout_s) == ("0000000000000001", "left", pytest.approx(0.2), 5.0)
+    (d,) = decisions
+    assert outcome(d) == ("unlock", "match", "passed") and d.identity == "alice"
+    assert d.challenge == Outcome(ask.id, "left", "passed") and d.t == pytest.approx(1.1)
+
+
+def test_a_turn_the_other_way_is_denied_and_never_let_in() -> None:
+    decisions, asks = challenged([0] * 6 + [25] * 34, picks=(1, 1))  # asked right, turns left
+    assert [a.direction for a in asks] == ["right"]
+    assert [outcome(d) for d in decisions] == [("deny", "challenge", "wrong")]  # once: rate limited
+    assert decisions[0].t == pytest.approx(0.7) and decisions[0].identity == "alice"
+
+
+def test_a_face_that_does_not_turn_is_denied_when_the_challenge_times_out() -> None:
+    """A head that only nods (the gate calls it live) but never turns: denied at the first frame after
+    the ask's 5 s, never let in."""
+    decisions, _ = challenged([0] * 70)
+    assert [outcome(d) for d in decisions] == [("deny", "challenge", "timeout")]
+    assert decisions[0].t == pytest.approx(5.3)
+
+
+def test_a_turn_made_before_the_ask_does_not_answer() -> None:
+    """A replay that turned left before the door asked: held, it never answers (timeout); turning back
+    it answers the other way (wrong). The pose at the ask is the reference."""
+    held, _ = challenged([25] * 70)
+    assert [outcome(d) for d in held] == [("deny", "challenge", "timeout")]
+    back, _ = challenged([25] * 3 + [0] * 20)
+    assert [outcome(d) for d in back] == [("deny", "challenge", "wrong")]
+
+
+def test_on_doubt_asks_only_a_track_the_gate_has_not_called_live_in_time() -> None:
+    """on_doubt: a head that moves is live before challenge_after_s (1.5 s): let in, never asked. A face
+    that stands still is undecided, asked at 1.5 s, and let in once it turns as asked (the turn is
+    also the motion the gate wanted); turning the other way is a deny."""
+    decisions, asks = challenged([0] * 20, mode="on_doubt")
+    assert asks == [] and [outcome(d) for d in decisions] == [("unlock", "match", None)]
+    still = [0.0] * 30
+    decisions, asks = challenged([0] * 20 + [25] * 10, mode="on_doubt", pitches=still)
+    (ask,) = asks
+    assert ask.t == pytest.approx(1.5) and [outcome(d) for d in decisions] == [("unlock", "match", "passed")]
+    decisions, _ = challenged([0] * 20 + [-25] * 10, mode="on_doubt", pitches=still)
+    assert [outcome(d) for d in decisions] == [("deny", "challenge", "wrong")]
+
+
+def test_a_challenge_without_the_gate_never_unlocks() -> None:
+    """No mesh, no pose to measure a turn: nothing is asked and nothing opens (the door refuses to start
+    this way; the judge fails closed anyway)."""
+    for mode in ("always", "on_doubt"):
+        assert challenged([0] * 6 + [25] * 60, mode=mode, liveness_on=False) == ([], [])

@@ -15,9 +15,9 @@ import cv2
 import numpy as np
 import pytest
 
-from daemon_support import FACEDOOR, Daemon, Subscriber, write_config
+from daemon_support import FACEDOOR, run_gate_until, write_config
 from facedoor.config import ConfigError, LivenessConfig, parse_config
-from facedoor.landmarks import eye_aspect_ratio, homography_residual, rotation_deg
+from facedoor.landmarks import eye_aspect_ratio, head_pose, homography_residual, rotation_deg
 from facedoor.liveness import (
     DEFAULT_RULE,
     FEATURES,
@@ -36,6 +36,7 @@ from facedoor.liveness import (
     track_features,
 )
 from facedoor.models import Manifest, ModelError
+from pose_support import synthetic_face, turned
 
 VIDEOS = ("data", "antispoof", "videos")
 
@@ -106,6 +107,28 @@ def test_a_plane_fits_one_homography_and_a_turning_head_does_not(real_mesh) -> N
     assert rotation_deg(head, head) < 1e-3
     turned = head @ np.array([[math.cos(0.2), 0, math.sin(0.2)], [0, 1, 0], [-math.sin(0.2), 0, math.cos(0.2)]]).T
     assert rotation_deg(head, turned) == pytest.approx(math.degrees(0.2), abs=0.1)
+
+
+@pytest.mark.parametrize(("yaw", "pitch"), [(-30, 0), (-15, 0), (10, 0), (25, 0), (0, -15), (0, 12)])
+def test_head_pose_measures_a_turn_of_a_synthetic_face(yaw: float, pitch: float) -> None:
+    """A synthetic face turned and seen through a pinhole camera: the pose changes by the turn, yaw to
+    the person's left positive, chin up positive, whatever the face's size and roll."""
+    face = synthetic_face()
+    front = head_pose(turned(face))
+    assert front.yaw == pytest.approx(0.0, abs=0.5)
+    for scale, roll in ((1.0, 0.0), (1.4, 15.0), (0.6, -10.0)):
+        pose = head_pose(turned(face, yaw, pitch, roll, scale))
+        assert pose.yaw - front.yaw == pytest.approx(yaw, abs=1.5)
+        assert pose.pitch - front.pitch == pytest.approx(pitch, abs=1.5)
+
+
+def test_head_pose_measures_a_turn_of_a_real_mesh(real_mesh) -> None:
+    """The 468 points of apfol's real face mesh, turned in 3-D and projected again: the pose follows."""
+    front = head_pose(turned(real_mesh.points))
+    for yaw, pitch in ((20, 0), (-20, 0), (0, 15), (0, -15)):
+        pose = head_pose(turned(real_mesh.points, yaw, pitch))
+        assert pose.yaw - front.yaw == pytest.approx(yaw, abs=3.0)
+        assert pose.pitch - front.pitch == pytest.approx(pitch, abs=3.0)
 
 
 # -- the per-track judge (pure) --------------------------------------------------------------------
@@ -286,36 +309,6 @@ def test_a_still_photo_streamed_as_the_camera_is_never_live(gate, detector, shar
 # -- the real daemon ------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def gate_door(gate_models: Path, shared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A store with apfol enrolled at the door from the first 6 s of his live webcam video."""
-    store = tmp_path_factory.mktemp("gate-door") / "door.db"
-    live = shared_dir.joinpath(*VIDEOS, "apfol_live.webm")
-    proc = subprocess.run([str(FACEDOOR), "--models", str(gate_models), "--store", str(store), "enroll", "apfol",
-                           "--video", str(live), "--seconds", "6"], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return gate_models, store
-
-
-def _run_until(config: Path, video: Path, broker, done, timeout: float = 240.0) -> tuple[list[dict], Daemon]:
-    """The daemon on VIDEO (looped, paced like a camera) until a decision satisfies DONE or TIMEOUT runs out;
-    then SIGTERM (exit 0). Returns every decision received; its health reports must say the gate is on."""
-    sub = Subscriber(broker.host, broker.port, "facedoor/front/#")
-    daemon = Daemon(config, str(video), "--loop")
-    try:
-        sub.wait_for(lambda m: m["topic"].endswith("/decision") and done(json.loads(m["payload"])), timeout)
-        assert daemon.terminate() == 0, daemon.log()[-3000:]
-        delivered = sum(1 for e in daemon.events("decision") if e.get("delivered"))
-        decisions = [json.loads(m["payload"]) for m in sub.wait_count("facedoor/front/decision", delivered, 10.0)]
-        health = [json.loads(m["payload"]) for m in sub.on("health")]
-    finally:
-        daemon.kill()
-        sub.stop()
-    assert health and all(h["liveness"] == "on" for h in health), health
-    assert decisions and all(d["liveness"] == "on" for d in decisions), daemon.log()[-3000:]
-    return decisions, daemon
-
-
 def _spoof(d: dict) -> bool:
     return d["reason"] == "spoof" and d["identity"] == "apfol"
 
@@ -329,7 +322,7 @@ def test_the_daemon_never_lets_a_replay_in_and_lets_the_live_person_in(clip: str
     config = write_config(tmp_path / "facedoor.yaml", models, store, mosquitto.port,
                           liveness={"enabled": True}, policy={"unknown_interval_s": 1.0})
     replay = "spoof" in clip
-    decisions, daemon = _run_until(config, shared_dir.joinpath(*VIDEOS, clip), mosquitto,
+    decisions, daemon, _ = run_gate_until(config, shared_dir.joinpath(*VIDEOS, clip), mosquitto,
                                    _spoof if replay else (lambda d: d["decision"] == "unlock"))
     assert "liveness gate on" in daemon.log()
     unlocks = [d for d in decisions if d["decision"] == "unlock"]
@@ -352,7 +345,7 @@ def test_the_daemon_never_lets_a_still_image_stream_in(gate_door, shared_dir: Pa
         writer.write(frame)
     writer.release()
     config = write_config(tmp_path / "facedoor.yaml", models, store, mosquitto.port, liveness={"enabled": True})
-    decisions, _ = _run_until(config, video, mosquitto, _spoof)
+    decisions, _, _ = run_gate_until(config, video, mosquitto, _spoof)
     assert not [d for d in decisions if d["decision"] == "unlock"] and any(_spoof(d) for d in decisions), decisions
 
 

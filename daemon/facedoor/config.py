@@ -401,7 +401,8 @@ class LivenessConfig(_Section):
     """Presentation-attack gate (facedoor.liveness): a track of a member unlocks only once its texture
     (MiniFASNet) and its motion (MediaPipe face mesh: blinks, gaze, a head's non-planar turn) both say
     live, and never while its landmarks fit one plane or stand still. Every decision and health
-    message says `liveness: on|off`. Models: facedoor-export --only antispoof,landmarks."""
+    message says `liveness: on|off`. An optional active challenge asks the face to turn its head.
+    Models: facedoor-export --only antispoof,landmarks."""
 
     enabled: Literal["auto"] | bool = Field(
         "auto", description="auto: on when the antispoof and landmarks models are exported, else off with a log "
@@ -411,6 +412,44 @@ class LivenessConfig(_Section):
                                       "(default: the rule's own, chosen by benchmarks/liveness.py)")
     min_frames: int | None = Field(
         None, ge=10, le=300, description="frames of evidence before a track can be judged (default: the rule's, 10)")
+    challenge: Literal["off", "always", "on_doubt"] = Field(
+        "off", description="active check (facedoor.challenge): the door publishes an instruction on "
+        "<prefix>/<door>/challenge (e.g. turn your head to the left) and the member's face must turn that way "
+        "within challenge_timeout_s, or it is denied (reason challenge). off; always: every member's visit, "
+        "asked as soon as it is recognised; on_doubt: only visits the gate has not called live within "
+        "challenge_after_s. Never instead of the gate, always on top of it; needs the gate's models (the door "
+        "refuses to start without them, exit 2)")
+    challenge_after_s: float = Field(
+        1.5, ge=0, le=30, description="on_doubt: seconds from a visit's first frame the gate has to call it live "
+        "before the challenge is asked")
+    challenge_timeout_s: float = Field(
+        5.0, ge=2, le=15, description="seconds the face has to answer a challenge from the moment it is asked")
+    challenge_degrees: float = Field(
+        15.0, ge=8, le=45, description="head turn (yaw, or pitch for up/down) from the pose at the ask that "
+        "answers, held over 2 frames")
+    challenge_directions: tuple[Literal["left", "right", "up", "down"], ...] = Field(
+        ("left", "right"), min_length=2, max_length=4, description="directions drawn from, uniformly at random "
+        "per challenge (a replay guesses right 1 time in as many); left and right are the member's own")
+
+    @field_validator("challenge_directions")
+    @classmethod
+    def _distinct_directions(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(value)) != len(value):
+            raise ValueError("each direction at most once")
+        return value
+
+    @model_validator(mode="after")
+    def _challenge_needs_gate(self) -> LivenessConfig:
+        if self.challenge != "off" and self.enabled is False:
+            raise ValueError(f"challenge: {self.challenge} needs the gate's models and mesh: set enabled auto or true")
+        return self
+
+    @property
+    def required(self) -> str | None:
+        """Why the gate's models must be there (the door refuses to start without them), None when optional."""
+        if self.enabled is True:
+            return "liveness.enabled is true"
+        return f"liveness.challenge is {self.challenge}" if self.challenge != "off" else None
 
 
 class IdleConfig(_Section):

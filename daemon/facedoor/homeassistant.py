@@ -1,4 +1,5 @@
-"""Home Assistant MQTT discovery: the door appears in HA as one device with four entities.
+"""Home Assistant MQTT discovery: the door appears in HA as one device with four entities (five with
+the challenge on).
 
 Device-based discovery (one retained message on `<prefix>/device/<door_id>/config`, entities
 under `cmps`):
@@ -9,7 +10,10 @@ under `cmps`):
 - `sensor` "Last identity": who was last recognised (`unknown` for an unknown face);
 - `sensor` "Processing rate": frames per second from the health topic (diagnostic);
 - `sensor` "Liveness": whether the liveness gate is `on` or `off`, from the health topic
-  (diagnostic; unknown while the door does not report it).
+  (diagnostic; unknown while the door does not report it);
+- `event` "Challenge" (only with `liveness.challenge` on): fires `left`, `right`, `up` or `down` from
+  the challenge topic, with the text to speak, the id and when it expires as attributes; an
+  automation speaks `text` (README "Photos and screens").
 
 All share the door's `status` topic for availability, so HA greys them out when the unit is
 offline (Last Will). Published on every connect and again when HA's birth message
@@ -42,6 +46,10 @@ EVENT_TEMPLATE = (
 IDENTITY_TEMPLATE = "{{ value_json.identity if value_json.identity else 'unknown' }}"
 FPS_TEMPLATE = "{{ value_json.fps | float(0) | round(1) }}"
 # "None" is HA's MQTT sensor payload for "unknown": a health message without the field is not an error.
+CHALLENGE_TEMPLATE = (
+    "{{ {'event_type': value_json.direction, 'text': value_json.text, 'id': value_json.id,"
+    " 'expires_at_ms': value_json.expires_at_ms} | tojson }}"
+)
 LIVENESS_TEMPLATE = "{{ value_json.liveness if value_json.liveness in ('on', 'off') else 'None' }}"
 
 
@@ -60,6 +68,15 @@ def discovery_payload(config: FacedoorConfig) -> dict[str, Any]:
     door = config.door_id
     base = f"facedoor_{door}"
     decision_topic, health_topic = config.topic("decision"), config.topic("health")
+    challenge: dict[str, Any] = {} if config.liveness.challenge == "off" else {f"{base}_challenge": {
+        "p": "event",
+        "unique_id": f"{base}_challenge",
+        "name": "Challenge",
+        "icon": "mdi:head-sync",
+        "state_topic": config.topic("challenge"),
+        "event_types": list(config.liveness.challenge_directions),
+        "value_template": CHALLENGE_TEMPLATE,
+    }}
     return {
         "dev": {
             "ids": [base],
@@ -119,6 +136,7 @@ def discovery_payload(config: FacedoorConfig) -> dict[str, Any]:
                 "options": ["on", "off"],
                 "entity_category": "diagnostic",
             },
+            **challenge,
         },
     }
 

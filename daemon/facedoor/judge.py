@@ -21,8 +21,10 @@ The rules of one frame, in order:
    unencoded face, a stranger's or look-alike's track, and a stranger's track this frame missed
    that is still alive (`tracking.max_gap_s`).
 5. Each near track's decision: unknown (a rate-limited deny), look-alike (deny; the track decides
-   nothing more), a majority that disagrees or a cooldown (nothing yet), spoof (deny), liveness
-   undecided (nothing yet), a companion (deny with `policy.companions: deny`), the member's second
+   nothing more), a majority that disagrees or a cooldown (nothing yet), spoof (deny), the active
+   challenge with `liveness.challenge` (`facedoor.challenge`: asked once, an `Ask` in the judgement
+   drawn from `JudgeState.picks`; pending decides nothing yet, wrong or timeout is a deny with reason
+   challenge), liveness undecided (nothing yet), a companion (deny with `policy.companions: deny`), the member's second
    factor (`facedoor.factors.check_second_factor` on what the door heard: "wait" decides nothing
    yet, "missing" is a deny with reason second_factor), else unlock (then `policy.cooldown_s` for
    that person). A new rule is one more step here, with its test in
@@ -30,19 +32,21 @@ The rules of one frame, in order:
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
 
+from facedoor.challenge import Answer, Ask, Outcome, TrackChallenge, draw, secure_picks
 from facedoor.config import FacedoorConfig, LivenessConfig, PolicyConfig, QualityConfig, TrackingConfig
 from facedoor.factors import FactorCheck, FactorEvidence, check_second_factor
-from facedoor.liveness import Cues, LivenessState, TrackLiveness, configured_rule
+from facedoor.landmarks import Pose
+from facedoor.liveness import Cues, LivenessState, TrackLiveness, Verdict, configured_rule
 from facedoor.match import Gallery
 from facedoor.track import Sighting, Track, Tracker
 
-DenyReason = Literal["unknown", "lookalike", "spoof", "companion", "second_factor"]
+DenyReason = Literal["unknown", "lookalike", "spoof", "companion", "second_factor", "challenge"]
 LiveEvidence = Callable[[int], Cues]  # face index in the frame -> its liveness cues (evaluated only when needed)
 
 
@@ -92,10 +96,10 @@ class Rules:
 @dataclass(frozen=True)
 class Decision:
     """An event to publish: an unlock for an identity, or a deny (unknown face, look-alike, spoof, companion,
-    second factor missing)."""
+    second factor missing, challenge failed)."""
 
     decision: Literal["unlock", "deny"]
-    reason: Literal["match", "unknown", "lookalike", "spoof", "companion", "second_factor"]
+    reason: Literal["match", "unknown", "lookalike", "spoof", "companion", "second_factor", "challenge"]
     identity: str | None       # the matched person (also for a look-alike, spoof or companion deny)
     distance: float            # of the track's fused embedding to the nearest enrolled one (inf: nobody)
     threshold: float
@@ -112,6 +116,7 @@ class Decision:
     liveness: Literal["on", "off"] = "off"  # whether the liveness gate ran
     template: bool = False     # a confident unlock whose embedding may be stored as a door template
     second_factor: FactorCheck | None = None  # unlock: the factor that did it; second_factor deny: what was missing
+    challenge: Outcome | None = None  # the track's active challenge (None: none asked)
 
 
 @dataclass(frozen=True)
@@ -129,6 +134,7 @@ class TrackVerdict:
     lookalike: bool            # a cohort face within `cohort_margin`: never this member
     member: str | None         # the member it matches: enough frames, below the threshold, not a look-alike
     liveness: LivenessState | None  # None: the gate is off (or the track matches nobody yet)
+    pose: Pose | None = None        # the head's pose this frame, from the gate's mesh (None: no mesh)
 
 
 @dataclass
@@ -138,21 +144,25 @@ class _Memory:
     lookalike: bool = False              # doubt about this face holds for the rest of its track
     member: str | None = None            # its member at its last verdict (for frames that miss it)
     liveness: TrackLiveness | None = None
+    challenge: TrackChallenge | None = None  # asked once per track
 
 
 @dataclass(frozen=True)
 class Judgement:
-    """One frame's verdicts (one per encoded face) and the decisions to deliver."""
+    """One frame's verdicts (one per encoded face), the decisions to deliver and the challenges to ask."""
 
     verdicts: tuple[TrackVerdict, ...]
     decisions: tuple[Decision, ...]
+    asks: tuple[Ask, ...] = ()
 
 
 class JudgeState:
-    """The judge's memory across frames: face tracks, cooldowns, deny rate limits, per-track verdicts."""
+    """The judge's memory across frames: face tracks, cooldowns, deny rate limits, per-track verdicts, and
+    PICKS, the random numbers challenges are drawn from (`secrets` unless a test injects its own)."""
 
-    def __init__(self, tracking: TrackingConfig, quality: QualityConfig):
+    def __init__(self, tracking: TrackingConfig, quality: QualityConfig, picks: Iterator[int] | None = None):
         self.tracker = Tracker(tracking, quality)
+        self.picks = picks if picks is not None else secure_picks()
         self.cooldown_until: dict[str, float] = {}
         self.next_deny: dict[str, float] = {}
         self.memory: dict[int, _Memory] = {}
@@ -196,20 +206,41 @@ def _verdict(track: Track, face: int, near: bool, memory: _Memory, gallery: Gall
     below = nearest.identity is not None and nearest.distance < rules.threshold
     member = nearest.identity if below and not lookalike else None
     memory.member = member
-    state = None
+    state = pose = None
     if rules.liveness_on and member is not None:
         if memory.liveness is None:
             memory.liveness = TrackLiveness(configured_rule(rules.liveness.threshold, rules.liveness.min_frames))
         if live is not None:
             memory.liveness.add(live(face))
+            pose = memory.liveness.frames[-1].pose
         state = memory.liveness.state
     return TrackVerdict(track.id, face, near, track.good, nearest.identity, nearest.distance, majority,
-                        cohort_gap, lookalike, member, state)
+                        cohort_gap, lookalike, member, state, pose)
+
+
+def _challenge(v: TrackVerdict, track: Track, memory: _Memory, state: JudgeState, rules: Rules, t: float,
+               live: Verdict | None, asks: list[Ask]) -> Answer | None:
+    """The answer to the track's challenge at T; None while `liveness.challenge` wants none of it (always:
+    every member track; on_doubt: one the gate has not called live `challenge_after_s` into the track, or
+    without the gate at all). Asked once (into ASKS) as soon as the mesh gives the pose to measure the
+    turn from; pending until then."""
+    cfg = rules.liveness
+    if memory.challenge is None:
+        doubt = live is None or (live == "undecided" and t - track.t_first >= cfg.challenge_after_s)
+        if cfg.challenge == "off" or (cfg.challenge == "on_doubt" and not doubt):
+            return None
+        if v.pose is None:
+            return "pending"
+        memory.challenge = TrackChallenge(draw(state.picks, track.id, t, v.pose, cfg.challenge_directions,
+                                               cfg.challenge_timeout_s))
+        asks.append(memory.challenge.ask)
+    return memory.challenge.see(t, v.pose, cfg.challenge_directions, cfg.challenge_degrees)
 
 
 def _decide(v: TrackVerdict, track: Track, memory: _Memory, state: JudgeState, rules: Rules, t: float,
-            faces: int, companions: tuple[int, ...], factors: FactorEvidence | None) -> Decision | None:
-    """The decision of one near track, if it supports one now."""
+            faces: int, companions: tuple[int, ...], factors: FactorEvidence | None, asks: list[Ask]
+            ) -> Decision | None:
+    """The decision of one near track, if it supports one now (a challenge it asks goes into ASKS)."""
     fused = track.embedding
     if v.good < rules.policy.min_good_frames or fused is None or memory.lookalike:
         return None
@@ -221,7 +252,8 @@ def _decide(v: TrackVerdict, track: Track, memory: _Memory, state: JudgeState, r
                         threshold=rules.threshold, frames=frames, window=track.frames, faces=faces, t=t,
                         track=track.id, face=v.face, embedding=fused, unknown_near=len(companions),
                         companions=tuple(i for i in companions if i >= 0), live_score=score,
-                        liveness="on" if rules.liveness_on else "off", template=template, second_factor=factor)
+                        liveness="on" if rules.liveness_on else "off", template=template, second_factor=factor,
+                        challenge=memory.challenge.outcome if memory.challenge is not None else None)
 
     def deny(reason: DenyReason, identity: str | None, frames: int, factor: FactorCheck | None = None
              ) -> Decision | None:
@@ -241,7 +273,10 @@ def _decide(v: TrackVerdict, track: Track, memory: _Memory, state: JudgeState, r
     live = v.liveness.verdict if v.liveness is not None else None
     if live == "spoof":
         return deny("spoof", name, votes)
-    if live == "undecided":
+    answer = _challenge(v, track, memory, state, rules, t, live, asks)
+    if answer in ("wrong", "timeout"):
+        return deny("challenge", name, votes)
+    if answer == "pending" or live == "undecided":
         return None
     if companions and rules.policy.companions == "deny":
         return deny("companion", name, votes)
@@ -280,12 +315,13 @@ def judge(frame: FrameSightings, state: JudgeState, gallery: Gallery | None, rul
               if tr.id not in seen and tr.last.size >= near_size and tr.good >= rules.policy.min_good_frames
               and state.memory.get(tr.id, _Memory()).member is None]
     decisions = []
+    asks: list[Ask] = []
     for v, track in zip(verdicts, tracks):
         if not v.near:
             continue
         companions = tuple(i for key, i in strangers.items() if key != v.track) + tuple(missed)
         decision = _decide(v, track, state.memory[track.id], state, rules, frame.t, len(faces), companions,
-                           frame.factors)
+                           frame.factors, asks)
         if decision is not None:
             decisions.append(decision)
-    return Judgement(tuple(verdicts), tuple(decisions))
+    return Judgement(tuple(verdicts), tuple(decisions), tuple(asks))

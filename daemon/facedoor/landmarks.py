@@ -9,7 +9,8 @@ MediaPipe's rule; the subject's right eye mirrored, as the model was trained on 
 
 The geometry helpers below are pure numpy: eye aspect ratio (blinks), iris offset in the eye
 (gaze movement), the residual of one homography fitted to the points of two frames (a print or a
-screen moves as one plane, a head does not) and the rotation between two meshes (head pose change).
+screen moves as one plane, a head does not), the rotation between two meshes (head pose change) and
+the head's pose (yaw, pitch) for the active challenge (facedoor.challenge).
 """
 from __future__ import annotations
 
@@ -31,6 +32,18 @@ MODELS = ("face_landmark", "iris_landmark")
 EYES = ((33, 160, 158, 133, 153, 144), (263, 387, 385, 362, 380, 373))
 # Rigid points for head pose and inter-ocular scale: eye corners, nose tip, chin, forehead, cheeks.
 EYE_CORNERS = ((33, 133), (263, 362))
+# The face's own axes for its pose: its right side (eye corners, cheek) to its left, forehead to chin.
+RIGHT_SIDE, LEFT_SIDE = (33, 133, 234, 127), (263, 362, 454, 356)
+FOREHEAD, CHIN = (10, 109, 338, 151), (152, 148, 377, 175)
+
+
+@dataclass(frozen=True)
+class Pose:
+    """Where a face points, in degrees: yaw > 0 turned to the person's own left (towards the image's right
+    on a camera that does not mirror), pitch > 0 chin up; 0, 0 faces the camera."""
+
+    yaw: float
+    pitch: float
 
 
 @dataclass(frozen=True)
@@ -202,3 +215,15 @@ def rotation_deg(a: np.ndarray, b: np.ndarray) -> float:
     d = np.sign(np.linalg.det(u @ vt))
     r = u @ np.diag([1.0, 1.0, d]) @ vt
     return float(np.degrees(np.arccos(np.clip((np.trace(r) - 1) / 2, -1.0, 1.0))))
+
+
+def head_pose(points: np.ndarray) -> Pose:
+    """The pose of a face mesh (468, 3) (x right, y down, z away from the camera, one scale): the normal of
+    the face's own axes (right side to left side, forehead to chin, each the mean of 4 rigid points), so
+    roll does not enter and no 3-D face model is needed. Absolute values carry the camera's angle and the
+    mesh's bias; a change between two frames of one track is the head's turn."""
+    across = points[list(LEFT_SIDE)].mean(axis=0) - points[list(RIGHT_SIDE)].mean(axis=0)
+    down = points[list(CHIN)].mean(axis=0) - points[list(FOREHEAD)].mean(axis=0)
+    normal = np.cross(down, across)  # towards the camera (-z) for a face looking into it
+    nx, ny, nz = normal / max(float(np.linalg.norm(normal)), 1e-9)
+    return Pose(math.degrees(math.atan2(nx, -nz)), math.degrees(math.atan2(-ny, math.hypot(nx, nz))))

@@ -33,8 +33,10 @@ from facedoor.landmarks import MODELS as LANDMARK_MODELS
 from facedoor.landmarks import (
     FaceMesh,
     Mesh,
+    Pose,
     eye_aspect_ratio,
     global_motion,
+    head_pose,
     homography_residual,
     iris_offset,
     rotation_deg,
@@ -147,21 +149,25 @@ class LivenessUnavailable(ModelError):
     """liveness.enabled is true but the gate's models are not exported: the door must not start."""
 
 
-def load_liveness(manifest: Manifest, enabled: bool | str = "auto", threads: int | None = 1) -> LivenessModel | None:
+def load_liveness(manifest: Manifest, enabled: bool | str = "auto", threads: int | None = 1,
+                  required: str | None = None) -> LivenessModel | None:
     """The gate, or None (logged once, plainly) when off.
 
     ENABLED "auto": on when every model is in the manifest, else off with a log line; True: the
     models must be there (LivenessUnavailable otherwise: the door refuses to start); False: off.
-    A model that is listed but missing, tampered with or unloadable is a ModelError, as for every model."""
-    if enabled is False:
+    REQUIRED: why the models must be there whatever ENABLED says (`LivenessConfig.required`, e.g.
+    the challenge is on). A model that is listed but missing, tampered with or unloadable is a
+    ModelError, as for every model."""
+    required = required or ("liveness.enabled is true" if enabled is True else None)
+    if enabled is False and required is None:
         log.warning("liveness gate off: liveness.enabled is false; printed photos and screens are NOT rejected")
         return None
     missing = [name for name in REQUIRED_MODELS if name not in manifest.entries]
     if missing:
         hint = (f"{', '.join(missing)} not in {manifest.directory / 'manifest.json'} (export them with "
                 f"`facedoor-export --out {manifest.directory} --only antispoof,landmarks --antispoof-dir DIR`)")
-        if enabled is True:
-            raise LivenessUnavailable(f"liveness.enabled is true but {hint}")
+        if required is not None:
+            raise LivenessUnavailable(f"{required} but {hint}")
         log.warning("liveness gate off: %s; printed photos and screens are NOT rejected", hint)
         return None
     started = time.monotonic()
@@ -170,10 +176,11 @@ def load_liveness(manifest: Manifest, enabled: bool | str = "auto", threads: int
     return model
 
 
-def gate_status(models: Path, enabled: bool | str = "auto") -> str:
+def gate_status(models: Path, enabled: bool | str = "auto", required: str | None = None) -> str:
     """One line for `facedoor list`: whether the door's gate runs ("liveness: on|off ...") and why,
     from the config and manifest.json only (no model is opened, OpenCV is not loaded)."""
-    if enabled is False:
+    required = required or ("liveness.enabled is true" if enabled is True else None)
+    if enabled is False and required is None:
         return "liveness: off (liveness.enabled is false): printed photos and screens are NOT rejected"
     try:
         listed = Manifest.load(models).entries
@@ -182,8 +189,8 @@ def gate_status(models: Path, enabled: bool | str = "auto") -> str:
     missing = [name for name in REQUIRED_MODELS if name not in listed]
     if not missing:
         return "liveness: on"
-    if enabled is True:
-        return f"liveness: the door refuses to start (liveness.enabled is true; {', '.join(missing)} not exported)"
+    if required is not None:
+        return f"liveness: the door refuses to start ({required}; {', '.join(missing)} not exported)"
     return f"liveness: off ({', '.join(missing)} not exported): printed photos and screens are NOT rejected"
 
 
@@ -250,6 +257,7 @@ class FrameEvidence:
     nonplanar: float | None = None  # homography residual against the frame LAG before, in eye distances
     rotation: float | None = None  # head rotation (degrees) against the frame LAG before
     motion: float | None = None  # the face's shift and scale change against the frame LAG before (eye distances)
+    pose: Pose | None = None  # the head's yaw and pitch (for the active challenge, facedoor.challenge)
 
 
 def _logit(p: float) -> float:
@@ -349,7 +357,8 @@ class TrackLiveness:
                 then = np.mean([m.points[:, :2] for m in self.recent[:SMOOTH] if m is not None], axis=0)
                 motion = global_motion(then, now) / scale
         gaze = iris_offset(mesh.points, mesh.irises) if mesh.irises is not None else None
-        return FrameEvidence(cues.passive, eye_aspect_ratio(mesh.points), gaze, nonplanar, rotation, motion)
+        return FrameEvidence(cues.passive, eye_aspect_ratio(mesh.points), gaze, nonplanar, rotation, motion,
+                             head_pose(mesh.points))
 
     @property
     def state(self) -> LivenessState:

@@ -1,6 +1,7 @@
 """`facedoor run`: the door service. The per-frame path reads top to bottom in `DoorService.process`:
 
     frame -> idle gate -> pipeline.analyze (detect, encode) -> judge (facedoor.judge) -> deliver -> listeners
+                                                                         -> challenges asked (facedoor.challenge)
 
 Fail closed everywhere: an exception in the frame path is logged and decides nothing; while the
 broker is unreachable or stalled, or the camera is down, nothing is decided (the evidence window
@@ -26,6 +27,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from facedoor.camera import Camera, CameraState, Frame, describe
+from facedoor.challenge import ChallengeAnnouncer
 from facedoor.config import FacedoorConfig
 from facedoor.events import DecisionEvent, DecisionListener
 from facedoor.factors import FactorListener
@@ -34,7 +36,7 @@ from facedoor.judge import Decision, FrameSightings, JudgeState, Rules, Seen, ju
 from facedoor.liveness import LivenessModel, load_liveness
 from facedoor.logs import setup_logging
 from facedoor.match import Gallery
-from facedoor.message import DecisionMessage
+from facedoor.message import ChallengeResult, DecisionMessage
 from facedoor.models import Manifest
 from facedoor.motion import IdleGate
 from facedoor.mqtt import Delivery, MqttLink
@@ -78,7 +80,8 @@ class DoorService:
                  camera: Camera, link: MqttLink, notifier: Notifier, listeners: Sequence[DecisionListener] = (),
                  store_watcher: StoreWatcher | None = None, signing_key: bytes | None = None,
                  liveness: LivenessModel | None = None, roster: RosterSync | None = None,
-                 audit: AuditLog | None = None, factors: FactorListener | None = None):
+                 audit: AuditLog | None = None, factors: FactorListener | None = None,
+                 challenges: ChallengeAnnouncer | None = None):
         self.cfg = cfg
         self.pipeline = pipeline
         self.load_gallery = load_gallery
@@ -91,6 +94,7 @@ class DoorService:
         self.liveness = liveness  # None: the gate is off (said at start)
         self.audit = audit  # also among the listeners; with audit.required an unlock is written before it is sent
         self.factors = factors    # None: no second factor configured
+        self.challenges = challenges  # None: liveness.challenge is off
         self.roster = roster  # a site roster (facedoor.fleet_sync): no decision while it is unknown
         self._roster_generation = roster.generation if roster is not None else 0
         self.rules = Rules.from_config(cfg, liveness_on=liveness is not None)
@@ -195,6 +199,9 @@ class DoorService:
                           extra={"fields": {"event": "frame_error"}})
             return
         self._processed.append(time.monotonic())
+        if self.challenges is not None:
+            for ask in judgement.asks:
+                self.challenges.on_ask(ask, frame)
         for decision in judgement.decisions:
             self.publish_decision(decision, frame, faces)
 
@@ -237,6 +244,8 @@ class DoorService:
             unknown_near=decision.unknown_near, live_score=finite(decision.live_score, 3),
             liveness=decision.liveness, factor=check.factor if check is not None else None,
             factor_detail=check.detail if check is not None and check.detail else None,
+            challenge=ChallengeResult(id=decision.challenge.id, direction=decision.challenge.direction,
+                                      answer=decision.challenge.answer) if decision.challenge is not None else None,
             ts=iso_utc(frame.t_wall), ts_ms=int(frame.t_wall * 1000), ttl_s=ttl,
             expires_at_ms=int((frame.t_wall + ttl) * 1000),
             latency_ms=round((time.monotonic() - frame.t_mono) * 1000, 1))
@@ -254,6 +263,7 @@ class DoorService:
             "event": "decision", "id": message.id, "decision": decision.decision, "reason": decision.reason,
             "identity": decision.identity, "distance": message.distance, "threshold": decision.threshold,
             "factor": message.factor, "factor_detail": message.factor_detail,
+            "challenge": message.challenge.answer if message.challenge is not None else None,
             "frames": f"{decision.frames}/{decision.window}", "faces": decision.faces,
             "latency_ms": message.latency_ms, "delivered": delivered, "delivery": delivery.value}})
         event = DecisionEvent(decision, message, delivered, frame, faces)
@@ -383,7 +393,8 @@ def build_service(cfg: FacedoorConfig, pipeline: FacePipeline, *, source: int | 
     from facedoor.store import EmbeddingStore
     from facedoor.unlock import UnlockAction
 
-    liveness = load_liveness(Manifest.load(cfg.models), cfg.liveness.enabled)  # first: a gate asked for, or no door
+    liveness = load_liveness(Manifest.load(cfg.models), cfg.liveness.enabled,  # first: a gate asked for, or no door
+                             required=cfg.liveness.required)
     key = load_key(cfg.mqtt.signing_key_file) if cfg.mqtt.signing_key_file is not None else None
     factors = FactorListener.from_config(cfg.policy.second_factor)  # a PIN file it cannot use: ConfigError
     link = MqttLink(cfg)
@@ -399,6 +410,7 @@ def build_service(cfg: FacedoorConfig, pipeline: FacePipeline, *, source: int | 
             return store.gallery(cfg.recognition.threshold)
 
     HomeAssistantDiscovery(cfg, link).attach()
+    challenges = ChallengeAnnouncer(cfg, link) if cfg.liveness.challenge != "off" else None
     listeners: list[DecisionListener] = []
     if factors is not None:
         factors.attach(link)
@@ -417,7 +429,7 @@ def build_service(cfg: FacedoorConfig, pipeline: FacePipeline, *, source: int | 
         roster.start()
     return DoorService(cfg, pipeline, load_gallery, camera, link, notifier or Notifier(), listeners,
                        store_watcher=watcher, signing_key=key, liveness=liveness, roster=roster, audit=audit,
-                       factors=factors)
+                       factors=factors, challenges=challenges)
 
 
 def run_daemon(cfg: FacedoorConfig, source: int | str | None = None, loop: bool | None = None) -> int:

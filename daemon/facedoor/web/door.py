@@ -177,8 +177,8 @@ def models_info(cfg: FacedoorConfig) -> dict[str, Any]:
     elif have_gate:
         liveness = "on"
     else:
-        liveness = "off (its models are not exported)" if cfg.liveness.enabled == "auto" else \
-            "required but its models are not exported: the door refuses to start"
+        liveness = "off (its models are not exported)" if cfg.liveness.required is None else \
+            f"required ({cfg.liveness.required}) but its models are not exported: the door refuses to start"
     return {
         "encoder": f"{cfg.recognition.encoder} {encoder.sha256[:12]}" if encoder else "missing",
         "detector": f"{cfg.recognition.detector} {detector.sha256[:12]}" if detector else cfg.recognition.detector,
