@@ -2,7 +2,7 @@
 
 Two INT8 encoders are built from the float `facenet` of `--models` (into temporary copies, with
 `facedoor-export --only facenet_int8`): the default one, calibrated on the 5-celebrity set of the
-FaceNet source archive with augmentation (what a fresh machine builds), and one calibrated on LFW
+FaceNet source archive and its mirror images (what a fresh machine builds), and one calibrated on LFW
 DevTrain people who are in none of the pairs (`--calibration-dir`). Every photo of
 `../shared/data/faces/lfw-devtrain/pairsDevTrain.txt` (1,100 genuine + 1,100 impostor pairs) is
 detected once (MTCNN), aligned (similarity) and encoded by the three encoders from the same crop,

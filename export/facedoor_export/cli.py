@@ -16,9 +16,9 @@ Group modules are imported only when exported, so `--help` never loads TensorFlo
 
 `--encoder` picks the encoder the door runs when its config names none (the manifest's
 `default_encoder`): `auto` builds the INT8 FaceNet too, and makes it the default, where this CPU
-has an 8-bit dot product (x86 VNNI, Arm dotprod: `facedoor.models.int8_dot_product`) and
-`--calibration-dir` gives real calibration photos, float elsewhere; `float` and `int8` choose
-regardless (`int8` alone calibrates on the 5-celebrity set of the FaceNet archive).
+has an 8-bit dot product (x86 VNNI, Arm dotprod: `facedoor.models.int8_dot_product`), calibrated
+on the 5-celebrity set of the FaceNet archive (or `--calibration-dir`), float elsewhere; `float`
+and `int8` choose regardless.
 """
 from __future__ import annotations
 
@@ -139,24 +139,22 @@ GROUPS: tuple[ModelGroup, ...] = (
 ENCODERS = {"float": "facenet", "int8": "facenet_int8"}  # --encoder -> manifest entry (and group)
 
 
-def encoder_choice(choice: str | None, calibrated: bool) -> str:
-    """`float` or `int8` for `--encoder` CHOICE. auto (None) is int8 only where this CPU has an 8-bit
-    dot product AND the operator gave real calibration photos (CALIBRATED: `--calibration-dir`): the
-    5-celebrity calibration a fresh machine has missed the accuracy rule for a default (README "Speed")."""
+def encoder_choice(choice: str | None) -> str:
+    """`float` or `int8` for `--encoder` CHOICE. auto (None) is int8 where this CPU has an 8-bit dot
+    product (there it is about twice as fast; elsewhere it gains less than its accuracy costs)."""
     if choice in (None, "auto"):
-        return "int8" if calibrated and int8_dot_product() else "float"
+        return "int8" if int8_dot_product() else "float"
     return str(choice)
 
 
-def _parse_only(values: Sequence[str] | None, encoder: str | None = None, calibrated: bool = False
-                ) -> list[ModelGroup]:
+def _parse_only(values: Sequence[str] | None, encoder: str | None = None) -> list[ModelGroup]:
     """The groups to run, in order: --only's (else the defaults, with the INT8 FaceNet where --encoder
     resolves to int8), plus the INT8 FaceNet when `--encoder int8` asks for it."""
     by_name = {g.name: g for g in GROUPS}
     names = [n.strip() for v in values or () for n in v.split(",") if n.strip()]
     if not values:
         names = [g.name for g in GROUPS if g.default]
-    if encoder == "int8" or (not values and encoder_choice(encoder, calibrated) == "int8"):
+    if encoder == "int8" or (not values and encoder_choice(encoder) == "int8"):
         names.append(ENCODERS["int8"])
     unknown = [n for n in names if n not in by_name]
     if unknown:
@@ -220,8 +218,7 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     built earlier in the same run (`needs`) finds them committed with their manifest first.
     """
     choice = getattr(args, "encoder", None)
-    calibrated = getattr(args, "calibration_dir", None) is not None
-    groups = _parse_only(args.only, choice, calibrated)
+    groups = _parse_only(args.only, choice)
     check_options(args, groups)
     out: Path = args.out
     try:
@@ -247,7 +244,7 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     def default() -> str | None:
         if kept_default in models:
             return kept_default
-        wanted = ENCODERS[encoder_choice(choice, calibrated)]
+        wanted = ENCODERS[encoder_choice(choice)]
         return wanted if wanted in models and wanted not in declined else ENCODERS["float"]
 
     built: set[str] = set()
