@@ -24,10 +24,12 @@ import pytest
 import yaml
 
 from daemon_support import Daemon, MjpegCamera, Subscriber, retained, write_config
+from facedoor.config import parse_config
 from facedoor.demo.broker import PrivateBroker
 from facedoor.demo.walkup import Visitor, render
 from facedoor.formatting import iso_utc
-from facedoor.message import DecisionMessage
+from facedoor.homeassistant import discovery_payload, discovery_topic
+from facedoor.message import ChallengeMessage, DecisionMessage
 from hass.server import AUTOMATION, VENV, HassError, HomeAssistant, installed
 
 VERSION = installed()
@@ -145,10 +147,11 @@ def door_decision(key: bytes, expires_in_s: float, decision: Literal["unlock", "
         expires_at_ms=int((ts + ttl) * 1000), latency_ms=80.0).signed(key).payload()
 
 
-def publish(live: Live, payload: dict[str, Any]) -> None:
+def publish(live: Live, payload: dict[str, Any] | str, topic: str = DECISION, retain: bool = False) -> None:
     sub = Subscriber(live.broker.host, live.broker.port)
     try:
-        sub.client.publish(DECISION, json.dumps(payload), qos=1).wait_for_publish(5)
+        text = payload if isinstance(payload, str) else json.dumps(payload)
+        sub.client.publish(topic, text, qos=1, retain=retain).wait_for_publish(5)
     finally:
         sub.stop()
 
@@ -250,3 +253,23 @@ def test_after_a_restart_the_door_reannounces_and_its_entities_come_back(live: L
         ha.wait_state(entity, available, timeout=60)
     assert ha.wait_state(FPS, lambda s: s["state"] not in ("unknown", "unavailable"), timeout=30)
     assert our_problems(ha) == []
+
+
+def test_a_challenge_fires_the_event_with_the_text_the_automation_speaks(live: Live) -> None:
+    """A door with `liveness.challenge` on: its discovery adds the Challenge event entity, and an ask
+    (ChallengeMessage, as the door publishes it) fires it with the direction as the event type and the
+    `text` attribute that the README's tts automation speaks."""
+    cfg = parse_config({"door_id": "side", "liveness": {"challenge": "always"}})
+    publish(live, discovery_payload(cfg), discovery_topic(cfg), retain=True)
+    publish(live, "online", cfg.topic("status"), retain=True)
+    entity = "event.facedoor_side_challenge"
+    live.ha.wait_state(entity, available)
+    now = time.time()
+    ask = ChallengeMessage(id="00c0ffee00c0ffee", door="side", track=3, direction="left",
+                           text="Please turn your head to your left", timeout_s=5.0, ts=iso_utc(now),
+                           ts_ms=int(now * 1000), expires_at_ms=int((now + 5.0) * 1000))
+    publish(live, ask.model_dump(mode="json"), cfg.topic("challenge"))
+    fired = live.ha.wait_state(entity, lambda s: s["attributes"].get("id") == ask.id)
+    assert fired["attributes"]["event_type"] == "left" and fired["attributes"]["text"] == ask.text, fired
+    assert fired["attributes"]["event_types"] == list(cfg.liveness.challenge_directions)
+    assert not our_problems(live.ha)
