@@ -11,6 +11,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -85,6 +86,20 @@ def current(recs: DoorRecords, doors: tuple[str, ...], version: int, timeout: fl
 def manifest_version(config: Path) -> int:
     with EmbeddingStore(load_config(config).store, ROSTER_ENCODER, readonly=True) as store:
         return store.roster()[MANIFEST_KEY].version
+
+
+def office_of(real: Any, tmp_path: Path, mosquitto: Any, visit_s: float) -> tuple[Path, Path, Path]:
+    """A site key, a looping walk-up video of the REAL door fixture's member (VISIT_S seconds a visit),
+    and the office door holding that fixture's store, published to the site: (key, video, office config)."""
+    from facedoor.demo.walkup import write_walkup
+
+    key = site_key(tmp_path / "site.key")
+    video = tmp_path / "member.avi"
+    write_walkup(video, [real.known], visit_s=visit_s, gap_s=0.3)
+    office = site_config(tmp_path, "office", real.models, mosquitto.port, key)
+    shutil.copy(real.store, load_config(office).store)
+    assert cli(office, "fleet", "publish").returncode == 0
+    return key, video, office
 
 
 # -- the sealed format ---------------------------------------------------------------------------
@@ -368,14 +383,7 @@ def test_a_door_offline_during_a_revocation_never_lets_that_person_in(door, tmp_
                                                                        mosquitto) -> None:
     """The real daemon on a looping video of the member; its network is cut while another door
     removes the member; when it is back, it unlocks nobody: 0 unlocks, and a deny proves it decides."""
-    from facedoor.demo.walkup import write_walkup
-
-    key = site_key(tmp_path / "site.key")
-    video = tmp_path / "lingering.avi"
-    write_walkup(video, [door.known], visit_s=6.0, gap_s=0.3)
-    office = site_config(tmp_path, "office", door.models, mosquitto.port, key)
-    shutil.copy(door.store, load_config(office).store)
-    assert cli(office, "fleet", "publish").returncode == 0
+    key, video, office = office_of(door, tmp_path, mosquitto, visit_s=6.0)
     proxy = CuttableLink(mosquitto.port)
     front = site_config(tmp_path, "front", door.models, proxy.port, key, policy={"cooldown_s": 0.5})
     shutil.copy(door.store, load_config(front).store)
@@ -434,14 +442,7 @@ def test_a_door_template_and_the_cohort_command_reach_the_other_doors(door, tmp_
                                                                        mosquitto) -> None:
     """End to end: the real daemon unlocks a member and stores a door template, which it publishes;
     `facedoor cohort DIR` at the office publishes the cohort; a roster-only door applies both."""
-    from facedoor.demo.walkup import write_walkup
-
-    key = site_key(tmp_path / "site.key")
-    video = tmp_path / "member.avi"
-    write_walkup(video, [door.known], visit_s=4.0, gap_s=0.3)
-    office = site_config(tmp_path, "office", door.models, mosquitto.port, key)
-    shutil.copy(door.store, load_config(office).store)
-    assert cli(office, "fleet", "publish").returncode == 0
+    key, video, office = office_of(door, tmp_path, mosquitto, visit_s=4.0)
     version = manifest_version(office)
     front = site_config(tmp_path, "front", door.models, mosquitto.port, key,
                         policy={"door_templates": 2, "door_template_below": 0.69})
