@@ -1,42 +1,21 @@
 """The shipped systemd unit passes `systemd-analyze verify` and rates <= 1.3 exposure offline."""
 from __future__ import annotations
 
-import re
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
-import pytest
+from systemd_support import UNITS, exposure, needs_analyze, render, verify
 
-UNIT = Path(__file__).resolve().parents[1] / "systemd" / "facedoor.service"
-ANALYZE = shutil.which("systemd-analyze")
-pytestmark = pytest.mark.skipif(ANALYZE is None, reason="systemd-analyze not installed (Debian package `systemd`)")
+UNIT = UNITS / "facedoor.service"
 
 
-@pytest.fixture
-def rendered(tmp_path: Path) -> Path:
-    """The unit with ExecStart pointing at this venv's facedoor (verify needs an existing binary)."""
-    facedoor = Path(sys.executable).with_name("facedoor")
-    text = UNIT.read_text()
-    assert "ExecStart=/opt/facedoor/bin/facedoor " in text
-    out = tmp_path / "facedoor.service"
-    out.write_text(text.replace("/opt/facedoor/bin/facedoor", str(facedoor)))
-    return out
+@needs_analyze
+def test_unit_verifies(tmp_path: Path) -> None:
+    verify(render("facedoor.service", tmp_path))
 
 
-def test_unit_verifies(rendered: Path) -> None:
-    proc = subprocess.run([ANALYZE, "verify", str(rendered)], capture_output=True, text=True, cwd=rendered.parent)
-    assert proc.returncode == 0, proc.stderr
-    assert "facedoor.service" not in proc.stderr, proc.stderr  # no warnings about our unit
-
-
-def test_unit_exposure_is_at_most_1_3(rendered: Path) -> None:
-    proc = subprocess.run([ANALYZE, "security", "--offline=yes", str(rendered)], capture_output=True, text=True,
-                          cwd=rendered.parent)
-    found = re.search(r"Overall exposure level for facedoor\.service: (\d+\.\d+)", proc.stdout)
-    assert found, proc.stdout[-2000:] + proc.stderr
-    assert float(found.group(1)) <= 1.3, proc.stdout
+@needs_analyze
+def test_unit_exposure_is_at_most_1_3(tmp_path: Path) -> None:
+    assert exposure(render("facedoor.service", tmp_path)) <= 1.3
 
 
 def test_unit_keeps_the_camera_reachable_and_is_a_notify_service() -> None:
