@@ -40,24 +40,13 @@ from facedoor import sources
 from facedoor.demo.broker import PrivateBroker, Subscriber
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from daemon import percentile, rss_mb  # noqa: E402
 from daemon_support import FACEDOOR, Daemon, write_config  # noqa: E402
 from idle import cpu_seconds  # noqa: E402
 
 PASSWORD = "benchmark password"
 PEOPLE = ["jerry", "mindy", "ben", "elton", "madonna", "ana", "omar", "li", "sam", "kim"]
 REASONS = ["unknown"] * 6 + ["lookalike", "spoof", "companion"]
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
-
-
-def rss_mb(pid: int, key: str) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def write_entries(path: Path, count: int, start_ms: int, seed: int) -> None:

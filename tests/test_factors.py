@@ -541,17 +541,23 @@ def acl_broker(tmp_path: Path) -> Iterator[tuple[PrivateBroker, dict[str, str]]]
                             stdout=subprocess.DEVNULL, stderr=open(work / "mosquitto.log", "wb"))
     broker.proc = proc
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection((broker.host, broker.port), timeout=0.2).close()
-                break
-            except OSError:
-                assert proc.poll() is None and time.monotonic() < deadline, (work / "mosquitto.log").read_text()
-                time.sleep(0.05)
+        _wait_listening(broker, work / "mosquitto.log")
         yield broker, passwords
     finally:
         broker.stop()
+
+
+def _wait_listening(broker: PrivateBroker, log: Path, timeout_s: float = 10.0) -> None:
+    """Until BROKER (started by the test with its own mosquitto.conf) accepts connections; its LOG on failure."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection((broker.host, broker.port), timeout=0.2).close()
+            return
+        except OSError:
+            assert broker.proc is not None and broker.proc.poll() is None and time.monotonic() < deadline, \
+                log.read_text()
+            time.sleep(0.05)
 
 
 def _write(path: Path, text: str) -> Path:
@@ -647,14 +653,7 @@ def refusing_broker(tmp_path: Path) -> Iterator[tuple[PrivateBroker, str]]:
     broker.proc = subprocess.Popen([broker.binary, "-c", str(conf)], stdout=subprocess.DEVNULL,
                                    stderr=open(work / "mosquitto.log", "wb"))
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection((broker.host, broker.port), timeout=0.2).close()
-                break
-            except OSError:
-                assert broker.proc.poll() is None and time.monotonic() < deadline, (work / "mosquitto.log").read_text()
-                time.sleep(0.05)
+        _wait_listening(broker, work / "mosquitto.log")
         yield broker, password
     finally:
         broker.stop()
