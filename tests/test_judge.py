@@ -57,7 +57,7 @@ def run(frames: Sequence[Sequence[Seen]], gallery: Gallery | None = GALLERY, r: 
     state = state or JudgeState(r.tracking, r.quality)
     out: list[Decision] = []
     for i, faces in enumerate(frames):
-        score = None if live is None else (lambda _i, s=live[min(i, len(live) - 1)]: s)
+        score = None if live is None else (lambda _i, _turn, s=live[min(i, len(live) - 1)]: s)
         out += judge(FrameSightings(t0 + i * DT, faces, score), state, gallery, r).decisions
     return out
 
@@ -253,7 +253,7 @@ def challenged(yaws: Sequence[float], mode: str = "always", picks: Sequence[int]
     asks: list[Ask] = []
     meshes = head_meshes(list(yaws), None if pitches is None else list(pitches))
     for i, (e, mesh) in enumerate(zip(alice_frames(len(yaws)), meshes)):
-        out = judge(FrameSightings(i * DT, [seen(e)], lambda _i, m=mesh: Cues(0.9, m)), state, GALLERY, r)
+        out = judge(FrameSightings(i * DT, [seen(e)], lambda _i, _turn, m=mesh: Cues(0.9, m)), state, GALLERY, r)
         decisions += out.decisions
         asks += out.asks
     return decisions, asks

@@ -167,6 +167,18 @@ def test_a_flat_or_still_track_is_never_live_whatever_else_it_shows() -> None:
     assert judge(_frames(30), rule)[0] == "live"  # the same tracks, moving as a head
 
 
+def test_the_gaze_spread_reads_each_eye_over_the_frames_that_read_it() -> None:
+    """One eye's iris a turn (the other NaN): each eye's spread over its own frames, then their mean."""
+    rng = np.random.default_rng(1)
+    right, left = rng.normal(0, 0.02, (6, 2)), rng.normal(0, 0.05, (6, 2))
+    nan = np.full(2, np.nan)
+    frames = [FrameEvidence(0.9, 0.3, np.stack([right[i // 2], nan] if i % 2 == 0 else [nan, left[i // 2]]))
+              for i in range(12)]
+    expected = (np.mean(np.std(right, axis=0)) + np.mean(np.std(left, axis=0))) / 2
+    assert track_features(frames)[FEATURES.index("gaze")] == pytest.approx(expected)
+    assert track_features(frames[::2])[FEATURES.index("gaze")] == pytest.approx(np.mean(np.std(right, axis=0)))
+
+
 def test_track_window_follows_what_the_camera_shows_now() -> None:
     track = TrackLiveness(window=3)
     assert track.state.verdict == "undecided" and track.state.score is None
@@ -280,9 +292,23 @@ def test_observe_finds_the_face_its_eyes_and_irises(gate, detector, shared_dir: 
               & (cues.mesh.points[:, 1] > y1 - 40) & (cues.mesh.points[:, 1] < y2 + 20))
     assert inside.mean() > 0.95
     assert 0.15 < eye_aspect_ratio(cues.mesh.points) < 0.45  # eyes open
-    assert cues.mesh.irises is not None
-    for iris, eye in zip(cues.mesh.irises, face.landmarks[:2]):  # subject's right eye = image left, first
-        assert np.linalg.norm(iris - eye) < 0.25 * cues.mesh.eye_distance, (iris, eye)
+    for turn in (0, 1):  # a turn reads one eye's iris (subject's right eye = image left, first), the other's is NaN
+        irises = gate.observe(frame, face, turn).mesh.irises
+        assert irises is not None and np.isnan(irises[1 - turn]).all()
+        iris, eye = irises[turn], face.landmarks[turn]
+        assert np.linalg.norm(iris - eye) < 0.25 * cues.mesh.eye_distance, (turn, iris, eye)
+
+
+def test_the_turns_alternate_the_two_minifasnets(gate, detector, shared_dir: Path) -> None:
+    """Each frame runs one MiniFASNet, by the track's turn: both models' scores reach the track, one a frame."""
+    frame = _video(shared_dir, "apfol_live.webm", count=1)[0]
+    face = detector.detect(frame, 40)[0]
+    by_model = [gate.live_probability(frame, face.box, m) for m in range(2)]
+    assert abs(by_model[0] - by_model[1]) > 1e-6  # two different models
+    track = TrackLiveness()
+    for expected in by_model * 2:
+        assert track.add(gate.observe(frame, face, track.turn)).frames == track.turn
+        assert track.frames[-1].passive == pytest.approx(expected)
 
 
 def _track(gate, detector, frames: list[np.ndarray]) -> list[str]:
@@ -291,7 +317,7 @@ def _track(gate, detector, frames: list[np.ndarray]) -> list[str]:
     for frame in frames:
         faces = detector.detect(frame, 40)
         if faces:
-            verdicts.append(track.add(gate.observe(frame, faces[0])).verdict)
+            verdicts.append(track.add(gate.observe(frame, faces[0], track.turn)).verdict)
     return verdicts
 
 

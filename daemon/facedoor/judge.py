@@ -47,7 +47,8 @@ from facedoor.match import Gallery
 from facedoor.track import Sighting, Track, Tracker
 
 DenyReason = Literal["unknown", "lookalike", "spoof", "companion", "second_factor", "challenge"]
-LiveEvidence = Callable[[int], Cues]  # face index in the frame -> its liveness cues (evaluated only when needed)
+# (face index in the frame, its track's turn) -> its liveness cues (evaluated only when needed)
+LiveEvidence = Callable[[int, int], Cues]
 
 
 @dataclass(frozen=True)
@@ -211,7 +212,7 @@ def _verdict(track: Track, face: int, near: bool, memory: _Memory, gallery: Gall
         if memory.liveness is None:
             memory.liveness = TrackLiveness(configured_rule(rules.liveness.threshold, rules.liveness.min_frames))
         if live is not None:
-            memory.liveness.add(live(face))
+            memory.liveness.add(live(face, memory.liveness.turn))
             pose = memory.liveness.frames[-1].pose
         state = memory.liveness.state
     return TrackVerdict(track.id, face, near, track.good, nearest.identity, nearest.distance, majority,

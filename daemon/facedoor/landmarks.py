@@ -15,6 +15,7 @@ the head's pose (yaw, pitch) for the active challenge (facedoor.challenge).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,7 +50,8 @@ class Pose:
 @dataclass(frozen=True)
 class Mesh:
     """One face's landmarks in image pixels: (468, 3) x, y, z (z in the same pixel scale) and the
-    face-presence probability; `irises` (2, 2): each iris centre (subject's right eye first), or None."""
+    face-presence probability; `irises` (2, 2): each iris centre (subject's right eye first; NaN: that eye's
+    iris was not read this frame), or None."""
 
     points: np.ndarray
     presence: float
@@ -71,17 +73,18 @@ def _roi_matrix(centre: np.ndarray, size: float, angle: float, side: int) -> np.
                      [n, c, centre[1] - n * half - c * half]], dtype=np.float64)
 
 
-def _crop(image_rgb: np.ndarray, to_image: np.ndarray, side: int, mirror: bool = False) -> np.ndarray:
-    """The (1, side, side, 3) float32 [0, 1] crop whose pixel (u, v) is image point TO_IMAGE @ (u, v, 1)."""
+def _crop(image_bgr: np.ndarray, to_image: np.ndarray, side: int, mirror: bool = False) -> np.ndarray:
+    """The (1, side, side, 3) float32 RGB [0, 1] crop whose pixel (u, v) is image point TO_IMAGE @ (u, v, 1)
+    (warped from the BGR frame, then only the crop's channels swapped)."""
     import cv2
 
     m = to_image.copy()
     if mirror:  # crop column u shows the image at column side - 1 - u
         m[:, 0] = -m[:, 0]
         m[:, 2] += to_image[:, 0] * (side - 1)
-    patch = cv2.warpAffine(image_rgb, m, (side, side), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+    patch = cv2.warpAffine(image_bgr, m, (side, side), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
                            borderMode=cv2.BORDER_CONSTANT)
-    return (patch.astype(np.float32) * np.float32(1 / 255))[None]
+    return (cv2.cvtColor(patch, cv2.COLOR_BGR2RGB).astype(np.float32) * np.float32(1 / 255))[None]
 
 
 def _to_image(to_image: np.ndarray, xy: np.ndarray, side: int, mirror: bool = False) -> np.ndarray:
@@ -107,43 +110,43 @@ class FaceMesh:
             if entry.input_size != (side, side):
                 raise ModelError(f"model {name!r} has input {entry.input_shape}, expected {side}x{side} "
                                  "(re-run facedoor-export --only landmarks)")
-        return cls(manifest.session("face_landmark", threads), manifest.session("iris_landmark", threads))
+        return cls(*(manifest.session(name, threads, layout_optimization=True) for name in MODELS))
 
-    def mesh(self, image_bgr: np.ndarray, box: np.ndarray, eyes: np.ndarray) -> Mesh:
-        """Landmarks of the face at detector BOX (x1, y1, x2, y2); EYES (2, 2): its eye centres, image-left first."""
-        import cv2
-
-        rgb = cv2.cvtColor(image_bgr, cv2.COLOR_BGR2RGB)
+    def mesh(self, image_bgr: np.ndarray, box: np.ndarray, eyes: np.ndarray, iris_eyes: Sequence[int] = (0, 1)) -> Mesh:
+        """Landmarks of the face at detector BOX (x1, y1, x2, y2); EYES (2, 2): its eye centres, image-left
+        first. The iris model reads only the eyes in IRIS_EYES (0: the subject's right eye); the others'
+        rows of `irises` are NaN."""
         (lx, ly), (rx, ry) = np.asarray(eyes, dtype=np.float64)[:2]
         angle = math.atan2(ry - ly, rx - lx)
         x1, y1, x2, y2 = (float(v) for v in box[:4])
         centre = np.array([(x1 + x2) / 2, (y1 + y2) / 2])
         size = max(x2 - x1, y2 - y1) * FACE_ROI_SCALE
         to_image = _roi_matrix(centre, size, angle, FACE_INPUT)
-        raw, flag = self.face.run(None, {"input": _crop(rgb, to_image, FACE_INPUT)})
+        raw, flag = self.face.run(None, {"input": _crop(image_bgr, to_image, FACE_INPUT)})
         raw = np.asarray(raw, dtype=np.float64).reshape(468, 3)
         points = np.empty_like(raw)
         points[:, :2] = _to_image(to_image, raw[:, :2], FACE_INPUT)
         points[:, 2] = raw[:, 2] * size / FACE_INPUT
         presence = 1.0 / (1.0 + math.exp(-float(np.asarray(flag).reshape(-1)[0])))
-        irises = self.irises(rgb, points) if self.iris is not None else None
+        irises = self.irises(image_bgr, points, iris_eyes) if self.iris is not None else None
         return Mesh(points, presence, irises)
 
-    def irises(self, image_rgb: np.ndarray, points: np.ndarray) -> np.ndarray:
-        """(2, 2) iris centres in image pixels from the iris model on each eye's crop."""
+    def irises(self, image_bgr: np.ndarray, points: np.ndarray, eyes: Sequence[int] = (0, 1)) -> np.ndarray:
+        """(2, 2) iris centres in image pixels from the iris model on each eye in EYES (NaN for the others)."""
         assert self.iris is not None
-        centres = []
-        for eye, (outer, inner) in enumerate(EYE_CORNERS):
+        centres = np.full((2, 2), np.nan)
+        for eye in eyes:
+            outer, inner = EYE_CORNERS[eye]
             a, b = points[outer, :2], points[inner, :2]
             left, right = (a, b) if a[0] <= b[0] else (b, a)
             angle = math.atan2(right[1] - left[1], right[0] - left[0])
             size = float(np.linalg.norm(b - a)) * IRIS_ROI_SCALE
             to_image = _roi_matrix((a + b) / 2, max(size, 1.0), angle, IRIS_INPUT)
             mirror = eye == 0
-            _, iris = self.iris.run(None, {"input": _crop(image_rgb, to_image, IRIS_INPUT, mirror)})
+            _, iris = self.iris.run(None, {"input": _crop(image_bgr, to_image, IRIS_INPUT, mirror)})
             centre = np.asarray(iris, dtype=np.float64).reshape(5, 3)[:1, :2]
-            centres.append(_to_image(to_image, centre, IRIS_INPUT, mirror)[0])
-        return np.array(centres)
+            centres[eye] = _to_image(to_image, centre, IRIS_INPUT, mirror)[0]
+        return centres
 
 
 # --- pure geometry ------------------------------------------------------------------------------

@@ -225,7 +225,7 @@ class DoorService:
         seen = [Seen(f.box, float(f.score), sharpness(frame.image, f) if f.embedding is not None else 0.0,
                      f.embedding) for f in faces]
         model = self.liveness
-        live = (lambda i: model.observe(frame.image, faces[i])) if model is not None else None
+        live = (lambda i, turn: model.observe(frame.image, faces[i], turn)) if model is not None else None
         heard = self.factors.snapshot() if self.factors is not None else None
         return FrameSightings(frame.t_mono, seen, live, heard)
 
