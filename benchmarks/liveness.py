@@ -248,7 +248,11 @@ def fit_rule(train: list[tuple[Visit, list[FrameEvidence], np.ndarray]], base: F
     """The rule fitted on TRAIN visits only: the motion part's logistic weights on live against print and
     still visits (a replay of a live video moves like a head: motion cannot learn it), then each part's
     threshold midway between the live and the attack visits' peaks (`threshold_between`): texture
-    against prints and replays, motion against prints and stills."""
+    against prints and replays, motion against prints and stills. A peak is taken over the track's
+    prefixes that the hard rules leave to the parts (`FusionRule.hard_no`): an attack they stop
+    anyway (a still stands still, a flat print fits one plane) says nothing about where a part must
+    draw its line, and counting it let the fit's scale on a separable still-versus-live problem
+    push the motion threshold to 0.98."""
     xs, ys = [], []
     for visit, _, feats in train:
         if visit.attack != "replay" and len(feats):
@@ -257,16 +261,20 @@ def fit_rule(train: list[tuple[Visit, list[FrameEvidence], np.ndarray]], base: F
     weights, bias = fit(np.concatenate(xs), np.concatenate(ys))
     rule = replace(base, weights=weights, bias=bias)
 
-    def passive(frames: list[FrameEvidence]) -> np.ndarray:
-        return np.array([np.mean([f.passive for f in frames[:n]]) for n in range(rule.min_frames, len(frames) + 1)])
+    def open_prefixes(feats: np.ndarray) -> np.ndarray:
+        return np.array([not rule.hard_no(x) for x in feats], dtype=bool)
+
+    def passive(frames: list[FrameEvidence], feats: np.ndarray) -> np.ndarray:
+        means = np.array([np.mean([f.passive for f in frames[:n]]) for n in range(rule.min_frames, len(frames) + 1)])
+        return means[open_prefixes(feats)]
 
     def motion(feats: np.ndarray) -> np.ndarray:
-        return np.array([rule.motion_probability(x) for x in feats])
+        return np.array([rule.motion_probability(x) for x in feats])[open_prefixes(feats)]
 
     live = [(frames, feats) for visit, frames, feats in train if visit.live]
     attacks = [(visit, frames, feats) for visit, frames, feats in train if not visit.live]
-    passive_t = threshold_between(peaks([passive(f) for f, _ in live]),  # an injected still is a live face's texture
-                                  peaks([passive(f) for v, f, _ in attacks if not v.attack.startswith("still")]),
+    passive_t = threshold_between(peaks([passive(f, x) for f, x in live]),  # an injected still is a live face's texture
+                                  peaks([passive(f, x) for v, f, x in attacks if not v.attack.startswith("still")]),
                                   BPCER_PART)
     motion_t = threshold_between(peaks([motion(x) for _, x in live]),
                                  peaks([motion(x) for v, _, x in attacks if v.attack != "replay"]), BPCER_PART)

@@ -225,6 +225,11 @@ class FusionRule:
     min_frames: int = LAG + SMOOTH + 1
     patience_frames: int = 45
 
+    def hard_no(self, features: np.ndarray) -> bool:
+        """True when the hard rules forbid live whatever the parts say: the points fit one plane or stand still."""
+        return bool(features[FEATURES.index("nonplanar")] < self.planar_floor
+                    or features[FEATURES.index("motion")] < self.static_floor)
+
     def motion_probability(self, features: np.ndarray) -> float:
         """The motion part's live probability for one track's feature vector (`FEATURES` order)."""
         z = float(np.dot(self.weights, features[1:]) + self.bias)
@@ -304,9 +309,7 @@ def judge(frames: Sequence[FrameEvidence], rule: FusionRule) -> tuple[Verdict, f
     score = min(passive, motion)
     if len(frames) < rule.min_frames:
         return "undecided", score
-    flat = features[FEATURES.index("nonplanar")] < rule.planar_floor
-    still = features[FEATURES.index("motion")] < rule.static_floor
-    if passive >= rule.passive_threshold and motion >= rule.motion_threshold and not flat and not still:
+    if passive >= rule.passive_threshold and motion >= rule.motion_threshold and not rule.hard_no(features):
         return "live", score
     return ("spoof" if len(frames) >= rule.patience_frames else "undecided"), score
 
