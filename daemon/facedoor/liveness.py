@@ -6,8 +6,9 @@ Per frame, `LivenessModel.observe(image, face, turn)` runs the models and return
   probability in [0, 1]; texture only, which does not carry to new print and screen media;
 - the face mesh and the iris landmarks of one eye (facedoor.landmarks): cues that do not depend on texture.
 The track's TURN (its frame count) picks the MiniFASNet and the eye, alternating: each frame costs
-one of each, not both (benchmarks/liveness.py: the gate per face 39 -> 14 ms on one core), and over
-a track's frames the mean passive score is still both models' and the gaze spread both eyes'.
+one of each, not both, and over a track's frames the mean passive score is still both models' and
+the gaze spread both eyes' (with the exporter's PRelu rewrite, `benchmarks/liveness.py
+--timing-only`: 25 -> 10 ms a face on one core).
 
 Per track, `TrackLiveness.add(cues)` keeps the evidence of the last `window` frames; its `state`
 comes from pure functions: `track_features` (passive logit, blink depth from the eye aspect ratio,
