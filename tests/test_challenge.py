@@ -8,6 +8,7 @@ from pathlib import Path
 
 import cv2
 import pytest
+import yaml
 
 from daemon_support import FACEDOOR, run_gate_until, write_config
 from facedoor.challenge import SUSTAIN_FRAMES, TEXTS, Ask, TrackChallenge, answer, draw, moved, secure_picks
@@ -82,6 +83,7 @@ def test_the_draw_comes_from_the_injected_picks_and_secrets_draws_every_directio
 def test_challenge_config_defaults_bounds_and_the_gate_it_needs() -> None:
     cfg = parse_config({}).liveness
     assert (cfg.challenge, cfg.challenge_directions, cfg.required) == ("off", LR, None)
+    assert parse_config(yaml.safe_load("liveness:\n  challenge: off\n")).liveness.challenge == "off"  # YAML: false
     on = parse_config({"liveness": {"challenge": "on_doubt", "challenge_directions": list(ALL)}}).liveness
     assert on.required == "liveness.challenge is on_doubt" and on.challenge_directions == ALL
     for bad, key in (({"challenge": "sometimes"}, "liveness.challenge"),

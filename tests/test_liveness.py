@@ -393,11 +393,15 @@ def test_facedoor_list_says_whether_the_gate_runs(gate_models: Path, real_models
     from facedoor.cli import main
 
     store = tmp_path / "door.db"
-    for models, enabled, expected in ((gate_models, "auto", "liveness: on"),
-                                      (real_models, "auto", "liveness: off (antispoof_v2"),
-                                      (real_models, "true", "liveness: the door refuses to start"),
-                                      (gate_models, "false", "liveness: off (liveness.enabled is false)")):
+    for models, enabled, challenge, expected in (
+            (gate_models, "auto", "off", "liveness: on\n"),
+            (gate_models, "auto", "on_doubt", "liveness: on, challenge on_doubt\n"),
+            (real_models, "auto", "off", "liveness: off (antispoof_v2"),
+            (real_models, "true", "off", "liveness: the door refuses to start"),
+            (real_models, "auto", "always", "liveness: the door refuses to start (liveness.challenge is always"),
+            (gate_models, "false", "off", "liveness: off (liveness.enabled is false)")):
         config = tmp_path / "facedoor.yaml"
-        config.write_text(f"models: {models}\nstore: {store}\nliveness:\n  enabled: {enabled}\n")
+        config.write_text(f"models: {models}\nstore: {store}\nliveness:\n  enabled: {enabled}\n"
+                          f"  challenge: {challenge}\n")
         main(["--config", str(config), "list"])
-        assert capsys.readouterr().err.splitlines()[0].startswith(expected)
+        assert capsys.readouterr().err.startswith(expected)

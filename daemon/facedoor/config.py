@@ -431,6 +431,12 @@ class LivenessConfig(_Section):
         ("left", "right"), min_length=2, max_length=4, description="directions drawn from, uniformly at random "
         "per challenge (a replay guesses right 1 time in as many); left and right are the member's own")
 
+    @field_validator("challenge", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: object) -> object:
+        """YAML 1.1 (PyYAML) reads an unquoted `challenge: off` as false: it means "off"."""
+        return "off" if value is False else value
+
     @field_validator("challenge_directions")
     @classmethod
     def _distinct_directions(cls, value: tuple[str, ...]) -> tuple[str, ...]:

@@ -177,9 +177,10 @@ def load_liveness(manifest: Manifest, enabled: bool | str = "auto", threads: int
     return model
 
 
-def gate_status(models: Path, enabled: bool | str = "auto", required: str | None = None) -> str:
-    """One line for `facedoor list`: whether the door's gate runs ("liveness: on|off ...") and why,
-    from the config and manifest.json only (no model is opened, OpenCV is not loaded)."""
+def gate_status(models: Path, enabled: bool | str = "auto", required: str | None = None, challenge: str = "off") -> str:
+    """One line for `facedoor list`: whether the door's gate runs ("liveness: on|off ...") and why, and
+    the active challenge when it is on (`liveness.challenge`), from the config and manifest.json only
+    (no model is opened, OpenCV is not loaded)."""
     required = required or ("liveness.enabled is true" if enabled is True else None)
     if enabled is False and required is None:
         return "liveness: off (liveness.enabled is false): printed photos and screens are NOT rejected"
@@ -189,7 +190,7 @@ def gate_status(models: Path, enabled: bool | str = "auto", required: str | None
         return f"liveness: off ({exc})"
     missing = [name for name in REQUIRED_MODELS if name not in listed]
     if not missing:
-        return "liveness: on"
+        return "liveness: on" + (f", challenge {challenge}" if challenge != "off" else "")
     if required is not None:
         return f"liveness: the door refuses to start ({required}; {', '.join(missing)} not exported)"
     return f"liveness: off ({', '.join(missing)} not exported): printed photos and screens are NOT rejected"

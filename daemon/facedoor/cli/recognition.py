@@ -220,7 +220,8 @@ def _enroll_from_frames(args: argparse.Namespace, ctx: CliContext) -> int:
 def _list(args: argparse.Namespace, ctx: CliContext) -> int:
     from facedoor.liveness import gate_status
 
-    print(gate_status(ctx.config.models, ctx.config.liveness.enabled, ctx.config.liveness.required), file=sys.stderr)
+    gate = ctx.config.liveness
+    print(gate_status(ctx.config.models, gate.enabled, gate.required, gate.challenge), file=sys.stderr)
     identities = ctx.store().identities()
     if not identities and not ctx.json:
         print(f"no one enrolled in {ctx.config.store}", file=sys.stderr)
