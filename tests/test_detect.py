@@ -201,10 +201,10 @@ def test_mosaic_places_levels_apart_on_even_offsets() -> None:
     assert canvas.shape[0] == 75
 
 
-def _per_level_stage1(detector: MTCNNDetector, rgb: np.ndarray, min_face_size: int) -> np.ndarray:
-    """The pyramid as it ran before the mosaic: one P-Net call per level (the oracle)."""
-    h, w = rgb.shape[:2]
-    found, level = [], rgb
+def _per_level_stage1(detector: MTCNNDetector, pixels: np.ndarray, min_face_size: int) -> np.ndarray:
+    """The pyramid as it ran before the mosaic: one P-Net call per level of the uint8 pyramid (the oracle)."""
+    h, w = pixels.shape[:2]
+    found, level = [], pixels.astype(np.uint8)
     for scale in detector._scales(h, w, min_face_size):
         level = cv2.resize(level, (max(int(np.ceil(w * scale)), 12), max(int(np.ceil(h * scale)), 12)),
                            interpolation=cv2.INTER_AREA)
@@ -238,7 +238,7 @@ def test_one_pnet_call_finds_the_faces_of_one_call_per_level(manifest: Manifest,
     monkeypatch.setattr(detector.pnet.session, "run", lambda *a, **k: calls.append(1) or original(*a, **k))
     new = [detector.detect(image, 40) for image in images]
     assert len(calls) == len(images), "one P-Net call per frame"
-    monkeypatch.setattr(detector, "_stage1", lambda rgb, m: _per_level_stage1(detector, rgb, m))
+    monkeypatch.setattr(detector, "_stage1", lambda pixels, m: _per_level_stage1(detector, pixels, m))
     old = [detector.detect(image, 40) for image in images]
     for a, b in zip(old, new):
         assert len(a) == len(b)
@@ -270,8 +270,8 @@ def _plain_crops(rgb: np.ndarray, boxes: np.ndarray, size: int, fill: float) -> 
 
 def _plain_detect(det: MTCNNDetector, image_bgr: np.ndarray, min_face_size: int) -> list[Face]:
     """MTCNN around the same nets as first written, the oracle of the faster numpy: an RGB copy of
-    the frame normalised by a 3-vector, P-Net candidates and NMS level by level, greedy NMS, crops
-    one box at a time."""
+    the frame and its uint8 pyramid normalised by a 3-vector, P-Net candidates and NMS level by
+    level, greedy NMS, crops one box at a time."""
     rgb = cv2.cvtColor(image_bgr, cv2.COLOR_BGR2RGB)
     pre = det.pnet.entry.preprocessing
     mean, scale, fill = np.asarray(pre.mean, np.float32), np.float32(pre.scale), float(np.mean(pre.mean))
@@ -329,10 +329,11 @@ def _door_frames(shared_dir: Path, count: int) -> list[np.ndarray]:
 
 
 def test_mtcnn_gives_exactly_the_faces_of_the_plain_implementation(manifest: Manifest, shared_dir: Path) -> None:
-    """The faster numpy around the nets (no RGB copy of the frame, a scalar mean, all P-Net levels'
-    candidates and NMS at once, NMS on overlap matrices, crop matrices built together) finds
-    bit-identical boxes, scores and landmarks: on door-camera frames, NUAA webcam frames (bystanders
-    cut by the frame's edge) and LFW photos, at the camera's and the stills' smallest face sizes."""
+    """The faster numpy around the nets (no RGB copy of the frame, the pyramid resized in float32 and
+    rounded, a scalar mean, all P-Net levels' candidates and NMS at once, NMS on overlap matrices,
+    crop matrices built together) finds bit-identical boxes, scores and landmarks: on door-camera
+    frames, NUAA webcam frames (bystanders cut by the frame's edge) and LFW photos, at the camera's
+    and the stills' smallest face sizes."""
     images = _door_frames(shared_dir, 8)
     images += [cv2.imread(str(p)) for p in sorted((shared_dir / "data/antispoof/nuaa/live").glob("*.jpg"))[::20]]
     images += [cv2.imread(str(p)) for p in sorted((shared_dir / "data/faces/lfw10").glob("*/*.jpg"))[::7]]
