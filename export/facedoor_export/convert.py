@@ -11,6 +11,7 @@ import argparse
 import logging
 import os
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,9 +115,33 @@ def _rename(graph: Any, old: str, new: str) -> None:
             for i, name in enumerate(seq):
                 if name == old:
                     seq[i] = new
-    for value in (*graph.input, *graph.output):
+    for value in (*graph.input, *graph.output, *graph.value_info, *graph.initializer):
         if value.name == old:
             value.name = new
+
+
+def canonical_constants(graph: Any) -> None:
+    """Give the initializers of GRAPH names and an order that do not depend on the process: each one
+    that several nodes read becomes `shared_constant_K` (K in the order of its first reader), and
+    all are sorted by name. tf2onnx merges equal constants under the name of whichever it meets
+    first in a set and lists them in set order, both of which follow Python's string hashing: the
+    same FaceNet came out as other bytes, so with another SHA-256 (which the store pins), in each
+    process."""
+    constants = {i.name for i in graph.initializer}
+    readers = Counter(name for node in graph.node for name in set(node.input))
+    shared: dict[str, str] = {}
+    for node in graph.node:
+        for name in node.input:
+            if name in constants and readers[name] > 1 and name not in shared:
+                shared[name] = f"shared_constant_{len(shared)}"
+    for old, new in shared.items():
+        _rename(graph, old, new)
+    ordered = sorted(graph.initializer, key=lambda i: i.name)
+    kept = [type(i)() for i in ordered]
+    for copy, original in zip(kept, ordered):
+        copy.CopyFrom(original)
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
 
 
 def prelu_as_relu(model: Any) -> int:
@@ -225,7 +250,8 @@ def export_onnx(
 def convert_function(name: str, traced: Any, signature: Sequence[Any], output_names: Sequence[str],
                      opset: int) -> Any:
     """tf2onnx `from_function` with an explicit signature (`from_keras` is broken with Keras 3);
-    graph inputs take the signature's names and outputs OUTPUT_NAMES, so the manifest can rely on them."""
+    graph inputs take the signature's names and outputs OUTPUT_NAMES, so the manifest can rely on them;
+    constants get names and an order that do not depend on the process (`canonical_constants`)."""
     import tf2onnx
 
     proto, _ = tf2onnx.convert.from_function(traced, input_signature=list(signature), opset=opset)
@@ -237,6 +263,7 @@ def convert_function(name: str, traced: Any, signature: Sequence[Any], output_na
                           f"{len(output_names)} ({', '.join(output_names)})")
     for old, new in zip(outputs, output_names):
         _rename(proto.graph, old, new)
+    canonical_constants(proto.graph)
     return proto
 
 
