@@ -136,12 +136,7 @@ def canonical_constants(graph: Any) -> None:
                 shared[name] = f"shared_constant_{len(shared)}"
     for old, new in shared.items():
         _rename(graph, old, new)
-    ordered = sorted(graph.initializer, key=lambda i: i.name)
-    kept = [type(i)() for i in ordered]
-    for copy, original in zip(kept, ordered):
-        copy.CopyFrom(original)
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
+    graph.initializer.sort(key=lambda i: i.name)
 
 
 def prelu_as_relu(model: Any) -> int:
