@@ -172,6 +172,52 @@ def prelu_as_relu(model: Any) -> int:
     return rewritten
 
 
+def fold_keras_prelu(model: Any) -> int:
+    """Replace, in place, each Keras PReLU that tf2onnx wrote as Relu(x) + C * Relu(Neg(x)) (C = -alpha,
+    a constant) by one PRelu(x, alpha); returns how many were folded. Five operators and two
+    intermediate tensors become one, which `prelu_as_relu` then turns into the fast form."""
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    constants = {i.name: i for i in graph.initializer}
+    producer = {out: node for node in graph.node for out in node.output}
+    readers = Counter(name for node in graph.node for name in node.input)
+
+    def made_by(name: str, op: str) -> Any:
+        node = producer.get(name)
+        return node if node is not None and node.op_type == op and readers[name] == 1 else None
+
+    folded: dict[int, Any] = {}  # id of the Add -> the PRelu that replaces it
+    dropped: set[int] = set()
+    for add in graph.node:
+        if add.op_type != "Add":
+            continue
+        for pos, neg in (add.input, add.input[::-1]):
+            relu, mul = made_by(pos, "Relu"), made_by(neg, "Mul")
+            if relu is None or mul is None:
+                continue
+            slope = next((c for c in mul.input if c in constants), None)
+            relu_neg = next((made_by(i, "Relu") for i in mul.input if i != slope), None)
+            neg_node = made_by(relu_neg.input[0], "Neg") if relu_neg is not None else None
+            if slope is None or neg_node is None or neg_node.input[0] != relu.input[0]:
+                continue
+            alpha = f"{slope}__alpha"
+            if alpha not in constants:
+                constants[alpha] = numpy_helper.from_array(-numpy_helper.to_array(constants[slope]), alpha)
+                graph.initializer.append(constants[alpha])
+            folded[id(add)] = helper.make_node("PRelu", [relu.input[0], alpha], [add.output[0]], name=add.name)
+            dropped.update(id(n) for n in (relu, mul, relu_neg, neg_node))
+            break
+    nodes = [folded.get(id(n), n) for n in graph.node if id(n) not in dropped]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    used = {name for node in graph.node for name in node.input}
+    keep = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    return len(folded)
+
+
 def _shape(dims: Sequence[Any]) -> list[int | None]:
     return [d if isinstance(d, int) else None for d in dims]
 
@@ -185,12 +231,14 @@ def export_onnx(
     output_names: Sequence[str],
     samples: Sequence[tuple[np.ndarray, ...]] | None = None,
     tolerance: float = PARITY_TOLERANCE,
+    rewrite: Callable[[Any], object] | None = None,
 ) -> dict[str, Any]:
     """Convert FN (positional tensors -> tensor or tuple of tensors) to OUT/NAME.onnx.
 
     SIGNATURE is a list of named `tf.TensorSpec`. ENTRY holds the group's manifest fields
     (kind, layout, preprocessing, weights, ...); file, hash, size, input/outputs, parity and
-    provenance are filled in here. Raises ExportError when the parity check fails.
+    provenance are filled in here. REWRITE (ONNX model, in place) runs before the parity check,
+    which therefore covers it. Raises ExportError when the parity check fails.
     """
     import onnxruntime as ort
     import tensorflow as tf
@@ -207,7 +255,10 @@ def export_onnx(
     print(f"{name}: converting to ONNX (opset {ctx.opset})")
     with tqdm(total=1 + len(samples), desc=f"{name}: convert + parity", unit="step",
               leave=False) as progress:
-        data = convert_function(name, traced, signature, output_names, ctx.opset).SerializeToString()
+        proto = convert_function(name, traced, signature, output_names, ctx.opset)
+        if rewrite is not None:
+            rewrite(proto)
+        data = proto.SerializeToString()
         progress.update(1)
 
         session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])

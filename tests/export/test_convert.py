@@ -1,4 +1,5 @@
-"""`facedoor_export.convert`: the same model converts to the same bytes in every process."""
+"""`facedoor_export.convert`: the same model converts to the same bytes in every process; Keras
+PReLUs as tf2onnx writes them fold into the fast form with the same values."""
 from __future__ import annotations
 
 import os
@@ -6,10 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
-pytest.importorskip("tensorflow")
-pytest.importorskip("tf2onnx")
+from facedoor_export.convert import fold_keras_prelu, prelu_as_relu
+
 REPO = Path(__file__).resolve().parents[2]
 
 # A graph with one constant read in three places: tf2onnx merges the three equal constants under
@@ -34,6 +39,8 @@ print(hashlib.sha256(proto.SerializeToString()).hexdigest())
 def test_conversion_does_not_depend_on_the_string_hashing():
     """Three processes with three hash seeds convert the graph to identical bytes (the store pins
     the encoder's SHA-256: a re-export of the same FaceNet must not ask for re-enrolment)."""
+    pytest.importorskip("tensorflow")
+    pytest.importorskip("tf2onnx")
     digests = set()
     for seed in ("1", "2", "3"):
         env = {**os.environ, "PYTHONHASHSEED": seed, "TF_CPP_MIN_LOG_LEVEL": "3",
@@ -42,3 +49,35 @@ def test_conversion_does_not_depend_on_the_string_hashing():
         assert proc.returncode == 0, proc.stderr[-2000:]
         digests.add(proc.stdout.strip().splitlines()[-1])
     assert len(digests) == 1, digests
+
+
+def _keras_prelu(x: str, slope: str, y: str, swapped: bool = False) -> list[onnx.NodeProto]:
+    """Relu(x) + C * Relu(Neg(x)), as tf2onnx writes a Keras PReLU (C = -alpha); SWAPPED puts
+    the constant first in the Mul and the negative part first in the Add."""
+    mul = [f"{y}_rn", slope][:: -1 if swapped else 1]
+    add = [f"{y}_pos", f"{y}_m"][:: -1 if swapped else 1]
+    return [helper.make_node("Relu", [x], [f"{y}_pos"]), helper.make_node("Neg", [x], [f"{y}_n"]),
+            helper.make_node("Relu", [f"{y}_n"], [f"{y}_rn"]), helper.make_node("Mul", mul, [f"{y}_m"]),
+            helper.make_node("Add", add, [y])]
+
+
+def test_keras_prelus_fold_into_the_fast_form_with_the_same_values():
+    """Both operand orders fold; a pattern whose positive part is also read elsewhere is left whole."""
+    rng = np.random.default_rng(0)
+    alpha = np.array([-0.5, 0.0, 0.25, 1.5], dtype=np.float32).reshape(1, 4, 1, 1)
+    weight = rng.normal(size=(4, 4, 3, 3)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+             *_keras_prelu("c", "k", "p1"), *_keras_prelu("p1", "k", "p2", swapped=True),
+             *_keras_prelu("p2", "k", "p3"), helper.make_node("Add", ["p3", "p3_pos"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])],
+                              [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(-alpha, "k")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = {"x": rng.normal(size=(1, 4, 8, 8)).astype(np.float32)}
+    want = ort.InferenceSession(model.SerializeToString()).run(None, x)[0]
+
+    assert fold_keras_prelu(model) == 2 and prelu_as_relu(model) == 2
+    onnx.checker.check_model(model)
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("Neg") == 1 and "PRelu" not in ops  # the third pattern is left as it was
+    assert np.abs(ort.InferenceSession(model.SerializeToString()).run(None, x)[0] - want).max() < 1e-5
