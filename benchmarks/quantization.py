@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import shutil
 import sys
@@ -43,7 +42,7 @@ from facedoor.align import Aligner
 from facedoor.config import parse_config
 from facedoor.detect import Face, MTCNNDetector
 from facedoor.embed import Encoder
-from facedoor.models import Manifest
+from facedoor.models import Manifest, sha256_file
 from facedoor.pipeline import FacePipeline
 
 REPO = Path(__file__).resolve().parents[1]
@@ -146,7 +145,7 @@ def build_draw(default: Path, target: Path, seed: int) -> Path:
     model = target / manifest.entry("facenet_int8").file
     quantize.quantize(manifest.verify("facenet"), model, crops, entry, weights.split()[0])
     raw = json.loads((target / "manifest.json").read_text())
-    raw["models"]["facenet_int8"].update(sha256=hashlib.sha256(model.read_bytes()).hexdigest(),
+    raw["models"]["facenet_int8"].update(sha256=sha256_file(model),
                                          size=model.stat().st_size)
     (target / "manifest.json").write_text(json.dumps(raw, indent=2))
     return target
