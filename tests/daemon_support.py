@@ -43,6 +43,14 @@ def write_config(path: Path, models: Path, store: Path, port: int, **sections: A
     return path
 
 
+def log_events(text: str, name: str) -> list[dict[str, Any]]:
+    """The JSON log records in TEXT with event=NAME, from complete lines only: a process that is still
+    running may be halfway through writing the last one."""
+    complete = text[: text.rfind("\n") + 1]
+    return [r for line in complete.splitlines()
+            if line.startswith("{") and (r := json.loads(line)).get("event") == name]
+
+
 class Daemon:
     """`facedoor --config CFG run --source SRC ...` as a real subprocess, logging to a file."""
 
@@ -58,13 +66,7 @@ class Daemon:
 
     def events(self, name: str) -> list[dict[str, Any]]:
         """Structured (JSON) log records with event=NAME."""
-        out = []
-        for line in self.log().splitlines():
-            if line.startswith("{"):
-                record = json.loads(line)
-                if record.get("event") == name:
-                    out.append(record)
-        return out
+        return log_events(self.log(), name)
 
     def wait(self, timeout: float) -> int:
         try:

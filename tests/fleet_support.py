@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from daemon_support import FACEDOOR, write_config
+from daemon_support import FACEDOOR, log_events, write_config
 from facedoor.demo.broker import PrivateBroker, Subscriber
 from facedoor.fleet import Refused, Sealed, SiteKeys, open_sealed
 
@@ -64,8 +64,7 @@ class Agent:
         return self.log_path.read_text(errors="replace")
 
     def events(self, name: str) -> list[dict[str, Any]]:
-        return [r for line in self.log().splitlines() if line.startswith("{")
-                and (r := json.loads(line)).get("event") == name]
+        return log_events(self.log(), name)
 
     def stop(self, timeout: float = 10.0) -> int | None:
         if self.proc.poll() is None:
