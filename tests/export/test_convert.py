@@ -1,5 +1,6 @@
 """`facedoor_export.convert`: the same model converts to the same bytes in every process; Keras
-PReLUs as tf2onnx writes them fold into the fast form with the same values."""
+PReLUs as tf2onnx writes them fold into the fast form, and a convolution's two-class softmax becomes
+a sigmoid, with the same values."""
 from __future__ import annotations
 
 import os
@@ -13,7 +14,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from facedoor_export.convert import fold_keras_prelu, prelu_as_relu
+from facedoor_export.convert import fold_keras_prelu, prelu_as_relu, two_class_softmax_as_sigmoid
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -81,3 +82,33 @@ def test_keras_prelus_fold_into_the_fast_form_with_the_same_values():
     ops = [n.op_type for n in model.graph.node]
     assert ops.count("Neg") == 1 and "PRelu" not in ops  # the third pattern is left as it was
     assert np.abs(ort.InferenceSession(model.SerializeToString()).run(None, x)[0] - want).max() < 1e-5
+
+
+def test_a_convolutions_two_class_softmax_becomes_a_sigmoid_with_the_same_values():
+    """The softmax over a 2-channel Conv is rewritten; one over a 3-channel Conv, over a Conv whose
+    output is also read elsewhere, over another axis, or over Convs sharing their weights is left."""
+    rng = np.random.default_rng(0)
+    arrays = {f"w{k}{i}": rng.normal(size=(k, 4, 1, 1)).astype(np.float32) for k in (2, 3) for i in "abcd"}
+    arrays |= {f"b{k}{i}": rng.normal(size=k).astype(np.float32) for k in (2, 3) for i in "abcd"}
+
+    def head(name: str, weights: str, axis: int = 1) -> list:
+        return [helper.make_node("Conv", ["x", f"w{weights}", f"b{weights}"], [f"{name}_logits"]),
+                helper.make_node("Softmax", [f"{name}_logits"], [name], axis=axis)]
+
+    nodes = [*head("two", "2a"), *head("three", "3a"), *head("read", "2b"), *head("last_axis", "2c", axis=3),
+             *head("shared1", "2d"), *head("shared2", "2d")]
+    channels = {"two": 2, "three": 3, "read": 2, "read_logits": 2, "last_axis": 2, "shared1": 2, "shared2": 2}
+    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, c, 6, 7]) for n, c in channels.items()]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 6, 7])],
+                              outputs,
+                              [numpy_helper.from_array(v, k) for k, v in arrays.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = {"x": rng.normal(scale=4.0, size=(1, 4, 6, 7)).astype(np.float32)}
+    want = ort.InferenceSession(model.SerializeToString()).run(None, x)
+
+    assert two_class_softmax_as_sigmoid(model) == 1
+    onnx.checker.check_model(model)
+    assert [(n.op_type, n.output[0]) for n in model.graph.node if n.op_type == "Sigmoid"] == [("Sigmoid", "two")]
+    got = ort.InferenceSession(model.SerializeToString()).run(None, x)
+    assert all(np.abs(g - w).max() < 1e-6 for g, w in zip(got, want))
+    assert np.abs(got[0].sum(axis=1) - 1).max() < 1e-6 and got[0].min() < 0.1 < 0.9 < got[0].max()

@@ -71,15 +71,17 @@ def test_onnx_matches_the_wheels_networks(mtcnn_models):
             assert a.shape == b.shape and np.abs(a - b).max() < 1e-4, name
 
 
-def test_prelus_run_in_the_fast_form(mtcnn_models):
+def test_prelus_and_pnets_softmax_run_in_the_fast_form(mtcnn_models):
     """Every Keras PReLU (3 in P-Net, 4 in R-Net, 5 in O-Net) is one Relu, two Muls and an Add: no
-    Neg or PRelu is left (the parity test above shows the values are the wheel's)."""
+    Neg or PRelu is left; P-Net's face probability is a sigmoid, the dense nets keep their softmax
+    (the parity test above shows the values are the wheel's)."""
     import onnx
 
-    for name, prelus in (("mtcnn_pnet", 3), ("mtcnn_rnet", 4), ("mtcnn_onet", 5)):
+    for name, prelus, sigmoids in (("mtcnn_pnet", 3, 1), ("mtcnn_rnet", 4, 0), ("mtcnn_onet", 5, 0)):
         ops = [n.op_type for n in onnx.load(mtcnn_models / f"{name}.onnx").graph.node]
         assert "Neg" not in ops and "PRelu" not in ops, name
         assert ops.count("Relu") == prelus and ops.count("Mul") == 2 * prelus, name
+        assert ops.count("Sigmoid") == sigmoids and ops.count("Softmax") == 1 - sigmoids, name
 
 
 def test_up_to_date_outputs_are_skipped_unless_forced(mtcnn_models, tmp_path, export_cli):
