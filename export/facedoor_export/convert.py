@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -118,6 +119,32 @@ def _rename(graph: Any, old: str, new: str) -> None:
     for value in (*graph.input, *graph.output, *graph.value_info, *graph.initializer):
         if value.name == old:
             value.name = new
+
+
+def canonical_numbers(graph: Any) -> None:
+    """Renumber, in place, what tf2onnx numbers across the conversions of a process, so that a model's
+    bytes do not depend on what was converted before it (`--only mtcnn` against a whole export):
+    the `__N` of the names it makes (one global counter) in order of first appearance, the unknown
+    dimensions' names (`unk__N`) likewise, and the graph's doc string, which names the traced
+    function by a process-wide id. Distinct numbers stay distinct, so distinct names stay so."""
+    numbers: dict[str, str] = {}
+
+    def renumber(name: str) -> str:
+        return re.sub(r"__(\d+)", lambda m: "__" + numbers.setdefault(m.group(1), str(len(numbers))), name)
+
+    for node in graph.node:
+        node.name = renumber(node.name)
+        node.input[:] = [renumber(n) for n in node.input]
+        node.output[:] = [renumber(n) for n in node.output]
+    for tensor in graph.initializer:
+        tensor.name = renumber(tensor.name)
+    symbols: dict[str, str] = {}
+    for value in (*graph.input, *graph.output, *graph.value_info):
+        value.name = renumber(value.name)
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.HasField("dim_param"):
+                dim.dim_param = symbols.setdefault(dim.dim_param, f"dim{len(symbols)}")
+    graph.doc_string = "converted by tf2onnx"
 
 
 def canonical_constants(graph: Any) -> None:
@@ -331,10 +358,12 @@ def convert_function(name: str, traced: Any, signature: Sequence[Any], output_na
                      opset: int) -> Any:
     """tf2onnx `from_function` with an explicit signature (`from_keras` is broken with Keras 3);
     graph inputs take the signature's names and outputs OUTPUT_NAMES, so the manifest can rely on them;
-    constants get names and an order that do not depend on the process (`canonical_constants`)."""
+    constants get names and an order that do not depend on the process (`canonical_constants`), nor
+    does anything else depend on what the process converted before (`canonical_numbers`)."""
     import tf2onnx
 
     proto, _ = tf2onnx.convert.from_function(traced, input_signature=list(signature), opset=opset)
+    canonical_numbers(proto.graph)
     for value, spec in zip(list(proto.graph.input), signature):
         _rename(proto.graph, value.name, spec.name)
     outputs = [v.name for v in proto.graph.output]

@@ -22,6 +22,7 @@ REPO = Path(__file__).resolve().parents[2]
 # one of their names and lists the initializers in an order that both follow the string hashing.
 CONVERT = """
 import hashlib
+import sys
 import tensorflow as tf
 from facedoor_export.convert import convert_function
 
@@ -32,21 +33,25 @@ def traced(x):
     w = tf.constant([[0.5, -1.0, 2.0, 0.25]])
     return (tf.nn.relu(x) * 0.17 + tf.sin(x) * 0.17 + tf.tanh(x) * 0.17 + x * w,)
 
+for _ in range(int(sys.argv[1])):  # conversions before: their names must not move the probe's
+    convert_function("before", tf.function(lambda x: (tf.cos(x) + 1.0,), input_signature=spec), spec, ["output"], 17)
 proto = convert_function("probe", traced, spec, ["output"], 17)
 print(hashlib.sha256(proto.SerializeToString()).hexdigest())
 """
 
 
-def test_conversion_does_not_depend_on_the_string_hashing():
-    """Three processes with three hash seeds convert the graph to identical bytes (the store pins
-    the encoder's SHA-256: a re-export of the same FaceNet must not ask for re-enrolment)."""
+def test_conversion_does_not_depend_on_the_string_hashing_nor_on_earlier_conversions():
+    """Three processes with three hash seeds, having converted 0, 1 and 2 other graphs first, convert
+    the graph to identical bytes (the store pins the encoder's SHA-256: a re-export of the same
+    FaceNet, alone or with the other models, must not ask for re-enrolment)."""
     pytest.importorskip("tensorflow")
     pytest.importorskip("tf2onnx")
     digests = set()
-    for seed in ("1", "2", "3"):
+    for before, seed in enumerate(("1", "2", "3")):
         env = {**os.environ, "PYTHONHASHSEED": seed, "TF_CPP_MIN_LOG_LEVEL": "3",
                "PYTHONPATH": os.pathsep.join(str(REPO / d) for d in ("daemon", "export"))}
-        proc = subprocess.run([sys.executable, "-c", CONVERT], capture_output=True, text=True, env=env, timeout=300)
+        proc = subprocess.run([sys.executable, "-c", CONVERT, str(before)], capture_output=True, text=True,
+                              env=env, timeout=300)
         assert proc.returncode == 0, proc.stderr[-2000:]
         digests.add(proc.stdout.strip().splitlines()[-1])
     assert len(digests) == 1, digests
