@@ -19,7 +19,8 @@ from facedoor_export.convert import fold_keras_prelu, prelu_as_relu, two_class_s
 REPO = Path(__file__).resolve().parents[2]
 
 # A graph with one constant read in three places: tf2onnx merges the three equal constants under
-# one of their names and lists the initializers in an order that both follow the string hashing.
+# one of their names and lists the initializers in an order that both follow the string hashing;
+# converted after 0, 1 or 2 other graphs, whose conversions advance tf2onnx's name counter.
 CONVERT = """
 import hashlib
 import sys
@@ -93,8 +94,11 @@ def test_a_convolutions_two_class_softmax_becomes_a_sigmoid_with_the_same_values
     """The softmax over a 2-channel Conv is rewritten; one over a 3-channel Conv, over a Conv whose
     output is also read elsewhere, over another axis, or over Convs sharing their weights is left."""
     rng = np.random.default_rng(0)
-    arrays = {f"w{k}{i}": rng.normal(size=(k, 4, 1, 1)).astype(np.float32) for k in (2, 3) for i in "abcd"}
-    arrays |= {f"b{k}{i}": rng.normal(size=k).astype(np.float32) for k in (2, 3) for i in "abcd"}
+    arrays = {}
+    for key in ("2a", "3a", "2b", "2c", "2d"):
+        channels = int(key[0])
+        arrays[f"w{key}"] = rng.normal(size=(channels, 4, 1, 1)).astype(np.float32)
+        arrays[f"b{key}"] = rng.normal(size=channels).astype(np.float32)
 
     def head(name: str, weights: str, axis: int = 1) -> list:
         return [helper.make_node("Conv", ["x", f"w{weights}", f"b{weights}"], [f"{name}_logits"]),
@@ -102,11 +106,10 @@ def test_a_convolutions_two_class_softmax_becomes_a_sigmoid_with_the_same_values
 
     nodes = [*head("two", "2a"), *head("three", "3a"), *head("read", "2b"), *head("last_axis", "2c", axis=3),
              *head("shared1", "2d"), *head("shared2", "2d")]
-    channels = {"two": 2, "three": 3, "read": 2, "read_logits": 2, "last_axis": 2, "shared1": 2, "shared2": 2}
-    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, c, 6, 7]) for n, c in channels.items()]
+    widths = {"two": 2, "three": 3, "read": 2, "read_logits": 2, "last_axis": 2, "shared1": 2, "shared2": 2}
+    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, c, 6, 7]) for n, c in widths.items()]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 6, 7])],
-                              outputs,
-                              [numpy_helper.from_array(v, k) for k, v in arrays.items()])
+                              outputs, [numpy_helper.from_array(v, k) for k, v in arrays.items()])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     x = {"x": rng.normal(scale=4.0, size=(1, 4, 6, 7)).astype(np.float32)}
     want = ort.InferenceSession(model.SerializeToString()).run(None, x)
