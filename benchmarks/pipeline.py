@@ -11,7 +11,8 @@ The column of the manifest's default encoder (what a fresh `facedoor-export` mak
 is marked `*`.
 
 `--command N`: the commands a user runs, end to end, on N such frames written as JPEG files:
-`facedoor identify` (one process, start-up included, the models' defaults) against
+`facedoor identify` (one process, start-up included, the models' defaults; it detects the next
+photo while it encodes this one) against
 `face_recognition`'s own command line (`face_recognition KNOWN UNKNOWN`, dlib HOG + ResNet, one
 process), both with one person enrolled, taking turns; and a one-frame `identify` for its start-up.
 
@@ -209,7 +210,8 @@ def command_comparison(models: Path, count: int, rounds: int) -> None:
                                                               count))
     print(f"\n# the commands, {count} frame files {FRAME_W}x{FRAME_H}, one face each, {rounds} run(s) each taking "
           f"turns, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; facedoor on its defaults (encoder "
-          f"{encoder}, ORT threads = CPUs); face_recognition: its CLI, 1 process; medians of wall and of CPU "
+          f"{encoder}; detection a photo ahead of encoding, each with half the CPUs as ORT threads); "
+          "face_recognition: its CLI, 1 process; medians of wall and of CPU "
           "seconds (user + system, every thread: facedoor's ORT workers spin while a run lasts)")
     base = {k: float(np.median([r[k] for r in runs["face_recognition"]])) for k in (0, 1)} if has_fr else None
     print("command              | wall s | ms per frame | vs face_recognition | CPU s | CPU ms per frame | vs f_r")

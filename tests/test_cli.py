@@ -189,10 +189,15 @@ def test_bad_input_is_one_line_exit_2(real_models: Path, tmp_path: Path, photos,
     assert_clean_error(code, err, "no one enrolled")
 
 
-def test_identify_reads_ahead_and_reports_in_order(real_models: Path, tmp_path: Path, photos, capsys) -> None:
-    """Photos are decoded ahead by a small thread pool while one is encoded: results and errors still
-    come one per photo, in the order given, and a bad photo costs nothing but its own line."""
-    base = ["--models", str(real_models), "--store", str(tmp_path / "s.db")]
+@pytest.mark.parametrize("threads", [1, 2])
+def test_identify_reads_ahead_and_reports_in_order(real_models: Path, tmp_path: Path, photos, capsys,
+                                                   threads: int) -> None:
+    """Photos are decoded ahead by a small thread pool and, with 2 threads to spend, detected ahead by a
+    worker while one is encoded: results and errors still come one per photo, in the order given, the
+    same either way, and a bad photo costs nothing but its own line."""
+    config = tmp_path / "facedoor.yaml"
+    config.write_text(f"recognition:\n  threads: {threads}\n")
+    base = ["--config", str(config), "--models", str(real_models), "--store", str(tmp_path / "s.db")]
     assert main([*base, "enroll", "tony", str(photos["good"])]) == 0
     order = [photos["good"], photos["text"], photos["good2"], tmp_path, photos["missing"], photos["blank"],
              photos["good2"], photos["good"]]
@@ -205,6 +210,8 @@ def test_identify_reads_ahead_and_reports_in_order(real_models: Path, tmp_path: 
     for line, bad, reason in zip(errors, [photos["text"], tmp_path, photos["missing"], photos["blank"]],
                                  ["not a readable image", "is a directory", "cannot read", "no face found"]):
         assert str(bad) in line and reason in line, line
+    good = [r["distance"] for r in rows if r["image"] == str(photos["good"])]
+    assert len(good) == 2 and good[0] == good[1]  # the same photo, the same distance each time
 
 
 def test_corrupt_store_is_reported_not_overwritten(real_models: Path, tmp_path: Path, photos, capsys) -> None:

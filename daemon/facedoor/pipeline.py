@@ -69,12 +69,13 @@ class FacePipeline:
         self.near_ratio = float(near_ratio)
 
     @classmethod
-    def from_config(cls, cfg: FacedoorConfig) -> FacePipeline:
-        """Load the manifest from `cfg.models`, verify hashes, open sessions (ModelError on any problem)."""
+    def from_config(cls, cfg: FacedoorConfig, threads: int | None = None) -> FacePipeline:
+        """Load the manifest from `cfg.models`, verify hashes, open sessions (ModelError on any problem)
+        with THREADS ONNX Runtime threads each (default: `recognition.threads`, else every CPU)."""
         rec = cfg.recognition
         manifest = Manifest.load(cfg.models)
         # ONNX Runtime's own default can be a single thread on a VM; use every CPU unless capped.
-        threads = rec.threads or os.cpu_count() or 1
+        threads = threads or rec.threads or os.cpu_count() or 1
         encoder = Encoder(manifest, manifest.encoder_name(rec.encoder), threads)
         detector = create_detector(rec, cfg.quality.min_detect_score, manifest, threads)
         log.info(

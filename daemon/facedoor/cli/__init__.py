@@ -75,12 +75,13 @@ class CliContext:
     _pipeline: FacePipeline | None = field(default=None, repr=False)
     _store: EmbeddingStore | None = field(default=None, repr=False)
 
-    def pipeline(self) -> FacePipeline:
-        """The face pipeline from the configured models directory (hash-checked once)."""
+    def pipeline(self, threads: int | None = None) -> FacePipeline:
+        """The face pipeline from the configured models directory (hash-checked once); THREADS, on the
+        first call, overrides the ONNX Runtime threads of each session (`FacePipeline.from_config`)."""
         if self._pipeline is None:
             from facedoor.pipeline import FacePipeline
 
-            self._pipeline = FacePipeline.from_config(self.config)
+            self._pipeline = FacePipeline.from_config(self.config, threads)
         return self._pipeline
 
     def store(self, *, create: bool = False) -> EmbeddingStore:
