@@ -545,8 +545,8 @@ class EmbeddingStore:
                 "embeddings of different models are never mixed. Re-enrol them with `facedoor enroll --replace "
                 "NAME IMAGE...` (or remove them), or run the encoder they were enrolled with: set "
                 "recognition.encoder (facenet or facenet_int8), or re-export with `facedoor-export --out MODELS "
-                "--encoder float` (the models' default is facenet_int8 where it was exported with "
-                "--calibration-dir on a CPU with an 8-bit dot product)"
+                "--encoder float` (the models' default is facenet_int8 where the exporting CPU has an 8-bit "
+                "dot product)"
             )
         dims = {dim for _, _, dim, _ in rows}
         if len(dims) > 1 or any(len(blob) != 4 * dim for _, blob, dim, _ in rows):
