@@ -199,6 +199,15 @@ def prelu_as_relu(model: Any) -> int:
     return rewritten
 
 
+def _index(graph: Any) -> tuple[dict[str, Any], dict[str, Any], Counter[str]]:
+    """GRAPH's initializers by name, each tensor's producing node, and how often each tensor is read
+    (a graph output counts as a reader): what a rewrite checks before it folds nodes away."""
+    readers = Counter(name for node in graph.node for name in node.input)
+    readers.update(o.name for o in graph.output)
+    return ({i.name: i for i in graph.initializer}, {out: node for node in graph.node for out in node.output},
+            readers)
+
+
 def fold_keras_prelu(model: Any) -> int:
     """Replace, in place, each Keras PReLU that tf2onnx wrote as Relu(x) + C * Relu(Neg(x)) (C = -alpha,
     a constant) by one PRelu(x, alpha); returns how many were folded. Five operators and two
@@ -206,9 +215,7 @@ def fold_keras_prelu(model: Any) -> int:
     from onnx import helper, numpy_helper
 
     graph = model.graph
-    constants = {i.name: i for i in graph.initializer}
-    producer = {out: node for node in graph.node for out in node.output}
-    readers = Counter(name for node in graph.node for name in node.input)
+    constants, producer, readers = _index(graph)
 
     def made_by(name: str, op: str) -> Any:
         node = producer.get(name)
@@ -257,10 +264,7 @@ def two_class_softmax_as_sigmoid(model: Any) -> int:
     from onnx import numpy_helper
 
     graph = model.graph
-    constants = {i.name: i for i in graph.initializer}
-    producer = {out: node for node in graph.node for out in node.output}
-    readers = Counter(name for node in graph.node for name in node.input)
-    readers.update(o.name for o in graph.output)
+    constants, producer, readers = _index(graph)
     rewritten = 0
     for softmax in graph.node:
         axis = next((a.i for a in softmax.attribute if a.name == "axis"), None)
