@@ -33,9 +33,11 @@ def _small_encoder(path: Path, seed: int = 0) -> None:
         helper.make_node("Relu", ["c1"], ["r1"]),
         helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], kernel_shape=[3, 3], strides=[2, 2]),
         helper.make_node("Relu", ["c2"], ["r2"]),
-        helper.make_node("GlobalAveragePool", ["r2"], ["pooled"]),
+        helper.make_node("Conv", ["r2", "w3", "b3"], ["c3"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c3"], ["r3"]),
+        helper.make_node("GlobalAveragePool", ["r3"], ["pooled"]),
         helper.make_node("Flatten", ["pooled"], ["flat"]),
-        helper.make_node("MatMul", ["flat", "w3"], ["proj"]),
+        helper.make_node("MatMul", ["flat", "w4"], ["proj"]),
         helper.make_node("LpNormalization", ["proj"], ["embedding"], axis=1, p=2),
     ]
     graph = helper.make_graph(
@@ -43,7 +45,8 @@ def _small_encoder(path: Path, seed: int = 0) -> None:
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, [None, 160, 160, 3])],
         [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, [None, 128])],
         [init("w1", (16, 3, 3, 3), 0.3), init("b1", (16,), 0.1), init("w2", (32, 16, 3, 3), 0.1),
-         init("b2", (32,), 0.1), init("w3", (32, 128), 0.2)],
+         init("b2", (32,), 0.1), init("w3", (32, 32, 3, 3), 0.1), init("b3", (32,), 0.1),
+         init("w4", (32, 128), 0.2)],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     onnx.checker.check_model(model)
@@ -99,8 +102,16 @@ def test_int8_export_is_verified_and_hash_pinned(export_cli, float_models: Path,
     assert q["weights"] == f"{quantize.weight_type('auto')} per-channel"  # int8 where this CPU has VNNI
     assert q["l2_median"] <= quantize.TOLERANCE_MEDIAN and q["l2_max"] <= quantize.TOLERANCE_MAX
     assert entry.weights["sha256"] == source.sha256
-    ops = {n.op_type for n in onnx.load(out / "facenet_int8.onnx").graph.node}
-    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    graph = onnx.load(out / "facenet_int8.onnx").graph
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in graph.node}
+    # the stem's first two convolutions and the head from the MatMul on stay float, the rest is INT8
+    dequantized = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+    assert [n.input[1] in dequantized for n in graph.node if n.op_type == "Conv"] == [False, False, True]
+    matmul = next(n for n in graph.node if n.op_type == "MatMul")
+    assert matmul.input[1] == "w4" and matmul.output[0] == "proj"  # float weights, nothing quantises its output
+    assert not [n for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] in ("proj", "embedding")]
+    # Transpose, 2 x (Conv, Relu); MatMul, LpNormalization
+    assert q["float_nodes"] == "7: the first 2 convolutions, the head from the bottleneck"
 
     # the daemon's encoder runs it like the float one, and the embeddings agree within the tolerance
     crops = np.random.default_rng(0).integers(0, 256, (4, 160, 160, 3), dtype=np.uint8)
