@@ -159,6 +159,20 @@ def test_int8_weight_type_is_chosen_and_recorded(export_cli, float_models: Path,
     assert dtypes == {weights}
 
 
+def test_an_encoder_with_no_convolutions_past_the_float_stem_is_refused(tmp_path: Path) -> None:
+    """`float_nodes` keeps the first two convolutions in float: a model with no third has nothing to quantise."""
+    from facedoor_export.errors import ExportError
+    from facedoor_export.quantize import float_nodes
+
+    _small_encoder(tmp_path / "three.onnx")
+    model = onnx.load(tmp_path / "three.onnx")
+    assert len(float_nodes(model)) == 7
+    del model.graph.node[5:7]  # the third Conv and its Relu
+    model.graph.node[5].input[0] = "r2"
+    with pytest.raises(ExportError, match="has 2 convolutions, expected more than 2"):
+        float_nodes(model)
+
+
 def test_int8_needs_the_float_model(export_cli, tmp_path: Path) -> None:
     code, _, err = export_cli("--out", tmp_path / "empty", "--only", "facenet_int8")
     assert code == 2 and "needs the float facenet and mtcnn" in err
