@@ -59,6 +59,7 @@ DECISION = 0.7
 NEAR = 0.01  # a pair this close to DECISION can cross it on a per-crop shift of the INT8 encoder
 NUDGE = 0.01  # px: standard deviation of the landmark moves of a calibration draw
 PER_PERSON = 8  # photos of each person in the every-pair comparison
+COUNTED = "false accepts {:.0f} -> {:.1f}"  # `rule`'s accepts as counts (the every-pair comparison)
 
 
 def read_pairs(root: Path) -> tuple[list[tuple[Path, Path]], list[tuple[Path, Path]]]:
@@ -86,11 +87,11 @@ def every_pair(emb: dict[str, np.ndarray], owner: np.ndarray) -> None:
     """False accepts and FRR at DECISION of each encoder in EMB (float first) over every within-person
     and every cross-person pair of its rows (OWNER: each row's person); the rule against float per
     build, and over the default calibration's builds (the export's and the draws) on the means."""
-    gi, gj = np.array([(a, b) for k in np.unique(owner) for a, b in
-                       itertools.combinations(np.nonzero(owner == k)[0], 2)]).T
+    people, photos = np.unique(owner, return_counts=True)
+    gi, gj = np.array([(a, b) for k in people for a, b in itertools.combinations(np.nonzero(owner == k)[0], 2)]).T
     base = np.linalg.norm(emb["float"][gi] - emb["float"][gj], axis=1)
-    pairs = int(len(owner) ** 2 - np.sum(np.unique(owner, return_counts=True)[1] ** 2)) // 2
-    print(f"\n## every pair: {len(gi)} within-person pairs ({len(np.unique(owner))} people, up to {PER_PERSON} "
+    pairs = int(len(owner) ** 2 - np.sum(photos**2)) // 2
+    print(f"\n## every pair: {len(gi)} within-person pairs ({len(people)} people, up to {PER_PERSON} "
           f"photos each) and {pairs} cross-person pairs of the same {len(owner)} crops, at {DECISION}")
     at: dict[str, tuple[float, float]] = {}  # (false accepts, FRR %)
     for name, e in emb.items():
@@ -102,19 +103,11 @@ def every_pair(emb: dict[str, np.ndarray], owner: np.ndarray) -> None:
         at[name] = (accepts / 2, 100.0 * float(np.mean(g >= DECISION)))
         print(f"  {name}: {at[name][0]:.0f} false accepts, FRR {at[name][1]:.2f} % ({int(np.sum(g >= DECISION))} "
               f"pairs), genuine distances moved by a mean of {np.mean(g - base):+.4f}"
-              + ("" if name == "float" else f"; vs float: {counted_rule(at['float'], at[name])}"))
+              + ("" if name == "float" else f"; vs float: {rule(at['float'], at[name], COUNTED)}"))
     throws = [n for n in emb if n == "INT8 (celebrities)" or n.startswith("INT8 (draw")]
     if len(throws) > 1:
         mean = (float(np.mean([at[n][0] for n in throws])), float(np.mean([at[n][1] for n in throws])))
-        print(f"  the default calibration over {len(throws)} builds, on the means: {counted_rule(at['float'], mean)}")
-
-
-def counted_rule(base: tuple[float, float], other: tuple[float, float]) -> str:
-    """`rule` on (false accepts, FRR %): false accepts do not rise and FRR rises by under half a point."""
-    (af, rf), (aq, rq) = base, other
-    ok = aq <= af and rq - rf < 0.5
-    return (f"false accepts {af:.0f} -> {aq:.1f}, FRR {rf:.2f} -> {rq:.2f} ({rq - rf:+.2f} points): "
-            f"{'passes' if ok else 'FAILS'}")
+        print(f"  the default calibration over {len(throws)} builds, on the means: {rule(at['float'], mean, COUNTED)}")
 
 
 def crops_of(pipeline: FacePipeline, paths: list[Path]) -> dict[Path, np.ndarray]:
@@ -200,11 +193,13 @@ def build_draw(default: Path, target: Path, seed: int) -> Path:
     return target
 
 
-def rule(base: tuple[float, float], other: tuple[float, float]) -> str:
-    """The rule for a default: FAR (%) does not rise and FRR (%) rises by under half a point."""
+def rule(base: tuple[float, float], other: tuple[float, float], accepts: str = "FAR {:.2f} -> {:.2f}") -> str:
+    """The rule for a default on (accepts, FRR %) pairs: accepts (FAR %, or false accepts counted, shown
+    by the ACCEPTS format) do not rise and FRR rises by under half a point."""
     (af, rf), (aq, rq) = base, other
     ok = aq <= af and rq - rf < 0.5
-    return f"FAR {af:.2f} -> {aq:.2f}, FRR {rf:.2f} -> {rq:.2f} ({rq - rf:+.2f} points): {'passes' if ok else 'FAILS'}"
+    return (f"{accepts.format(af, aq)}, FRR {rf:.2f} -> {rq:.2f} ({rq - rf:+.2f} points): "
+            f"{'passes' if ok else 'FAILS'}")
 
 
 def main(argv: list[str] | None = None) -> int:
